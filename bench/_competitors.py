@@ -1,0 +1,294 @@
+"""Per-library fit runners and the budgeted child-process launcher for the benchmarks.
+
+Two roles:
+
+* **Child** (``python bench/_competitors.py <library> <data.parquet> <out.json>``):
+  imports one library, reads the data, fits ``y ~ x + x2 + (x | subject)``
+  and writes a JSON record (fit time measured around the fit call only).
+  Each run gets a fresh process so its peak RSS is that run's alone and
+  imports/JIT caches from other libraries cannot help or hurt it.
+* **Parent helper** (:func:`run_budgeted`): launches a child command in its own
+  process group, kills the whole group when the time budget is exceeded and
+  reports wall time and peak RSS.
+
+Peak RSS gotcha: on Linux a child's ``ru_maxrss`` starts from the high-water
+mark of the memory image it had *before* ``exec``, i.e. a copy of the
+parent's (fork and vfork alike).  Measured directly from the benchmark
+parent, which has just simulated millions of rows, every child would report
+at least the parent's peak.  So the child is always started by a small
+intermediate process - GNU ``/usr/bin/time -v -o FILE`` when present, else
+this file's ``--rusage`` launcher - whose own small image is what the
+measured command inherits.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMULA = "y ~ x + x2 + (x | subject)"
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+
+# --------------------------------------------------------------------------
+# child side: one function per library.  Each returns (fit_seconds, record).
+# --------------------------------------------------------------------------
+
+FitResult = tuple[float, dict[str, Any]]
+
+
+def _fit_bigmixed(path: Path, reml: bool, from_path: bool) -> FitResult:
+    import bigmixed as bm
+    import polars as pl
+
+    # By default hand bigmixed an in-memory frame, like every other library,
+    # so "fit s" compares fitting, not parquet reading.  --from-path lets it
+    # stream the file itself (then reading is inside its fit time).
+    data: Any = str(path) if from_path else pl.read_parquet(path)
+    t0 = time.perf_counter()
+    m = bm.lmer(FORMULA, data, REML=reml)
+    fit_s = time.perf_counter() - t0
+    return fit_s, {
+        "version": getattr(bm, "__version__", "?"),
+        "criterion": float(m.objective),
+        "loglik": float(m.llf),
+        "converged": bool(m.converged),
+        "input": "parquet path" if from_path else "polars DataFrame",
+    }
+
+
+def _fit_statsmodels(path: Path, reml: bool, from_path: bool) -> FitResult:
+    import pandas as pd
+    import statsmodels
+    import statsmodels.formula.api as smf
+
+    df = pd.read_parquet(path)
+    t0 = time.perf_counter()
+    res = smf.mixedlm("y ~ x + x2", df, groups=df["subject"], re_formula="~x").fit(reml=reml)
+    fit_s = time.perf_counter() - t0
+    # statsmodels' REML llf includes the same constants as lme4's REML
+    # log-likelihood (checked to ~1e-10 relative), so -2*llf == REMLcrit.
+    return fit_s, {
+        "version": statsmodels.__version__,
+        "criterion": -2.0 * float(res.llf),
+        "loglik": float(res.llf),
+        "converged": bool(res.converged),
+        "fixef": [float(v) for v in res.fe_params],
+    }
+
+
+def _fit_mixedlm(path: Path, reml: bool, from_path: bool) -> FitResult:
+    import mixedlm
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    t0 = time.perf_counter()
+    res = mixedlm.lmer(FORMULA, df, REML=reml)
+    fit_s = time.perf_counter() - t0
+    # res.deviance is lme4's REMLcrit for REML fits (mixedlm.REMLcrit(res)
+    # just returns it) and the ML deviance otherwise.
+    return fit_s, {
+        "version": mixedlm.__version__,
+        "criterion": float(res.deviance),
+        "loglik": float(res.logLik().value),
+        "converged": bool(res.converged),
+        "optimizer": str(res.optimizer),
+        "theta": [float(v) for v in res.theta],
+        "fixef": [float(v) for v in res.beta],
+    }
+
+
+PY_RUNNERS: dict[str, Callable[[Path, bool, bool], FitResult]] = {
+    "bigmixed": _fit_bigmixed,
+    "statsmodels": _fit_statsmodels,
+    "mixedlm": _fit_mixedlm,
+}
+
+
+def child_main(argv: list[str]) -> int:
+    """Entry point of a child run; writes the JSON record atomically."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("library", choices=sorted(PY_RUNNERS))
+    ap.add_argument("data", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--ml", action="store_true", help="ML instead of REML")
+    ap.add_argument("--from-path", action="store_true", help="bigmixed: pass the parquet path")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_s, rec = PY_RUNNERS[a.library](a.data, not a.ml, a.from_path)
+    rec.update(
+        library=a.library,
+        fit_s=fit_s,
+        # read + fit (+ imports of the library itself); the parent adds
+        # interpreter start-up by timing the whole process.
+        in_process_s=time.perf_counter() - t0,
+        python=sys.version.split()[0],
+        # keep warnings (convergence, singular fit, ...) for the report, deduplicated
+        warnings=sorted({f"{w.category.__name__}: {w.message}"[:300] for w in caught})[:10],
+    )
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, a.out)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# parent side
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ChildRun:
+    """Outcome of one budgeted child process."""
+
+    status: str  # "ok", "timeout" or "error"
+    wall_s: float
+    peak_rss_mb: float | None
+    returncode: int | None
+    log: Path
+
+
+_RSS_LINE = "Maximum resident set size (kbytes):"
+
+
+@functools.cache
+def _gnu_time() -> str | None:
+    """Path of a GNU ``time`` supporting ``-v -o``, or None."""
+    exe = "/usr/bin/time" if os.path.exists("/usr/bin/time") else shutil.which("gtime")
+    if not exe:
+        return None
+    with tempfile.NamedTemporaryFile() as f:
+        ok = subprocess.run([exe, "-v", "-o", f.name, "true"], capture_output=True).returncode == 0
+        return exe if ok and _RSS_LINE in Path(f.name).read_text() else None
+
+
+def _measured(cmd: list[str], rss_file: Path) -> list[str]:
+    """Wrap ``cmd`` so that its peak RSS lands in ``rss_file`` (see module docstring)."""
+    gt = _gnu_time()
+    if gt:
+        return [gt, "-v", "-o", str(rss_file), *cmd]
+    return [sys.executable, str(Path(__file__).resolve()), "--rusage", str(rss_file), "--", *cmd]
+
+
+def _rusage_launcher(argv: list[str]) -> int:
+    """``--rusage FILE -- cmd...``: run cmd, write its ru_maxrss like GNU time does."""
+    rss_file, cmd = Path(argv[0]), argv[2:]
+    proc = subprocess.Popen(cmd)
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped already
+    rss_file.write_text(f"{_RSS_LINE} {ru.ru_maxrss}\n")  # Linux: KiB
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _read_rss_mb(rss_file: Path) -> float | None:
+    try:
+        for line in rss_file.read_text().splitlines():
+            if _RSS_LINE in line:
+                return int(line.split(":")[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_budgeted(cmd: list[str], budget_s: float, log: Path,
+                 env: dict[str, str] | None = None) -> ChildRun:
+    """Run ``cmd`` with a wall-clock budget and measure its peak RSS.
+
+    Parameters
+    ----------
+    cmd : list of str
+        Command line.
+    budget_s : float
+        Seconds before the child's whole process group gets SIGKILL.
+    log : Path
+        File receiving the child's stdout and stderr.
+    env : dict, optional
+        Environment for the child (default: inherited).
+
+    Returns
+    -------
+    ChildRun
+        ``peak_rss_mb`` is the command's maximum resident set size (None on
+        timeout), ``wall_s`` the whole-job wall time.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rss_file = log.with_suffix(".rss")
+    rss_file.unlink(missing_ok=True)
+    with open(log, "wb") as fh:
+        t0 = time.perf_counter()
+        # own session -> own process group, so a timeout kills the measured
+        # command and the wrapper (and e.g. R helper processes), nothing else.
+        proc = subprocess.Popen(_measured(cmd, rss_file), stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=budget_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            rc = proc.wait()
+        wall = time.perf_counter() - t0
+    state = "timeout" if timed_out else ("ok" if rc == 0 else "error")
+    return ChildRun(state, wall, None if timed_out else _read_rss_mb(rss_file), rc, log)
+
+
+def child_env() -> dict[str, str]:
+    """Environment for Python children: the repo on ``sys.path``, quiet warnings."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def python_cmd(library: str, data: Path, out: Path, reml: bool = True,
+               from_path: bool = False) -> list[str]:
+    """Command line of a Python child run."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), library, str(data), str(out)]
+    if not reml:
+        cmd.append("--ml")
+    if from_path:
+        cmd.append("--from-path")
+    return cmd
+
+
+def lme4_cmd(csv: Path, out: Path, reml: bool = True) -> list[str]:
+    """Command line of an lme4 child run."""
+    return ["Rscript", str(BENCH_DIR / "_lme4.R"), str(csv), str(out), "TRUE" if reml else "FALSE"]
+
+
+def lme4_available() -> tuple[bool, str]:
+    """Whether ``Rscript`` can load lme4 and jsonlite (with a reason if not)."""
+    try:
+        p = subprocess.run(["Rscript", "-e", "library(lme4); library(jsonlite); cat(format(packageVersion('lme4')))"],
+                           capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        return False, "Rscript not found"
+    except subprocess.TimeoutExpired:
+        return False, "Rscript -e 'library(lme4)' timed out"
+    if p.returncode != 0:
+        return False, "lme4/jsonlite not loadable: " + p.stderr.strip().splitlines()[-1][:200]
+    return True, p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "?"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--rusage"]:
+        sys.exit(_rusage_launcher(sys.argv[2:]))
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,0 +1,399 @@
+"""Design matrices: a frozen recipe that turns data chunks into ``(y, X, Z)`` arrays.
+
+:class:`Design` freezes the encoding (columns, categorical levels, transform state) once so that
+every chunk of a streamed data set yields identical columns.  Plain numeric columns are copied
+with numpy (the fast path); anything else goes through formulaic with a frozen model spec.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import formulaic
+import numpy as np
+import pandas as pd
+import polars as pl
+from formulaic.errors import DataMismatchWarning
+from formulaic.formula import SimpleFormula
+from formulaic.transforms import TRANSFORMS
+
+from .formula import ModelSpec
+
+__all__ = ["Design"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m|[⧛⧚]")
+# Builtins worth allowing inside I(...) etc.; anything else called by name must be a formulaic transform.
+_BUILTIN_FUNCS = frozenset({"abs", "round", "min", "max", "pow", "float", "int"})
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = _ANSI.sub("", str(exc)).strip().splitlines()
+    msg = lines[0].strip() if lines else type(exc).__name__
+    return msg if len(msg) <= 240 else msg[:237] + "..."
+
+
+def _parse_rhs(text: str, what: str) -> SimpleFormula:
+    """Parse one formulaic right-hand side, hiding formulaic's exceptions behind a one-line ValueError."""
+    try:
+        f = formulaic.Formula(text)
+    except Exception as e:  # formulaic raises many exception types; users get one clear line
+        msg = _one_line(e)
+        if "`.` operator" in msg:
+            msg = "the '.' (all columns) shorthand is not supported; list the columns explicitly"
+        raise ValueError(f"cannot parse {what} {text!r}: {msg}") from None
+    if not isinstance(f, SimpleFormula):
+        raise ValueError(f"{what} {text!r} must be a plain right-hand side (no '~' or '|')")
+    return f
+
+
+def _inspect_python(expr: str) -> tuple[set[str], set[str], set[str]]:
+    """Variable names, called function names and ``C(column)`` columns of a Python factor."""
+    quoted: dict[str, str] = {}
+
+    def _sub(m: re.Match) -> str:  # backtick names are not Python identifiers
+        quoted[f"_bm_q{len(quoted)}_"] = m.group(1)
+        return f"_bm_q{len(quoted) - 1}_"
+
+    try:
+        tree = ast.parse(re.sub(r"`([^`]*)`", _sub, expr), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"formula term {expr!r} is not a valid Python expression") from None
+    names, funcs, cwrapped, callees = set(), set(), set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn, parts = node.func, []
+            while isinstance(fn, ast.Attribute):
+                parts.append(fn.attr)
+                fn = fn.value
+            if isinstance(fn, ast.Name):
+                funcs.add(".".join([quoted.get(fn.id, fn.id)] + parts[::-1]))
+                if not parts:
+                    callees.add(id(fn))
+                    arg = node.args[0] if node.args else None
+                    if fn.id == "C" and isinstance(arg, ast.Name):
+                        cwrapped.add(quoted.get(arg.id, arg.id))
+                    elif fn.id == "Q" and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                        names.add(arg.value)  # Q('name') looks a column up by string
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and id(node) not in callees:
+            names.add(quoted.get(node.id, node.id))
+    return names, funcs, cwrapped
+
+
+def _missing(name: str, columns: list) -> str:
+    cols = [str(c) for c in columns]
+    close = difflib.get_close_matches(name, cols, n=3)
+    hint = ("close matches: " + ", ".join(map(repr, close)) if close else
+            "the data has columns: " + ", ".join(map(repr, cols[:20])) + (", ..." if len(cols) > 20 else ""))
+    return f"formula term {name!r} names no column of the data; {hint}"
+
+
+def _variables(f: SimpleFormula, columns: list) -> tuple[list[str], set[str]]:
+    """Data columns a parsed formula uses (ordered) and the columns it wraps in ``C(...)``."""
+    colset, used, cwrapped = set(columns), [], set()
+    for term in f:
+        for fac in term.factors:
+            kind = fac.eval_method.value
+            if kind == "literal":
+                continue
+            names, funcs, cw = ({fac.expr}, set(), set()) if kind == "lookup" else _inspect_python(fac.expr)
+            for fn in sorted(funcs):
+                root, *attrs = fn.split(".")
+                if root in colset or (not attrs and fn in _BUILTIN_FUNCS):
+                    continue
+                obj = TRANSFORMS.get(root)
+                for a in attrs:
+                    obj = getattr(obj, a, None)
+                if obj is None or not callable(obj):
+                    raise ValueError(f"formula term {fac.expr!r} calls unknown function {fn!r}; available are "
+                                     "formulaic transforms (C, I, log, exp, center, scale, poly, bs, ...), "
+                                     "np.* functions and abs/round/min/max/pow")
+            for name in sorted(names):
+                if name in colset:
+                    used.append(name)
+                elif name not in TRANSFORMS:
+                    raise ValueError(_missing(name, columns))
+            cwrapped |= cw & colset
+    return list(dict.fromkeys(used)), cwrapped
+
+
+def _numeric(df: Any, col: str) -> bool:
+    if isinstance(df, pl.DataFrame):
+        return df.schema[col].is_numeric()
+    dt = df[col].dtype
+    return pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_bool_dtype(dt)
+
+
+def _sorted_levels(values: Any) -> list:
+    vals = list(dict.fromkeys(values))
+    try:
+        return sorted(vals)
+    except TypeError:  # mixed types: still deterministic
+        return sorted(vals, key=lambda v: (type(v).__name__, repr(v)))
+
+
+def _observed_levels(df: Any, col: str) -> list:
+    if isinstance(df, pl.DataFrame):
+        s = df.get_column(col)
+        if isinstance(s.dtype, (pl.Categorical, pl.Enum)):
+            s = s.cast(pl.String)
+        return s.drop_nulls().unique().to_list()
+    return df[col].dropna().drop_duplicates().tolist()
+
+
+def _frame(data: Any) -> bool:
+    """True for polars, False for pandas; anything else is a TypeError."""
+    if isinstance(data, pl.DataFrame):
+        return True
+    if isinstance(data, pd.DataFrame):
+        return False
+    raise TypeError(f"expected a pandas or polars DataFrame, got {type(data).__name__}")
+
+
+@dataclass
+class _Part:
+    """One model-matrix block: plain columns copied with numpy, or a frozen formulaic spec."""
+
+    text: str
+    formula: SimpleFormula
+    used: list[str]
+    plain: list[str | None] | None = None  # None entry = intercept
+    spec: Any = None
+    names: tuple[str, ...] = ()
+    cats: tuple[str, ...] = ()
+
+
+class Design:
+    """Frozen recipe turning data chunks into float64 ``(y, X, Z)`` with the same columns every time.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The model.
+    prototype : pandas.DataFrame or polars.DataFrame
+        The whole data, or a sample / first chunk when streaming; stateful transforms
+        (``center``, ``scale``, ...) learn their state from it.
+    levels : dict, optional
+        Known levels of categorical columns (e.g. gathered over all files); other categorical
+        columns learn their levels from ``prototype``. Levels are stored sorted.
+    """
+
+    def __init__(self, spec: ModelSpec, prototype: Any, levels: dict[str, list] | None = None) -> None:
+        is_pl = _frame(prototype)
+        self.spec, self.response_name = spec, spec.response
+        columns = list(prototype.columns)
+        resp_f = _parse_rhs(spec.response, "response")
+        resp_terms = [t for t in resp_f if str(t) != "1"]
+        if len(resp_terms) != 1 or len(resp_terms[0].factors) != 1:
+            raise ValueError(f"response {spec.response!r} must be one column or expression, e.g. 'y' or 'np.log(y)'")
+        parts = [_Part(f"0 + {spec.response}", resp_f, [])]
+        parts.append(_Part(spec.fixed, _parse_rhs(spec.fixed, "fixed effects"), []))
+        parts += [_Part(r, _parse_rhs(r, f"random effects '({r} | {spec.group})'"), []) for r in spec.random]
+        cwrapped: set[str] = set()
+        for p in parts:
+            p.used, cw = _variables(p.formula, columns)
+            cwrapped |= cw
+        if spec.group not in set(columns):
+            raise ValueError(_missing(spec.group, columns).replace("formula term", "grouping column", 1))
+        used = list(dict.fromkeys(c for p in parts for c in p.used))
+        self.columns: tuple[str, ...] = tuple(dict.fromkeys(used + [spec.group]))
+        # Categorical: columns with given levels, non-numeric (string, categorical, boolean) columns and
+        # anything wrapped in C(...); given levels win so an all-missing prototype column still works.
+        levels = levels or {}
+        self.categorical: dict[str, list] = {}
+        for c in used:
+            if c in levels or c in cwrapped or not _numeric(prototype, c):
+                lv = _sorted_levels(levels[c] if c in levels else _observed_levels(prototype, c))
+                if not lv:
+                    raise ValueError(f"categorical column {c!r} has no non-missing values, so its levels are "
+                                     "unknown; pass them via levels=")
+                self.categorical[c] = lv
+        if resp_terms[0].factors[0].expr in self.categorical:
+            raise ValueError(f"response column {spec.response!r} is not numeric")
+        for k, p in enumerate(parts):
+            p.cats = tuple(c for c in p.used if c in self.categorical)
+            p.plain = self._plain(resp_terms if k == 0 else list(p.formula), columns)
+            if p.plain is not None:
+                p.names = tuple("Intercept" if c is None else c for c in p.plain)
+        self._fml_cols = [c for c in self.columns if any(c in p.used for p in parts if p.plain is None)]
+        if self._fml_cols:  # freeze formulaic's encoding/transform state on the whole prototype
+            pdf, _ = self._pandas(prototype, is_pl)
+            for p in parts:
+                if p.plain is None:
+                    mm = self._formulaic(lambda: formulaic.model_matrix(
+                        p.text, pdf, na_action="ignore", context={}, output="numpy"), p.text)
+                    p.spec, p.names = mm.model_spec, tuple(mm.model_spec.column_names)
+        if len(parts[0].names) != 1:
+            raise ValueError(f"response {spec.response!r} must give one numeric column, not {list(parts[0].names)}")
+        self._resp, self._fixed, self._random = parts[0], parts[1], parts[2:]
+        self.fe_names: list[str] = list(self._fixed.names)
+        self.re_names: list[str] = []
+        blocks: list[tuple[int, ...]] = []
+        for p, ind in zip(self._random, spec.independent):
+            if not p.names:
+                raise ValueError(f"random-effect term '({p.text} | {spec.group})' has no columns; use '1' for "
+                                 "a random intercept")
+            idx = tuple(range(len(self.re_names), len(self.re_names) + len(p.names)))
+            blocks += [(i,) for i in idx] if ind else [idx]
+            self.re_names += p.names
+        dup = [n for n, k in Counter(self.re_names).items() if k > 1]
+        if dup:
+            raise ValueError(f"random-effect column(s) {dup} appear in more than one '(... | {spec.group})' term")
+        self.blocks: tuple[tuple[int, ...], ...] = tuple(blocks)
+        self.fast_path: bool = all(p.plain is not None for p in parts)
+
+    @property
+    def p(self) -> int:
+        """Number of fixed-effect columns."""
+        return len(self.fe_names)
+
+    @property
+    def q(self) -> int:
+        """Number of random-effect columns per group."""
+        return len(self.re_names)
+
+    def __repr__(self) -> str:
+        return (f"Design({self.spec.lmer_formula()!r}, fe_names={self.fe_names}, re_names={self.re_names}, "
+                f"blocks={self.blocks}, fast_path={self.fast_path})")
+
+    def _plain(self, terms: list, columns: list) -> list[str | None] | None:
+        """Columns of a part made only of the intercept and numeric columns, else None."""
+        out: list[str | None] = []
+        for t in terms:
+            f = t.factors
+            if len(f) == 1 and f[0].eval_method.value == "literal" and f[0].expr == "1":
+                out.append(None)
+            elif (len(f) == 1 and f[0].eval_method.value == "lookup" and f[0].expr in columns
+                  and f[0].expr not in self.categorical):
+                out.append(f[0].expr)
+            else:
+                return None
+        return out
+
+    @staticmethod
+    def _formulaic(fn: Any, text: str) -> Any:
+        try:
+            with warnings.catch_warnings():
+                # missing categorical values trigger this; they are turned into NaN rows in _fill
+                warnings.simplefilter("ignore", DataMismatchWarning)
+                return fn()
+        except Exception as e:  # never leak a deep formulaic traceback
+            raise ValueError(f"cannot evaluate formula {text!r}: {_one_line(e)}") from None
+
+    def _pandas(self, chunk: Any, is_pl: bool) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+        """The columns formulaic needs as pandas, categoricals cast to the stored levels, plus null masks."""
+        pdf = chunk.select(self._fml_cols).to_pandas() if is_pl else chunk[self._fml_cols].copy(deep=False)
+        nulls: dict[str, np.ndarray] = {}
+        for c in self._fml_cols:
+            s, lv = pdf[c], self.categorical.get(c)
+            if lv is None:
+                if isinstance(s.dtype, pd.api.extensions.ExtensionDtype) and _numeric(pdf, c):
+                    pdf[c] = s.to_numpy(dtype=np.float64, na_value=np.nan)  # pd.NA -> NaN for formulaic
+                continue
+            codes = pd.Index(lv).get_indexer(s)  # -1 for missing values and for unknown levels
+            nulls[c] = s.isna().to_numpy()
+            bad = np.flatnonzero((codes < 0) & ~nulls[c])
+            if bad.size:
+                raise ValueError(f"column {c!r} has level {s.iloc[bad[0]]!r} that is not among the levels known "
+                                 f"when the design was built ({lv[:10]}{' ...' if len(lv) > 10 else ''}); "
+                                 "pass all levels via levels=")
+            pdf[c] = pd.Categorical.from_codes(codes, categories=lv)
+        return pdf, nulls
+
+    def _fill(self, part: _Part, out: np.ndarray, off: int, chunk: Any, is_pl: bool,
+              pdf: pd.DataFrame | None, nulls: dict[str, np.ndarray]) -> None:
+        k = len(part.names)
+        if part.plain is not None:
+            for j, c in enumerate(part.plain):
+                if c is None:
+                    out[:, off + j] = 1.0
+                elif is_pl:
+                    out[:, off + j] = chunk.get_column(c).to_numpy()
+                else:
+                    out[:, off + j] = chunk[c].to_numpy(dtype=np.float64, na_value=np.nan)
+            return
+        mm = self._formulaic(lambda: part.spec.get_model_matrix(pdf, context={}), part.text)
+        arr = np.asarray(mm, dtype=np.float64)
+        if arr.shape != (out.shape[0], k):
+            raise ValueError(f"formula {part.text!r} gave a {arr.shape} matrix, expected {(out.shape[0], k)}")
+        out[:, off:off + k] = arr
+        # na_action="ignore" encodes a missing categorical as the reference level; make it NaN instead
+        # so the downstream missing-row filter drops the row, exactly as for a missing number.
+        for c in part.cats:
+            if nulls[c].any():
+                out[nulls[c], off:off + k] = np.nan
+
+    def matrices(self, chunk: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encode one chunk.
+
+        Parameters
+        ----------
+        chunk : pandas.DataFrame or polars.DataFrame
+            Data with (at least) ``self.columns``. Rows are never dropped.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``y`` (n,), ``X`` (n, p), ``Z`` (n, q): float64, C-contiguous, row-aligned with ``chunk``.
+        """
+        y = self.response(chunk)
+        X, Z = self.predictor_matrices(chunk)
+        return y, X, Z
+
+    @property
+    def group_column(self) -> str:
+        """Name of the grouping column."""
+        return self.spec.group
+
+    @property
+    def predictor_columns(self) -> tuple[str, ...]:
+        """Data columns the fixed and random parts use (no response, no group key): what predict needs."""
+        used = [c for p in [self._fixed, *self._random] for c in p.used]
+        return tuple(dict.fromkeys(used))
+
+    def _prepare(self, chunk: Any, needed: tuple[str, ...]) -> tuple[bool, int, Any, dict]:
+        is_pl = _frame(chunk)
+        missing = [c for c in needed if c not in set(chunk.columns)]
+        if missing:
+            raise ValueError(f"data chunk lacks column(s) {missing} needed by the model")
+        n = chunk.height if is_pl else len(chunk)
+        cols = [c for c in self._fml_cols if c in set(chunk.columns)]
+        if self._fml_cols and cols != self._fml_cols:  # predicting without the response column
+            saved, self._fml_cols = self._fml_cols, cols
+            try:
+                pdf, nulls = self._pandas(chunk, is_pl)
+            finally:
+                self._fml_cols = saved
+        else:
+            pdf, nulls = self._pandas(chunk, is_pl) if self._fml_cols else (None, {})
+        return is_pl, n, pdf, nulls
+
+    def response(self, chunk: Any) -> np.ndarray:
+        """The response ``y`` (n,) of one chunk."""
+        is_pl, n, pdf, nulls = self._prepare(chunk, tuple(self._resp.used))
+        y = np.empty((n, 1))
+        self._fill(self._resp, y, 0, chunk, is_pl, pdf, nulls)
+        return y.reshape(n)
+
+    def predictor_matrices(self, chunk: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``X`` (n, p) and ``Z`` (n, q) of one chunk; the response column need not be present."""
+        is_pl, n, pdf, nulls = self._prepare(chunk, self.predictor_columns)
+        X = np.empty((n, self.p))
+        Z = np.empty((n, self.q))
+        self._fill(self._fixed, X, 0, chunk, is_pl, pdf, nulls)
+        off = 0
+        for part in self._random:
+            self._fill(part, Z, off, chunk, is_pl, pdf, nulls)
+            off += len(part.names)
+        return X, Z
+
+    def group_values(self, chunk: Any) -> np.ndarray | pl.Series:
+        """The raw grouping column of ``chunk`` (numpy array for pandas, Series for polars)."""
+        if _frame(chunk):
+            return chunk.get_column(self.spec.group)
+        return chunk[self.spec.group].to_numpy()

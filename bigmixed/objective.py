@@ -1,0 +1,234 @@
+"""Profiled REML/ML deviance and its analytic gradient, from statistics only.
+
+For a relative covariance factor Lambda(theta) (Psi = sigma^2 Lambda Lambda')
+every evaluation is two passes over the groups (:mod:`bigmixed._kernels`):
+pass 1 gives logdet and the Woodbury-corrected ``F = sigma^2 X'V^-1 X``,
+``g`` and ``h``, hence beta-hat and r^2; pass 2 (which needs beta-hat and
+F^-1) gives d(deviance)/d(Lambda).  See DESIGN.md sections 2-3.
+
+A :class:`StatsBackend` hides where the statistics live: the in-process
+arrays here, or partitions resident on Dask workers
+(:mod:`bigmixed.distributed`).  The objective itself is the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from scipy import linalg
+
+from . import _kernels
+from .stats import Statistics, default_threads
+
+__all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1"]
+
+_LOG2PI = float(np.log(2.0 * np.pi))
+
+
+class StatsBackend(Protocol):
+    """Where the per-group statistics live; returns only small partial sums."""
+
+    p: int
+    q: int
+    n_groups: int
+    XtX: np.ndarray
+    Xty: np.ndarray
+    yty: float
+    N: int
+
+    def pass1(self, lam: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]: ...
+
+    def pass2(
+        self, lam: np.ndarray, beta: np.ndarray, Finv: np.ndarray, kappa: float, reml: bool
+    ) -> np.ndarray: ...
+
+
+class LocalBackend:
+    """Statistics held in this process as contiguous numpy arrays."""
+
+    def __init__(self, stats: Statistics, nthreads: int | None = None) -> None:
+        self.stats = stats
+        self.p, self.q, self.n_groups = stats.p, stats.q, stats.n_groups
+        self.XtX, self.Xty, self.yty, self.N = stats.XtX, stats.Xty, stats.yty, stats.N
+        nthreads = nthreads or default_threads()
+        self.nthreads = nthreads
+        # A few chunks per thread balance uneven ranges; never more chunks than groups.
+        self.nchunks = max(1, min(self.n_groups, 4 * nthreads))
+
+    def pass1(self, lam):
+        s = self.stats
+        ld, SF, Sg, Sh = _kernels.objective_pass1(s.A, s.B, s.c, lam, self.nchunks)
+        return float(ld.sum()), SF.sum(axis=0), Sg.sum(axis=0), float(Sh.sum())
+
+    def pass2(self, lam, beta, Finv, kappa, reml):
+        s = self.stats
+        out = _kernels.objective_pass2(
+            s.A, s.B, s.c, lam, beta, Finv, float(kappa), bool(reml), self.nchunks
+        )
+        return out.sum(axis=0)
+
+    def transform_z(self, M: np.ndarray) -> "LocalBackend":
+        """Backend for the random-effects design Z M (statistics transformed exactly)."""
+        return LocalBackend(self.stats.transform_z(M), self.nthreads)
+
+    def conditional_modes(self, lam, beta):
+        s = self.stats
+        return _kernels.conditional_modes(s.A, s.B, s.c, lam, beta, self.nchunks)
+
+
+class ThetaMap:
+    """Which entries of the lower-triangular Lambda are free parameters.
+
+    ``blocks`` partitions the q random-effect columns into independent
+    blocks (block-diagonal Psi, e.g. lme4's ``||``); ``zero`` lists columns
+    whose random effect is held at zero variance (statsmodels ``free`` with
+    a zero start).  theta lists the free entries column by column, like lme4.
+    """
+
+    def __init__(self, q: int, blocks=None, zero=()) -> None:
+        self.q = q
+        blocks = blocks if blocks is not None else (tuple(range(q)),)
+        zero = set(int(z) for z in zero)
+        block_of = np.empty(q, dtype=np.int64)
+        for k, blk in enumerate(blocks):
+            for j in blk:
+                block_of[j] = k
+        rows, cols = [], []
+        for b in range(q):  # column-major order, as lme4 orders theta
+            for a in range(b, q):
+                if block_of[a] != block_of[b] or a in zero or b in zero:
+                    continue
+                rows.append(a)
+                cols.append(b)
+        self.blocks = tuple(tuple(int(j) for j in blk) for blk in blocks)
+        self.zero = tuple(sorted(zero))
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.cols = np.asarray(cols, dtype=np.int64)
+        self.is_diag = self.rows == self.cols
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.size)
+
+    def lam(self, theta: np.ndarray) -> np.ndarray:
+        L = np.zeros((self.q, self.q))
+        L[self.rows, self.cols] = theta
+        return L
+
+    def theta(self, lam: np.ndarray) -> np.ndarray:
+        return np.asarray(lam)[self.rows, self.cols].copy()
+
+    def start(self) -> np.ndarray:
+        """lme4's default start: Lambda = identity."""
+        return self.is_diag.astype(float)
+
+    def bounds(self) -> list[tuple[float | None, float | None]]:
+        return [(0.0, None) if d else (None, None) for d in self.is_diag]
+
+    def grad(self, Glam: np.ndarray) -> np.ndarray:
+        return Glam[self.rows, self.cols].copy()
+
+
+@dataclass
+class Pass1:
+    """Everything pass 1 determines at one theta."""
+
+    theta: np.ndarray
+    lam: np.ndarray
+    logdet: float
+    F: np.ndarray
+    Fchol: np.ndarray
+    logdetF: float
+    beta: np.ndarray
+    r2: float
+    deviance: float
+    sigma2: float
+
+
+class Objective:
+    """The profiled deviance d(theta) (ML) or dR(theta) (REML), with gradient.
+
+    The numbers are those of the *transformed* problem; ``offset`` is the
+    constant that turns them into the deviance on the user's scale
+    (see :class:`bigmixed.stats.Scaling`).
+    """
+
+    def __init__(self, backend, thetamap: ThetaMap, reml: bool, offset: float = 0.0) -> None:
+        self.backend = backend
+        self.map = thetamap
+        self.reml = bool(reml)
+        self.offset = float(offset)
+        self.p = backend.p
+        self.N = backend.N
+        self.dof = self.N - self.p if self.reml else self.N
+        self.n_evals = 0
+        self._last: Pass1 | None = None
+
+    # -- pass 1 -------------------------------------------------------------
+
+    def solve(self, theta: np.ndarray) -> Pass1:
+        """Profile beta and sigma^2 out at ``theta``."""
+        theta = np.asarray(theta, dtype=float)
+        if self._last is not None and np.array_equal(theta, self._last.theta):
+            return self._last
+        be = self.backend
+        lam = self.map.lam(theta)
+        logdet, SF, Sg, Sh = be.pass1(lam)
+        F = be.XtX - SF
+        g = be.Xty - Sg
+        h = be.yty - Sh
+        if self.p:
+            try:
+                Fchol = linalg.cholesky(F, lower=True)
+            except linalg.LinAlgError:
+                # F is X'V^-1X: positive definite unless X is rank deficient, which
+                # the model layer removes first; guard against round-off anyway.
+                F = F + np.eye(self.p) * 1e-12 * np.max(np.abs(np.diag(F)))
+                Fchol = linalg.cholesky(F, lower=True)
+            beta = linalg.cho_solve((Fchol, True), g)
+            logdetF = 2.0 * float(np.sum(np.log(np.diag(Fchol))))
+        else:
+            Fchol = np.zeros((0, 0))
+            beta = np.zeros(0)
+            logdetF = 0.0
+        r2 = max(float(h - g @ beta), 1e-300)
+        if self.reml:
+            dev = logdet + logdetF + self.dof * (1.0 + _LOG2PI + np.log(r2 / self.dof))
+        else:
+            dev = logdet + self.N * (1.0 + _LOG2PI + np.log(r2 / self.N))
+        res = Pass1(theta.copy(), lam, logdet, F, Fchol, logdetF, beta, r2, float(dev), r2 / self.dof)
+        self._last = res
+        return res
+
+    # -- value and gradient ----------------------------------------------------
+
+    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """Deviance and its gradient in theta (the form scipy's jac=True wants)."""
+        self.n_evals += 1
+        s = self.solve(theta)
+        Finv = self._finv(s)
+        kappa = self.dof / s.r2
+        Glam = self.backend.pass2(s.lam, s.beta, Finv, kappa, self.reml)
+        return s.deviance, self.map.grad(Glam)
+
+    def unprofiled(self, theta: np.ndarray, sigma2: float) -> tuple[float, np.ndarray]:
+        """Deviance with sigma^2 not profiled out, and its gradient in (theta, sigma^2).
+
+        beta stays profiled (its estimate is asymptotically independent of the
+        variance parameters); used for the Hessian behind the variance SEs.
+        """
+        s = self.solve(theta)
+        Finv = self._finv(s)
+        Glam = self.backend.pass2(s.lam, s.beta, Finv, 1.0 / sigma2, self.reml)
+        dev = s.logdet + self.dof * (_LOG2PI + np.log(sigma2)) + s.r2 / sigma2
+        if self.reml:
+            dev += s.logdetF
+        dsig = self.dof / sigma2 - s.r2 / sigma2**2
+        return float(dev), np.append(self.map.grad(Glam), dsig)
+
+    def _finv(self, s: Pass1) -> np.ndarray:
+        if not self.p:
+            return np.zeros((0, 0))
+        return linalg.cho_solve((s.Fchol, True), np.eye(self.p))

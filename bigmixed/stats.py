@@ -1,0 +1,336 @@
+"""Sufficient statistics: the only thing the fit ever looks at.
+
+One pass over the rows reduces every group to ``A_i = Z_i'Z_i``,
+``B_i = Z_i'X_i``, ``c_i = Z_i'y_i`` and ``n_i`` (plus the global ``X'X``,
+``X'y``, ``y'y`` and ``N``).  Statistics of disjoint row sets of the same
+group add up, which is what makes chunked, out-of-core and distributed fits
+exact (DESIGN.md section 2).
+
+Rows are transformed before they are reduced (:class:`Scaling`): predictors
+are centred and scaled and the response is centred and scaled, so that data
+such as ``x ~ 1e9 + noise`` or ``y ~ 1e6`` do not lose their digits in the
+cancellations ``X'X - sum B'KB`` and ``y'y - sum c'Kc``.  The transforms
+are linear and the fit is mapped back exactly (see :mod:`bigmixed.results`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from . import _kernels
+
+__all__ = ["Scaling", "Statistics", "aliased_columns"]
+
+
+def default_threads() -> int:
+    """Threads the kernels may use (numba's setting, e.g. NUMBA_NUM_THREADS)."""
+    return int(numba.get_num_threads())
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Affine transform applied to every row before it is reduced.
+
+    ``X~ = (X - x_shift) / x_scale`` column-wise, likewise for ``Z`` and ``y``.
+    Shifts are only used where an intercept column can absorb them: in ``X``
+    when ``X`` has an intercept, in ``Z`` only when ``Z`` has an intercept *and*
+    the random effects have one unstructured covariance block (centring a
+    slope changes the model when its covariance with the intercept is fixed
+    at zero).  The response shift needs an intercept in ``X``.
+    """
+
+    x_shift: np.ndarray
+    x_scale: np.ndarray
+    z_shift: np.ndarray
+    z_scale: np.ndarray
+    y_shift: float
+    y_scale: float
+    x_intercept: int  # column index of the intercept in X, or -1
+    z_intercept: int  # column index of the intercept in Z, or -1
+
+    @classmethod
+    def identity(cls, p: int, q: int) -> "Scaling":
+        return cls(np.zeros(p), np.ones(p), np.zeros(q), np.ones(q), 0.0, 1.0, -1, -1)
+
+    @classmethod
+    def from_sample(
+        cls,
+        X: np.ndarray,
+        Z: np.ndarray,
+        y: np.ndarray,
+        *,
+        z_may_centre: bool,
+    ) -> "Scaling":
+        """Choose shifts and scales from a sample of (complete) rows.
+
+        Any sample works for exactness; a representative one only improves
+        the conditioning.  Constant columns other than the intercept are left
+        as they are (their scale would be 0).
+        """
+        p, q = X.shape[1], Z.shape[1]
+        if X.shape[0] == 0:
+            return cls.identity(p, q)
+        xi = _intercept_column(X)
+        zi = _intercept_column(Z)
+        x_shift, x_scale = _centre_scale(X, xi, centre=xi >= 0)
+        z_shift, z_scale = _centre_scale(Z, zi, centre=zi >= 0 and z_may_centre)
+        y_shift = float(np.mean(y)) if xi >= 0 else 0.0
+        y_scale = float(np.std(y))
+        if not np.isfinite(y_scale) or y_scale <= 0.0:
+            y_scale = float(np.max(np.abs(y))) if y.size and np.max(np.abs(y)) > 0 else 1.0
+        return cls(x_shift, x_scale, z_shift, z_scale, y_shift, y_scale, xi, zi)
+
+    def apply(self, X: np.ndarray, Z: np.ndarray, y: np.ndarray) -> None:
+        """Transform the arrays in place."""
+        X -= self.x_shift
+        X /= self.x_scale
+        Z -= self.z_shift
+        Z /= self.z_scale
+        y -= self.y_shift
+        y /= self.y_scale
+
+    # The linear maps between the original and the transformed coefficients:
+    # X = X~ Tx^{-1}  <=>  X~ = X Tx, so  X beta = X~ (Tx^{-1} beta).
+
+    def x_matrix(self) -> np.ndarray:
+        """``T`` with ``X~ = X T`` (p x p)."""
+        return _affine_matrix(self.x_shift, self.x_scale, self.x_intercept)
+
+    def z_matrix(self) -> np.ndarray:
+        """``S`` with ``Z~ = Z S`` (q x q)."""
+        return _affine_matrix(self.z_shift, self.z_scale, self.z_intercept)
+
+    def subset_fixed(self, kept: np.ndarray) -> "Scaling":
+        """The transform of the fixed-effect columns ``kept`` (after aliased ones are dropped)."""
+        kept = np.asarray(kept, dtype=np.int64)
+        xi = int(np.flatnonzero(kept == self.x_intercept)[0]) if self.x_intercept in kept else -1
+        if xi < 0 and self.x_intercept >= 0:
+            # Without its intercept column the shifts cannot be absorbed; callers
+            # never get here because the intercept comes first and is kept.
+            raise ValueError("the intercept column was dropped as aliased")
+        return Scaling(self.x_shift[kept], self.x_scale[kept], self.z_shift, self.z_scale,
+                       self.y_shift, self.y_scale, xi, self.z_intercept)
+
+    def to_dict(self) -> dict:
+        return {
+            "x_shift": self.x_shift.tolist(),
+            "x_scale": self.x_scale.tolist(),
+            "z_shift": self.z_shift.tolist(),
+            "z_scale": self.z_scale.tolist(),
+            "y_shift": self.y_shift,
+            "y_scale": self.y_scale,
+            "x_intercept": self.x_intercept,
+            "z_intercept": self.z_intercept,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scaling":
+        return cls(
+            np.asarray(d["x_shift"], float),
+            np.asarray(d["x_scale"], float),
+            np.asarray(d["z_shift"], float),
+            np.asarray(d["z_scale"], float),
+            float(d["y_shift"]),
+            float(d["y_scale"]),
+            int(d["x_intercept"]),
+            int(d["z_intercept"]),
+        )
+
+
+def _intercept_column(M: np.ndarray) -> int:
+    for j in range(M.shape[1]):
+        col = M[:, j]
+        if col.size and col[0] == 1.0 and np.all(col == 1.0):
+            return j
+    return -1
+
+
+def _centre_scale(M: np.ndarray, icol: int, centre: bool) -> tuple[np.ndarray, np.ndarray]:
+    k = M.shape[1]
+    shift = np.zeros(k)
+    scale = np.ones(k)
+    for j in range(k):
+        if j == icol:
+            continue
+        col = M[:, j]
+        mu = float(np.mean(col))
+        sd = float(np.std(col)) if centre else float(np.sqrt(np.mean(col * col)))
+        if centre:
+            shift[j] = mu
+        if np.isfinite(sd) and sd > 0.0:
+            scale[j] = sd
+    return shift, scale
+
+
+def _affine_matrix(shift: np.ndarray, scale: np.ndarray, icol: int) -> np.ndarray:
+    T = np.diag(1.0 / scale)
+    if icol >= 0:
+        T[icol, :] = -shift / scale
+        T[icol, icol] = 1.0
+    return T
+
+
+@dataclass
+class Statistics:
+    """Per-group and global sufficient statistics (transformed rows).
+
+    Attributes
+    ----------
+    A, B, c, n
+        Per-group arrays, contiguous: ``(G, q, q)``, ``(G, q, p)``, ``(G, q)``, ``(G,)``.
+    XtX, Xty, yty, N
+        Global sums over all rows.
+    """
+
+    A: np.ndarray
+    B: np.ndarray
+    c: np.ndarray
+    n: np.ndarray
+    XtX: np.ndarray
+    Xty: np.ndarray
+    yty: float = 0.0
+    N: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, G: int, p: int, q: int) -> "Statistics":
+        return cls(
+            np.zeros((G, q, q)),
+            np.zeros((G, q, p)),
+            np.zeros((G, q)),
+            np.zeros(G, dtype=np.int64),
+            np.zeros((p, p)),
+            np.zeros(p),
+            0.0,
+            0,
+        )
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def p(self) -> int:
+        return int(self.B.shape[2])
+
+    @property
+    def q(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.A.nbytes + self.B.nbytes + self.c.nbytes + self.n.nbytes)
+
+    def add_rows(
+        self,
+        codes: np.ndarray,
+        X: np.ndarray,
+        Z: np.ndarray,
+        y: np.ndarray,
+        nthreads: int | None = None,
+    ) -> None:
+        """Reduce a block of (already transformed, complete) rows into the statistics."""
+        if codes.shape[0] == 0:
+            return
+        nthreads = nthreads or default_threads()
+        _kernels.accumulate_stats(
+            np.ascontiguousarray(codes, dtype=np.int64),
+            np.ascontiguousarray(X, dtype=np.float64),
+            np.ascontiguousarray(Z, dtype=np.float64),
+            np.ascontiguousarray(y, dtype=np.float64),
+            self.A,
+            self.B,
+            self.c,
+            self.n,
+            nthreads,
+        )
+        # BLAS does the global sums faster than a hand loop.
+        self.XtX += X.T @ X
+        self.Xty += X.T @ y
+        self.yty += float(y @ y)
+        self.N += int(codes.shape[0])
+
+    def merge(self, other: "Statistics") -> "Statistics":
+        """Sum of two statistics over the same group coding (disjoint rows)."""
+        if self.A.shape != other.A.shape or self.B.shape != other.B.shape:
+            raise ValueError("cannot merge statistics of different shapes")
+        return Statistics(
+            self.A + other.A,
+            self.B + other.B,
+            self.c + other.c,
+            self.n + other.n,
+            self.XtX + other.XtX,
+            self.Xty + other.Xty,
+            self.yty + other.yty,
+            self.N + other.N,
+        )
+
+    def subset_groups(self, keep: np.ndarray) -> "Statistics":
+        """Statistics of the groups selected by the boolean/index array ``keep``."""
+        return Statistics(
+            np.ascontiguousarray(self.A[keep]),
+            np.ascontiguousarray(self.B[keep]),
+            np.ascontiguousarray(self.c[keep]),
+            np.ascontiguousarray(self.n[keep]),
+            self.XtX,
+            self.Xty,
+            self.yty,
+            self.N,
+        )
+
+    def transform_z(self, M: np.ndarray) -> "Statistics":
+        """Statistics for the random-effects design ``Z M`` (M is q x q)."""
+        A = np.ascontiguousarray(np.einsum("ka,gkl,lb->gab", M, self.A, M, optimize=True))
+        B = np.ascontiguousarray(np.einsum("ka,gkm->gam", M, self.B, optimize=True))
+        c = np.ascontiguousarray(self.c @ M)
+        return Statistics(A, B, c, self.n, self.XtX, self.Xty, self.yty, self.N)
+
+    def subset_fixed(self, cols: np.ndarray) -> "Statistics":
+        """Statistics restricted to the fixed-effect columns ``cols``."""
+        cols = np.asarray(cols, dtype=np.int64)
+        return Statistics(
+            self.A,
+            np.ascontiguousarray(self.B[:, :, cols]),
+            self.c,
+            self.n,
+            np.ascontiguousarray(self.XtX[np.ix_(cols, cols)]),
+            np.ascontiguousarray(self.Xty[cols]),
+            self.yty,
+            self.N,
+        )
+
+
+def aliased_columns(XtX: np.ndarray, tol: float = 1e-10) -> np.ndarray:
+    """Indices of fixed-effect columns that are linear combinations of earlier ones.
+
+    Works like R's ``lm``/lme4: columns are taken in order and one is dropped
+    when its residual sum of squares, after projection on the columns kept so
+    far, is below ``tol`` relative to its own sum of squares.  Only ``X'X`` is
+    needed, so the check costs O(p^3) whatever the number of rows.
+    """
+    p = XtX.shape[0]
+    kept: list[int] = []
+    dropped: list[int] = []
+    for j in range(p):
+        d = XtX[j, j]
+        if d <= 0.0:
+            dropped.append(j)
+            continue
+        if kept:
+            S = XtX[np.ix_(kept, kept)]
+            v = XtX[kept, j]
+            try:
+                coef = np.linalg.solve(S, v)
+            except np.linalg.LinAlgError:
+                coef = np.linalg.lstsq(S, v, rcond=None)[0]
+            resid = d - v @ coef
+        else:
+            resid = d
+        if resid <= tol * d:
+            dropped.append(j)
+        else:
+            kept.append(j)
+    return np.asarray(dropped, dtype=np.int64)

@@ -1,0 +1,173 @@
+"""Text rendering of results: statsmodels' summary layout and lme4's print.
+
+Rendering only: every number comes from :class:`~bigmixed.results.MixedLMResults`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Summary", "lme4_text"]
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    return f"{v:.{digits}f}"
+
+
+def _header_block(pairs_left, pairs_right) -> list[str]:
+    wl = max(len(k) for k, _ in pairs_left) + 1
+    wv = max(len(v) for _, v in pairs_left) + 1
+    wr = max(len(k) for k, _ in pairs_right) + 1
+    lines = []
+    for i in range(max(len(pairs_left), len(pairs_right))):
+        kl, vl = pairs_left[i] if i < len(pairs_left) else ("", "")
+        kr, vr = pairs_right[i] if i < len(pairs_right) else ("", "")
+        lines.append(f"{kl:<{wl}}{vl:<{wv}}{kr:<{wr}}{vr}")
+    return lines
+
+
+class Summary:
+    """statsmodels-style summary: header block, coefficient table, variance rows.
+
+    ``str(summary)`` gives the text; ``tables`` holds the header and the
+    coefficient table as DataFrames.
+    """
+
+    def __init__(self, res, alpha: float = 0.05) -> None:
+        self.res = res
+        self.alpha = alpha
+        sizes = res.group_sizes()
+        left = [
+            ("Model:", "MixedLM"),
+            ("No. Observations:", str(res.nobs)),
+            ("No. Groups:", str(res.n_groups)),
+            ("Min. group size:", str(int(sizes.min())) if sizes.size else ""),
+            ("Max. group size:", str(int(sizes.max())) if sizes.size else ""),
+            ("Mean group size:", f"{sizes.mean():.1f}" if sizes.size else ""),
+        ]
+        right = [
+            ("Dependent Variable:", str(res.model.endog_name)),
+            ("Method:", res.method),
+            ("Scale:", f"{res.scale:.4f}"),
+            ("Log-Likelihood:", f"{res.llf:.4f}"),
+            ("Converged:", "Yes" if res.converged else "No"),
+        ]
+        dropped = res.model.built.n_dropped
+        if dropped:
+            right.append(("Dropped rows:", str(dropped)))
+        if res.is_singular:
+            right.append(("Singular fit:", "Yes"))
+        self.header = _header_block(left, right)
+        table = res.coef_table(alpha)
+        self.coef = table
+        var_rows = []
+        bse = res.bse_re
+        q = len(res.exog_re_names)
+        for b in range(q):
+            for a in range(b, q):
+                if not res._structural(a, b) and a != b:
+                    continue
+                from .results import _sm_var_name
+
+                name = _sm_var_name(res.exog_re_names, a, b)
+                var_rows.append((name, res._cov_re[a, b], bse.get(name, np.nan)))
+        self.var_rows = var_rows
+        self.tables = [pd.DataFrame(left + right, columns=["item", "value"]), table]
+
+    def as_text(self) -> str:
+        t = self.coef
+        names = list(t.index) + [r[0] for r in self.var_rows]
+        wn = max(len(n) for n in names) + 1
+        cols = list(t.columns)
+        body = []
+        for name, row in t.iterrows():
+            body.append([name, _fmt(row["Coef."]), _fmt(row["Std.Err."]), _fmt(row["z"]),
+                         _fmt(row["P>|z|"]), _fmt(row[cols[4]]), _fmt(row[cols[5]])])
+        for name, val, se in self.var_rows:
+            body.append([name, _fmt(val), _fmt(se), "", "", "", ""])
+        heads = ["", "Coef.", "Std.Err.", "z", "P>|z|", cols[4], cols[5]]
+        widths = [wn] + [max(len(heads[j]), *(len(r[j]) for r in body)) for j in range(1, 7)]
+
+        def line(cells):
+            out = f"{cells[0]:<{widths[0]}}"
+            for j in range(1, 7):
+                out += " " + f"{cells[j]:>{widths[j]}}"
+            return out
+
+        table_lines = [line(heads)] + [line(r) for r in body]
+        width = max(max(len(s) for s in table_lines), max(len(s) for s in self.header))
+        title = "Mixed Linear Model Regression Results"
+        out = [title.center(width).rstrip(), "=" * width]
+        out += [h.ljust(width) for h in self.header]
+        out += ["-" * width, table_lines[0], "-" * width]
+        out += table_lines[1:]
+        out.append("=" * width)
+        if self.res.model.built.aliased:
+            out.append(f"Dropped aliased columns: {', '.join(self.res.model.built.aliased)}")
+        out.append("")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.as_text()
+
+    def __repr__(self) -> str:
+        return self.as_text()
+
+    def _repr_html_(self) -> str:
+        return "<pre>" + self.as_text().replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
+
+
+def lme4_text(res) -> str:
+    """lme4's ``summary(fit)``-like text: criterion, random effects, fixed effects."""
+    kind = "REML" if res.reml else "maximum likelihood"
+    out = [f"Linear mixed model fit by {kind} ['lmerMod' via bigmixed]"]
+    out.append(f"Formula: {res.model.formula}")
+    crit = "REML criterion at convergence" if res.reml else "deviance"
+    if res.reml:
+        out.append(f"{crit}: {res.objective:.4f}")
+    else:
+        out.append("     AIC      BIC   logLik deviance")
+        out.append(f"{res.aic:8.1f} {res.bic:8.1f} {res.llf:8.1f} {res.objective:8.1f}")
+    out.append("")
+    out.append("Random effects:")
+    vc = res.VarCorr
+    names = [n for n in vc["var1"].tolist()]
+    rows = []
+    q = len(res.exog_re_names)
+    sd = np.sqrt(np.diag(res._cov_re))
+    corr = {}
+    for _, r in vc.iterrows():
+        if r["grp"] != "Residual" and r["var2"] is not None and isinstance(r["var2"], str):
+            corr[(r["var2"], r["var1"])] = r["sdcor"]
+    rnames = [n for n in names if isinstance(n, str)][:q]
+    for a in range(q):
+        cells = [res.model.spec.group if a == 0 else "", rnames[a], f"{res._cov_re[a, a]:.4g}", f"{sd[a]:.4g}"]
+        cs = []
+        for b in range(a):
+            v = corr.get((rnames[a], rnames[b]))
+            cs.append("" if v is None else ("  NaN" if not np.isfinite(v) else f"{v:5.2f}"))
+        cells.append(" ".join(cs))
+        rows.append(cells)
+    rows.append(["Residual", "", f"{res.scale:.4g}", f"{res.sigma:.4g}", ""])
+    head = ["Groups", "Name", "Variance", "Std.Dev.", "Corr" if q > 1 else ""]
+    w = [max(len(head[j]), *(len(r[j]) for r in rows)) for j in range(5)]
+    fmt = lambda r: " " + "  ".join(f"{r[j]:<{w[j]}}" if j < 2 else f"{r[j]:>{w[j]}}" if j < 4 else r[j]
+                                     for j in range(5)).rstrip()
+    out.append(fmt(head))
+    out += [fmt(r) for r in rows]
+    out.append(f"Number of obs: {res.nobs}, groups:  {res.model.spec.group}, {res.n_groups}")
+    out.append("")
+    out.append("Fixed effects:")
+    t = pd.DataFrame(
+        {"Estimate": res._beta, "Std. Error": res.bse_fe.to_numpy(), "t value": res.tvalues.to_numpy()},
+        index=[n if n != "Intercept" else "(Intercept)" for n in res.exog_names],
+    )
+    out.append(t.to_string(float_format=lambda v: f"{v:.4f}"))
+    if res.is_singular:
+        out.append("boundary (singular) fit: see results.is_singular")
+    if not res.converged:
+        out.append(f"optimizer (L-BFGS-B) convergence code: {res.optimizer.message}")
+    return "\n".join(out)

@@ -1,0 +1,201 @@
+"""Every numba kernel against a plain-numpy dense twin (V = Z Psi Z' + sigma^2 I).
+
+Small random problems, groups of size 1 included, q from 1 to 4, shuffled rows.
+"""
+
+import numpy as np
+import pytest
+
+from bigmixed import _kernels
+from bigmixed.objective import LocalBackend, Objective, ThetaMap
+from bigmixed.stats import Statistics, aliased_columns
+
+LOG2PI = np.log(2 * np.pi)
+
+
+def make_problem(seed, G, q, p, max_size=5):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, max_size + 1, G)
+    sizes[0] = 1  # always a singleton group
+    N = int(sizes.sum())
+    codes = np.repeat(np.arange(G), sizes)
+    X = np.column_stack([np.ones(N)] + [rng.normal(size=N) for _ in range(p - 1)])
+    Z = np.column_stack([np.ones(N)] + [rng.normal(size=N) for _ in range(q - 1)])
+    y = X @ rng.normal(size=p) + rng.normal(size=N) * 2 + rng.normal(size=G)[codes]
+    perm = rng.permutation(N)
+    return codes[perm], X[perm], Z[perm], y[perm]
+
+
+def dense_parts(codes, X, Z, y, lam):
+    """Dense twin: V/sigma^2 = I + Z_full (I kron Lambda Lambda') Z_full'."""
+    N = len(y)
+    G = codes.max() + 1
+    q = Z.shape[1]
+    Zf = np.zeros((N, G * q))
+    for j in range(N):
+        Zf[j, codes[j] * q:(codes[j] + 1) * q] = Z[j]
+    Lb = np.kron(np.eye(G), lam)
+    V = np.eye(N) + Zf @ Lb @ Lb.T @ Zf.T
+    Vi = np.linalg.inv(V)
+    F = X.T @ Vi @ X
+    g = X.T @ Vi @ y
+    h = y @ Vi @ y
+    return np.linalg.slogdet(V)[1], F, g, h, Zf, Lb, Vi
+
+
+def dense_deviance(codes, X, Z, y, lam, reml):
+    ld, F, g, h, *_ = dense_parts(codes, X, Z, y, lam)
+    beta = np.linalg.solve(F, g)
+    r2 = h - g @ beta
+    N, p = X.shape
+    if reml:
+        return ld + np.linalg.slogdet(F)[1] + (N - p) * (1 + LOG2PI + np.log(r2 / (N - p)))
+    return ld + N * (1 + LOG2PI + np.log(r2 / N))
+
+
+def build(codes, X, Z, y, nthreads=2):
+    st = Statistics.empty(int(codes.max()) + 1, X.shape[1], Z.shape[1])
+    st.add_rows(codes, X, Z, y, nthreads)
+    return st
+
+
+def random_theta(tmap, rng):
+    th = rng.normal(size=tmap.size) * 0.7
+    th[tmap.is_diag] = np.abs(th[tmap.is_diag]) + 0.1
+    return th
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_accumulate_stats_matches_numpy(q, nthreads):
+    codes, X, Z, y = make_problem(q, 23, q, 3)
+    st = build(codes, X, Z, y, nthreads)
+    for g in range(23):
+        m = codes == g
+        np.testing.assert_allclose(st.A[g], Z[m].T @ Z[m], atol=1e-12)
+        np.testing.assert_allclose(st.B[g], Z[m].T @ X[m], atol=1e-12)
+        np.testing.assert_allclose(st.c[g], Z[m].T @ y[m], atol=1e-12)
+        assert st.n[g] == m.sum()
+    np.testing.assert_allclose(st.XtX, X.T @ X)
+    assert st.N == len(y)
+
+
+def test_statistics_of_chunks_add_up():
+    codes, X, Z, y = make_problem(7, 40, 2, 3)
+    whole = build(codes, X, Z, y)
+    parts = Statistics.empty(40, 3, 2)
+    for chunk in np.array_split(np.arange(len(y)), 7):
+        parts.add_rows(codes[chunk], X[chunk], Z[chunk], y[chunk], 2)
+    half1, half2 = Statistics.empty(40, 3, 2), Statistics.empty(40, 3, 2)
+    half1.add_rows(codes[::2], X[::2], Z[::2], y[::2], 1)
+    half2.add_rows(codes[1::2], X[1::2], Z[1::2], y[1::2], 2)
+    merged = half1.merge(half2)
+    for other in (parts, merged):
+        for a, b in [(whole.A, other.A), (whole.B, other.B), (whole.c, other.c), (whole.XtX, other.XtX)]:
+            np.testing.assert_allclose(a, b, atol=1e-12)
+        assert other.N == whole.N and np.array_equal(other.n, whole.n)
+
+
+def test_transform_z_is_exact():
+    codes, X, Z, y = make_problem(8, 20, 2, 2)
+    M = np.array([[1.0, -0.3], [0.0, 2.0]])
+    direct = build(codes, X, Z @ M, y)
+    moved = build(codes, X, Z, y).transform_z(M)
+    np.testing.assert_allclose(moved.A, direct.A, atol=1e-12)
+    np.testing.assert_allclose(moved.B, direct.B, atol=1e-12)
+    np.testing.assert_allclose(moved.c, direct.c, atol=1e-12)
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_pass1_matches_dense(q):
+    codes, X, Z, y = make_problem(10 + q, 17, q, 2)
+    st = build(codes, X, Z, y)
+    rng = np.random.default_rng(q)
+    tmap = ThetaMap(q)
+    lam = tmap.lam(random_theta(tmap, rng))
+    ld, SF, Sg, Sh = LocalBackend(st, 2).pass1(lam)
+    dld, F, g, h, *_ = dense_parts(codes, X, Z, y, lam)
+    np.testing.assert_allclose(ld, dld, rtol=1e-10)
+    np.testing.assert_allclose(st.XtX - SF, F, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(st.Xty - Sg, g, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(st.yty - Sh, h, rtol=1e-9)
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+@pytest.mark.parametrize("reml", [False, True])
+def test_deviance_matches_dense(q, reml):
+    codes, X, Z, y = make_problem(20 + q, 15, q, 3)
+    st = build(codes, X, Z, y)
+    tmap = ThetaMap(q)
+    th = random_theta(tmap, np.random.default_rng(q + 5))
+    obj = Objective(LocalBackend(st, 2), tmap, reml)
+    d, _ = obj(th)
+    np.testing.assert_allclose(d, dense_deviance(codes, X, Z, y, tmap.lam(th), reml), rtol=1e-11)
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+@pytest.mark.parametrize("reml", [False, True])
+@pytest.mark.parametrize("blocks", ["full", "diag"])
+def test_gradient_matches_central_differences(q, reml, blocks):
+    codes, X, Z, y = make_problem(30 + q, 12, q, 2)
+    st = build(codes, X, Z, y)
+    tmap = ThetaMap(q, None if blocks == "full" else tuple((j,) for j in range(q)))
+    th = random_theta(tmap, np.random.default_rng(q))
+    obj = Objective(LocalBackend(st, 2), tmap, reml)
+    _, grad = obj(th)
+    eps = 1e-6
+    fd = np.empty_like(th)
+    for k in range(th.size):
+        e = np.zeros_like(th)
+        e[k] = eps
+        fd[k] = (dense_deviance(codes, X, Z, y, tmap.lam(th + e), reml)
+                 - dense_deviance(codes, X, Z, y, tmap.lam(th - e), reml)) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_at_boundary_is_finite():
+    codes, X, Z, y = make_problem(3, 10, 2, 2)
+    st = build(codes, X, Z, y)
+    tmap = ThetaMap(2)
+    obj = Objective(LocalBackend(st, 2), tmap, True)
+    d, g = obj(np.array([0.0, 0.0, 0.0]))
+    assert np.isfinite(d) and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_conditional_modes_match_dense(q):
+    codes, X, Z, y = make_problem(40 + q, 11, q, 2)
+    st = build(codes, X, Z, y)
+    tmap = ThetaMap(q)
+    lam = tmap.lam(random_theta(tmap, np.random.default_rng(q)))
+    _, F, g, _, Zf, Lb, Vi = dense_parts(codes, X, Z, y, lam)
+    beta = np.linalg.solve(F, g)
+    bhat, K = _kernels.conditional_modes(st.A, st.B, st.c, lam, beta, 3)
+    # dense BLUP (sigma^2 = 1 units): b = Lb Lb' Zf' V^-1 (y - X beta)
+    b_dense = (Lb @ Lb.T @ Zf.T @ Vi @ (y - X @ beta)).reshape(-1, q)
+    np.testing.assert_allclose(bhat, b_dense, rtol=1e-8, atol=1e-10)
+    # conditional covariance (sigma^2 units, beta known): (Psi_i^-1 + A_i)^-1 = K_i
+    Psi = Lb @ Lb.T
+    for i in range(3):
+        sl = slice(i * q, (i + 1) * q)
+        Pi = Psi[sl, sl]
+        Ai = Zf[:, sl].T @ Zf[:, sl]
+        Kd = np.linalg.inv(np.linalg.inv(Pi) + Ai)
+        np.testing.assert_allclose(K[i], Kd, rtol=1e-8, atol=1e-10)
+
+
+def test_linear_predictor_matches_numpy():
+    rng = np.random.default_rng(0)
+    X, Z = rng.normal(size=(50, 3)), rng.normal(size=(50, 2))
+    beta, b = rng.normal(size=3), rng.normal(size=(5, 2))
+    codes = rng.integers(-1, 5, 50)
+    out = _kernels.linear_predictor(X, Z, beta, b, codes, 2)
+    expect = X @ beta + np.where(codes[:, None] >= 0, Z * b[np.maximum(codes, 0)], 0).sum(1)
+    np.testing.assert_allclose(out, expect)
+
+
+def test_aliased_columns_found_in_order():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=100)
+    X = np.column_stack([np.ones(100), x, 2 * x + 1, rng.normal(size=100), x])
+    assert aliased_columns(X.T @ X).tolist() == [2, 4]
