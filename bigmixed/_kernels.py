@@ -91,31 +91,84 @@ def _chol_solve_vec(q, L, v):
 
 
 @njit(parallel=True, **_JIT)
-def accumulate_stats(codes, X, Z, y, A, B, c, n, nthreads):
-    """Add the rows' contributions to the per-group statistics, in place.
+def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, nthreads):
+    """Transform rows and add them to the per-group statistics, in place.
+
+    ``XT`` (p, N) and ``ZT`` (q, N) hold the design column by column (so that
+    filling them from columnar data is a contiguous copy).  Each row is
+    transformed on the fly, ``x~ = (x - xs) * xi`` (likewise z, y), rather than
+    in a separate numpy pass over the rows.  Rows with a negative code
+    (unknown or missing group) or a non-finite value are skipped and counted.
 
     Rows may come in any order.  Thread ``t`` owns the groups with
     ``code % nthreads == t`` and scans all codes, so no two threads ever write
     the same group and no per-thread copy of the statistics is needed (the
     statistics can be gigabytes; a copy per thread would double that).
+
+    Returns per-thread partial global sums ``(XtX, Xty, yty, n_used, n_skipped)``.
     """
     N = codes.shape[0]
-    p = X.shape[1]
-    q = Z.shape[1]
+    p = XT.shape[0]
+    q = ZT.shape[0]
+    out_XtX = np.zeros((nthreads, p, p))
+    out_Xty = np.zeros((nthreads, p))
+    out_yty = np.zeros(nthreads)
+    out_used = np.zeros(nthreads, dtype=np.int64)
+    out_skip = np.zeros(nthreads, dtype=np.int64)
     for t in prange(nthreads):
+        xr = np.empty(p)
+        zr = np.empty(q)
+        XtX = np.zeros((p, p))
+        Xty = np.zeros(p)
+        yty = 0.0
+        used = 0
+        skip = 0
         for j in range(N):
             g = codes[j]
+            # rows of unknown groups are counted by thread 0 only
+            if g < 0:
+                if t == 0:
+                    skip += 1
+                continue
             if g % nthreads != t:
                 continue
-            yj = y[j]
+            yj = (y[j] - ys) * yi
+            ok = np.isfinite(yj)
+            for k in range(p):
+                v = (XT[k, j] - xs[k]) * xi[k]
+                xr[k] = v
+                ok = ok and np.isfinite(v)
             for a in range(q):
-                za = Z[j, a]
+                v = (ZT[a, j] - zs[a]) * zi[a]
+                zr[a] = v
+                ok = ok and np.isfinite(v)
+            if not ok:
+                skip += 1
+                continue
+            used += 1
+            for a in range(q):
+                za = zr[a]
                 for b in range(q):
-                    A[g, a, b] += za * Z[j, b]
+                    A[g, a, b] += za * zr[b]
                 for k in range(p):
-                    B[g, a, k] += za * X[j, k]
+                    B[g, a, k] += za * xr[k]
                 c[g, a] += za * yj
             n[g] += 1
+            for k in range(p):
+                xk = xr[k]
+                for m in range(k, p):
+                    XtX[k, m] += xk * xr[m]
+                Xty[k] += xk * yj
+            yty += yj * yj
+        for k in range(p):
+            out_Xty[t, k] = Xty[k]
+            for m in range(k, p):
+                out_XtX[t, k, m] = XtX[k, m]
+                out_XtX[t, m, k] = XtX[k, m]
+        out_yty[t] = yty
+        out_used[t] = used
+        out_skip[t] = skip
+    return out_XtX, out_Xty, out_yty, out_used, out_skip
 
 
 # --------------------------------------------------------------------------

@@ -339,7 +339,7 @@ class Design:
         Returns
         -------
         tuple of numpy.ndarray
-            ``y`` (n,), ``X`` (n, p), ``Z`` (n, q): float64, C-contiguous, row-aligned with ``chunk``.
+            ``y`` (n,), ``X`` (n, p), ``Z`` (n, q): float64, Fortran-ordered (column-contiguous), row-aligned with ``chunk``.
         """
         y = self.response(chunk)
         X, Z = self.predictor_matrices(chunk)
@@ -383,8 +383,10 @@ class Design:
     def predictor_matrices(self, chunk: Any) -> tuple[np.ndarray, np.ndarray]:
         """``X`` (n, p) and ``Z`` (n, q) of one chunk; the response column need not be present."""
         is_pl, n, pdf, nulls = self._prepare(chunk, self.predictor_columns)
-        X = np.empty((n, self.p))
-        Z = np.empty((n, self.q))
+        # Fortran order: each column is filled by one contiguous copy, and the
+        # statistics kernel reads X.T (p, n) without another copy.
+        X = np.empty((self.p, n)).T
+        Z = np.empty((self.q, n)).T
         self._fill(self._fixed, X, 0, chunk, is_pl, pdf, nulls)
         off = 0
         for part in self._random:

@@ -182,43 +182,34 @@ def build_statistics(
         for label, chunk in source.batches(design.columns, chunk_rows):
             t2 = time.perf_counter()
             n_read += chunk.height
-            counts = chunk.select([e.sum().alias(c) for c, e in exprs.items()]).row(0)
-            if any(counts):
+            y, X, Z = design.matrices(chunk)
+            codes = groups.codes(chunk.get_column(spec.group))
+            if scaling is None:
+                # the transform is chosen from the first chunk's complete rows
+                ok = (codes >= 0) & np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1)
+                if ok.any():
+                    scaling = Scaling.from_sample(X[ok], Z[ok], y[ok], z_may_centre=z_may_centre)
+                else:
+                    scaling = None  # nothing usable yet: every row of this chunk is skipped
+            t3 = time.perf_counter()
+            # The kernel skips rows with a null key or a non-finite value and
+            # counts them; only then do we ask polars which columns were at fault.
+            skipped = stats.add_rows(codes, X, Z, y, nthreads, scaling) if scaling is not None \
+                else int(chunk.height)
+            t4 = time.perf_counter()
+            if skipped:
+                counts = chunk.select([e.sum().alias(c) for c, e in exprs.items()]).row(0)
                 if missing == "raise":
                     bad = [c for c, k in zip(exprs, counts) if k]
                     where = "" if label == "data" else f" in {label}"
-                    raise ValueError(
-                        f"column(s) {', '.join(repr(b) for b in bad)} hold null/NaN/inf values{where} "
-                        f"({sum(counts)} cells); use missing='drop' to leave such rows out"
-                    )
-                bad_rows = pl.any_horizontal(list(exprs.values()))
+                    what = (f"column(s) {', '.join(repr(b) for b in bad)} hold null/NaN/inf values" if bad
+                            else f"{skipped} row(s) give non-finite values after the formula's transformations")
+                    raise ValueError(f"{what}{where}; use missing='drop' to leave such rows out")
                 for c, k in zip(exprs, counts):
                     dropped[c] += int(k)
-                before = chunk.height
-                chunk = chunk.filter(~bad_rows)
-                n_dropped += before - chunk.height
-            if chunk.height == 0:
-                continue
-            y, X, Z = design.matrices(chunk)
-            ok = np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1)
-            if not ok.all():
-                k = int((~ok).sum())
-                if missing == "raise":
-                    raise ValueError(
-                        f"{k} row(s) give non-finite values after the formula's transformations"
-                        f"{'' if label == 'data' else ' in ' + label}; use missing='drop' to leave them out"
-                    )
-                dropped["(non-finite after transformation)"] += k
-                n_dropped += k
-                y, X, Z = y[ok], X[ok], Z[ok]
-                chunk = chunk.filter(pl.Series(ok))
-            codes = groups.codes(chunk.get_column(spec.group))
-            if scaling is None:
-                scaling = Scaling.from_sample(X, Z, y, z_may_centre=z_may_centre)
-            scaling.apply(X, Z, y)
-            t3 = time.perf_counter()
-            stats.add_rows(codes, X, Z, y, nthreads)
-            t4 = time.perf_counter()
+                flagged = int(chunk.select(pl.any_horizontal(list(exprs.values())).sum()).item())
+                dropped["(non-finite after transformation)"] += skipped - flagged
+                n_dropped += skipped
             t_read += t3 - t2
             t_reduce += t4 - t3
             bar.update(chunk.height, part_done=label != last_label and last_label is not None)

@@ -231,27 +231,35 @@ class Statistics:
         Z: np.ndarray,
         y: np.ndarray,
         nthreads: int | None = None,
-    ) -> None:
-        """Reduce a block of (already transformed, complete) rows into the statistics."""
+        scaling: "Scaling | None" = None,
+    ) -> int:
+        """Reduce a block of rows into the statistics; returns how many rows were skipped.
+
+        Rows are transformed by ``scaling`` (identity if None) inside the
+        kernel.  Rows with a negative code or a non-finite value are skipped
+        (the caller counts and reports them).  ``X`` and ``Z`` are fastest in
+        Fortran order (then ``X.T`` needs no copy), as :mod:`bigmixed.design` makes them.
+        """
         if codes.shape[0] == 0:
-            return
+            return 0
         nthreads = nthreads or default_threads()
-        _kernels.accumulate_stats(
+        p, q = X.shape[1], Z.shape[1]
+        sc = scaling or Scaling.identity(p, q)
+        XtX, Xty, yty, used, skipped = _kernels.accumulate_stats(
             np.ascontiguousarray(codes, dtype=np.int64),
-            np.ascontiguousarray(X, dtype=np.float64),
-            np.ascontiguousarray(Z, dtype=np.float64),
+            np.ascontiguousarray(X.T, dtype=np.float64),
+            np.ascontiguousarray(Z.T, dtype=np.float64),
             np.ascontiguousarray(y, dtype=np.float64),
-            self.A,
-            self.B,
-            self.c,
-            self.n,
-            nthreads,
+            sc.x_shift, 1.0 / sc.x_scale, sc.z_shift, 1.0 / sc.z_scale,
+            float(sc.y_shift), 1.0 / float(sc.y_scale),
+            self.A, self.B, self.c, self.n,
+            int(nthreads),
         )
-        # BLAS does the global sums faster than a hand loop.
-        self.XtX += X.T @ X
-        self.Xty += X.T @ y
-        self.yty += float(y @ y)
-        self.N += int(codes.shape[0])
+        self.XtX += XtX.sum(axis=0)
+        self.Xty += Xty.sum(axis=0)
+        self.yty += float(yty.sum())
+        self.N += int(used.sum())
+        return int(skipped.sum())
 
     def merge(self, other: "Statistics") -> "Statistics":
         """Sum of two statistics over the same group coding (disjoint rows)."""

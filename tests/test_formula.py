@@ -166,7 +166,7 @@ FORMULA = "Weight ~ Time + C(Cu) + Evit + (Time|Pig)"
 
 def _check_arrays(y, X, Z, n):
     for a in (y, X, Z):
-        assert a.dtype == np.float64 and a.flags.c_contiguous and a.shape[0] == n
+        assert a.dtype == np.float64 and (a.flags.c_contiguous or a.flags.f_contiguous) and a.shape[0] == n
 
 
 def test_design_matches_formulaic(dietox):
