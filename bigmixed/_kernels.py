@@ -234,6 +234,20 @@ def _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg):
     return logdet + np.log(detprod), Sh
 
 
+@njit(**_JIT)
+def _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg):
+    # Branch on q with literals so the inlined body is specialised (unrolled)
+    # for the common sizes.  Kept out of the prange body: the parfor passes
+    # then see one call instead of four inlined copies (compile time 3x lower).
+    if q == 1:
+        return _pass1_range(1, p, A, B, c, lam, lo, hi, SF, Sg)
+    if q == 2:
+        return _pass1_range(2, p, A, B, c, lam, lo, hi, SF, Sg)
+    if q == 3:
+        return _pass1_range(3, p, A, B, c, lam, lo, hi, SF, Sg)
+    return _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg)
+
+
 @njit(parallel=True, **_JIT)
 def objective_pass1(A, B, c, lam, nchunks):
     """Per chunk of groups: logdet, Sum P'P (upper), Sum P'u, Sum u'u.
@@ -253,14 +267,7 @@ def objective_pass1(A, B, c, lam, nchunks):
         hi = (t + 1) * G // nchunks
         SF = np.zeros((p, p))
         Sg = np.zeros(p)
-        if q == 1:
-            ld, sh = _pass1_range(1, p, A, B, c, lam, lo, hi, SF, Sg)
-        elif q == 2:
-            ld, sh = _pass1_range(2, p, A, B, c, lam, lo, hi, SF, Sg)
-        elif q == 3:
-            ld, sh = _pass1_range(3, p, A, B, c, lam, lo, hi, SF, Sg)
-        else:
-            ld, sh = _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg)
+        ld, sh = _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg)
         out_ld[t] = ld
         out_h[t] = sh
         for m in range(p):
@@ -362,6 +369,19 @@ def _pass2_range(q, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr):
                     Gr[a, b] -= 2.0 * acc
 
 
+@njit(**_JIT)
+def _pass2_dispatch(q, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr):
+    # see _pass1_dispatch
+    if q == 1:
+        _pass2_range(1, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
+    elif q == 2:
+        _pass2_range(2, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
+    elif q == 3:
+        _pass2_range(3, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
+    else:
+        _pass2_range(q, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
+
+
 @njit(parallel=True, **_JIT)
 def objective_pass2(A, B, c, lam, beta, Finv, kappa, reml, nchunks):
     """Per chunk of groups: the q x q matrix d(deviance)/d(Lambda).
@@ -377,14 +397,7 @@ def objective_pass2(A, B, c, lam, beta, Finv, kappa, reml, nchunks):
         lo = t * G // nchunks
         hi = (t + 1) * G // nchunks
         Gr = np.zeros((q, q))
-        if q == 1:
-            _pass2_range(1, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
-        elif q == 2:
-            _pass2_range(2, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
-        elif q == 3:
-            _pass2_range(3, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
-        else:
-            _pass2_range(q, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
+        _pass2_dispatch(q, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
         for a in range(q):
             for b in range(q):
                 out[t, a, b] = Gr[a, b]

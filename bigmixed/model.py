@@ -148,7 +148,8 @@ class MixedLM:
 
     @property
     def nobs(self) -> int:
-        return int(self._built.stats.N)
+        b = self._built  # statistics resident on Dask workers: only the backend holds N
+        return int(b.stats.N if b.stats is not None else b.backend.N)
 
     @property
     def n_groups(self) -> int:

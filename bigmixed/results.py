@@ -299,6 +299,36 @@ class MixedLMResults:
         names = self.exog_re_names
         return {k: pd.DataFrame(K[i], index=names, columns=names) for i, k in enumerate(self.group_labels)}
 
+    def write_random_effects(self, out_dir) -> list:
+        """Write the BLUPs (as :meth:`random_effects_frame`) to parquet files in ``out_dir``.
+
+        Statistics resident on Dask workers: each worker writes its partition,
+        ``part-00000.parquet`` ... (nothing is gathered to the driver).  Otherwise
+        one file, ``part-00000.parquet``.  Files are written to a temporary name
+        and renamed, so a reader never sees a partial file.  Returns the paths.
+        """
+        import os
+        import uuid
+        from pathlib import Path
+
+        be = self.objective_fn.backend
+        if hasattr(be, "write_random_effects"):
+            return be.write_random_effects(out_dir, self._sol.lam, self._sol.beta, self._S,
+                                           self.scaling.y_scale, self.exog_re_names, self.model.spec.group)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "part-00000.parquet"
+        tmp = out / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self.random_effects_frame("polars").write_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for stale in out.glob("part-*.parquet"):  # from an earlier run written in more parts
+            if stale != path:
+                stale.unlink()
+        return [path]
+
     def ranef(self) -> pd.DataFrame:
         """lme4's ``ranef(fit)[[group]]``: BLUPs indexed by group level."""
         df = self.random_effects_frame()
@@ -381,7 +411,10 @@ class MixedLMResults:
         return f"<bigmixed.MixedLMResults {self.method} objective={self.objective:.4f} converged={self.converged}>"
 
     def group_sizes(self) -> np.ndarray:
-        return np.asarray(self.model.built.stats.n) if hasattr(self.model.built, "stats") else np.zeros(0)
+        b = self.model.built
+        if getattr(b, "stats", None) is None and getattr(b, "backend", None) is not None:
+            return b.backend.group_sizes()  # resident on Dask workers (bigmixed.distributed)
+        return np.asarray(b.stats.n) if hasattr(b, "stats") else np.zeros(0)
 
     def to_dict(self) -> dict:
         """Everything estimated, as plain JSON-able types."""

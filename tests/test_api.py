@@ -1,0 +1,224 @@
+"""The user API on real data: statsmodels' and lme4's spellings, results, rendering."""
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+
+import bigmixed as bm
+
+SM = json.loads((__import__("pathlib").Path(__file__).parent / "data" / "statsmodels_dietox.json").read_text())
+LME4 = json.loads((__import__("pathlib").Path(__file__).parent / "data" / "lme4_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dietox():
+    return bm.datasets.dietox()
+
+
+@pytest.fixture(scope="module")
+def slope(dietox):
+    return bm.mixedlm("Weight ~ Time", dietox, groups="Pig", re_formula="~Time")
+
+
+def test_seed_example_statsmodels_spelling(dietox, slope):
+    """The seed's three fits: all converge and reach lme4's optimum (statsmodels 0.15 does not)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r1 = bm.mixedlm("Weight ~ Time", dietox, groups=dietox["Pig"]).fit()
+        r2 = slope.fit()
+        free = bm.MixedLMParams.from_components(np.ones(2), np.eye(2))
+        r3 = slope.fit(free=free)
+    assert r1.converged and r2.converged and r3.converged
+    assert r1.llf == pytest.approx(LME4["dietox_intercept_reml"]["logLik"], rel=1e-8)
+    # lme4: -2217.0475; statsmodels 0.15 stops at -2220.39 with Converged: No
+    assert r2.llf == pytest.approx(-2217.0474591842, abs=1e-4)
+    assert r2.llf > SM["slope_reml"]["llf"] + 3.0
+    assert r3.llf == pytest.approx(LME4["dietox_slope_independent_reml"]["logLik"], abs=1e-4)
+    assert r3.cov_re.iloc[0, 1] == 0.0
+    for r in (r1, r2, r3):
+        conv = [line for line in str(r.summary()).splitlines() if "Converged:" in line][0]
+        assert conv.split()[-1] == "Yes"
+
+
+def test_random_intercept_matches_statsmodels(dietox):
+    """Where statsmodels converges, both give the same numbers."""
+    r = bm.mixedlm("Weight ~ Time", dietox, groups="Pig").fit()
+    ref = SM["intercept_reml"]
+    for k, v in ref["fe_params"].items():
+        assert r.fe_params[k] == pytest.approx(v, rel=1e-6)
+        assert r.bse_fe[k] == pytest.approx(ref["bse_fe"][k], rel=1e-5)
+    assert r.cov_re.iloc[0, 0] == pytest.approx(ref["cov_re"][0][0], rel=1e-5)
+    assert r.scale == pytest.approx(ref["scale"], rel=1e-6)
+    for g, d in ref["random_effects_first3"].items():
+        assert r.random_effects[g]["Group"] == pytest.approx(d["Group"], rel=1e-5)
+    rml = bm.mixedlm("Weight ~ Time", dietox, groups="Pig").fit(reml=False)
+    assert rml.llf == pytest.approx(SM["intercept_ml"]["llf"], rel=1e-8)
+
+
+def test_summary_layout(slope):
+    text = str(slope.fit().summary())
+    lines = text.splitlines()
+    assert "Mixed Linear Model Regression Results" in lines[0]
+    for needle in ["Model:", "MixedLM", "Dependent Variable:", "Weight", "No. Observations:", "861",
+                   "No. Groups:", "72", "Method:", "REML", "Scale:", "Log-Likelihood:", "-2217.0475",
+                   "Min. group size:", "11", "Max. group size:", "12", "Mean group size:", "12.0",
+                   "Coef.", "Std.Err.", "z", "P>|z|", "[0.025", "0.975]"]:
+        assert needle in text, needle
+    assert any(line.startswith("Group Var") for line in lines)
+    assert any(line.startswith("Group x Time Cov") for line in lines)
+    assert any(line.startswith("Time Var") for line in lines)
+    intercept = [line for line in lines if line.startswith("Intercept")][0].split()
+    assert float(intercept[1]) == pytest.approx(15.739, abs=1e-3)
+    assert float(intercept[2]) == pytest.approx(0.550, abs=1e-3)
+
+
+def test_lme4_print(dietox):
+    m = bm.lmer("Weight ~ Time + (Time | Pig)", dietox, REML=True)
+    text = str(m)
+    assert "REML criterion at convergence: 4434.0949" in text
+    assert "Random effects:" in text and "Variance" in text and "Std.Dev." in text and "Corr" in text
+    assert "(Intercept)" in text and "Residual" in text
+    assert "Number of obs: 861, groups:  Pig, 72" in text
+    assert "Fixed effects:" in text and "15.7387" in text
+    ml = bm.lmer("Weight ~ Time + (Time | Pig)", dietox, REML=False)
+    assert "logLik" in str(ml) and "deviance" in str(ml)
+
+
+def test_results_attributes(dietox):
+    m = bm.lmer("Weight ~ Time + (Time | Pig)", dietox)
+    ref = LME4["dietox_slope_reml"]
+    ci = m.conf_int()
+    z = 1.959963984540054
+    assert ci.loc["Time", 0] == pytest.approx(m.fe_params["Time"] - z * m.bse_fe["Time"])
+    assert m.tvalues["Time"] == pytest.approx(ref["fixef"]["Time"] / ref["se"]["Time"], rel=1e-4)
+    assert 0 <= m.pvalues["Time"] < 1e-10
+    table = m.coef_table()
+    assert list(table.columns) == ["Coef.", "Std.Err.", "z", "P>|z|", "[0.025", "0.975]"]
+    assert m.aic == pytest.approx(ref["objective"] + 2 * 6, rel=1e-8)
+    assert m.bic == pytest.approx(ref["objective"] + np.log(861) * 6, rel=1e-8)
+    assert m.n_iter > 0 and m.converged
+    assert list(m.cov_re.index) == ["Intercept", "Time"]
+    # BLUP covariances: symmetric positive definite, one per group
+    cov = m.random_effects_cov["4601"]
+    assert np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)
+    assert len(m.random_effects) == 72
+    d = m.to_dict()
+    json.dumps(d)
+    assert d["objective"] == pytest.approx(ref["objective"], rel=1e-6)
+    assert d["converged"] is True and d["nobs"] == 861
+    # variance-component standard errors exist and are positive off the boundary
+    assert np.all(m.bse_re.to_numpy() > 0)
+
+
+def test_fitted_resid_predict(dietox):
+    m = bm.lmer("Weight ~ Time + (Time | Pig)", dietox)
+    fitted = m.fittedvalues
+    b = m.ranef()
+    manual = (m.fe_params["Intercept"] + m.fe_params["Time"] * dietox["Time"]
+              + b.loc[dietox["Pig"], "(Intercept)"].to_numpy() + b.loc[dietox["Pig"], "Time"].to_numpy()
+              * dietox["Time"])
+    np.testing.assert_allclose(fitted, manual, rtol=1e-12)
+    np.testing.assert_allclose(m.resid, dietox["Weight"] - fitted, rtol=1e-12)
+    np.testing.assert_allclose(m.predict(dietox.head(5)), fitted[:5])
+    pop = m.predict(dietox.head(5), include_random=False)
+    np.testing.assert_allclose(pop, m.fe_params["Intercept"] + m.fe_params["Time"] * dietox["Time"].head(5))
+    new = dietox.head(3).copy()
+    new["Pig"] = "never-seen"
+    np.testing.assert_allclose(m.predict(new), pop[:3])
+    # predict needs no response column
+    np.testing.assert_allclose(m.predict(dietox[["Pig", "Time"]].head(5)), fitted[:5])
+
+
+@pytest.mark.parametrize("kind", ["int", "str", "category", "polars", "array"])
+def test_group_key_types_give_same_fit(dietox, kind):
+    base = bm.lmer("Weight ~ Time + (1 | Pig)", dietox)
+    df = dietox.copy()
+    if kind == "int":
+        df["Pig"] = df["Pig"].astype(int)
+    elif kind == "category":
+        df["Pig"] = df["Pig"].astype("category")
+    if kind == "polars":
+        r = bm.lmer("Weight ~ Time + (1 | Pig)", pl.from_pandas(df))
+    elif kind == "array":
+        r = bm.mixedlm("Weight ~ Time", df, groups=df["Pig"].to_numpy()).fit()
+    else:
+        r = bm.lmer("Weight ~ Time + (1 | Pig)", df)
+    assert r.objective == pytest.approx(base.objective, rel=1e-12)
+    np.testing.assert_allclose(r.fe_params, base.fe_params, rtol=1e-10)
+
+
+def test_fixed_effect_formulas(dietox):
+    m = bm.lmer("Weight ~ Time + C(Cu) + Evit + np.log(Time) + Time:Evit + (1 | Pig)", dietox)
+    names = list(m.fe_params.index)
+    assert names[0] == "Intercept"
+    assert any(n.startswith("C(Cu)") for n in names) and any("Evit" in n for n in names)
+    assert "np.log(Time)" in names and any(":" in n for n in names)
+    assert m.converged
+    # statsmodels gives the same fixed effects for this model
+    sm = pytest.importorskip("statsmodels.formula.api")
+    ref = sm.mixedlm("Weight ~ Time + C(Cu) + Evit + np.log(Time) + Time:Evit", dietox,
+                     groups=dietox["Pig"]).fit()
+    assert m.llf == pytest.approx(ref.llf, rel=1e-7)
+    no_int = bm.lmer("Weight ~ 0 + Time + (1 | Pig)", dietox)
+    assert list(no_int.fe_params.index) == ["Time"]
+    no_int2 = bm.lmer("Weight ~ Time - 1 + (1 | Pig)", dietox)
+    assert no_int2.objective == pytest.approx(no_int.objective, rel=1e-12)
+
+
+def test_bar_spellings(dietox):
+    a = bm.lmer("Weight ~ Time + (Time || Pig)", dietox)
+    b = bm.lmer("Weight ~ Time + (1 | Pig) + (0 + Time | Pig)", dietox)
+    assert a.objective == pytest.approx(b.objective, rel=1e-12)
+    assert a.objective == pytest.approx(LME4["dietox_slope_independent_reml"]["objective"], rel=1e-8)
+    c = bm.lmer("Weight ~ Time + (0 + Time | Pig)", dietox)
+    assert list(c.cov_re.index) == ["Time"] and c.converged
+
+
+def test_two_grouping_factors_not_implemented(dietox):
+    with pytest.raises(NotImplementedError, match="grouping factor"):
+        bm.lmer("Weight ~ Time + (1 | Pig) + (1 | Litter)", dietox)
+
+
+def test_start_params_and_method(slope):
+    r = slope.fit()
+    again = slope.fit(start_params=r.theta)
+    assert again.objective == pytest.approx(r.objective, rel=1e-10)
+    assert again.optimizer.n_evals <= r.optimizer.n_evals
+    sp = bm.MixedLMParams.from_components(r.fe_params.to_numpy(), r.cov_re.to_numpy() / r.scale)
+    assert slope.fit(start_params=sp).objective == pytest.approx(r.objective, rel=1e-10)
+    with pytest.raises(ValueError, match="method"):
+        slope.fit(method="magic")
+
+
+def test_convergence_warning_when_maxiter_too_small(slope):
+    with pytest.warns(bm.ConvergenceWarning, match="maxiter"):
+        r = slope.fit(maxiter=1)
+    assert not r.converged
+
+
+def test_singular_fit_warns(dietox):
+    rng = np.random.default_rng(0)
+    df = dietox[["Pig", "Time"]].copy()
+    df["y"] = 3 + 0.5 * df["Time"] + rng.normal(size=len(df))  # no group effect at all
+    with pytest.warns(bm.SingularFitWarning, match="singular"):
+        m = bm.lmer("y ~ Time + (Time | Pig)", df)
+    assert m.is_singular and m.converged
+    assert np.all(np.isfinite(m.bse_fe))
+
+
+def test_statistics_built_once_per_model(slope):
+    built = slope.built
+    slope.fit(reml=False)
+    slope.fit()
+    assert slope.built is built
+
+
+def test_datasets():
+    assert bm.datasets.dietox().shape == (861, 8)
+    assert bm.datasets.sleepstudy().shape == (180, 3)
+    assert bm.datasets.dyestuff().shape == (30, 2)
+    assert isinstance(bm.datasets.dietox(), pd.DataFrame)

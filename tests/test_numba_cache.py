@@ -1,0 +1,38 @@
+"""A second Python process must load the compiled kernels from numba's cache, not recompile.
+
+(A kernel numba cannot cache, e.g. one calling numba.get_num_threads() inside a
+parallel function, would recompile in every process: ~60 s of start-up.)
+"""
+
+import json
+import subprocess
+import sys
+
+SCRIPT = r"""
+import json, warnings
+warnings.simplefilter("error")  # "Cannot cache compiled function" is a NumbaWarning
+import bigmixed as bm
+from bigmixed import _kernels
+res = bm.lmer("Weight ~ Time + (Time | Pig)", bm.datasets.dietox())
+res.random_effects_frame()
+res.fittedvalues
+out = {}
+for name in ["accumulate_stats", "objective_pass1", "objective_pass2", "conditional_modes", "linear_predictor"]:
+    st = getattr(_kernels, name).stats
+    out[name] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
+print(json.dumps(out))
+"""
+
+
+def run():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_loads_kernels_from_cache():
+    run()  # may compile (cold cache) and write the cache
+    second = run()
+    for name, (hits, misses) in second.items():
+        assert misses == 0, f"{name} was recompiled in a fresh process"
+        assert hits >= 1, f"{name} was not loaded from the cache"
