@@ -636,10 +636,19 @@ def build_distributed(
                for i, part in enumerate(parts)]
     meta = _partial_frame(pl.Series("key", [], dtype=plan.key_dtype), Statistics.empty(0, p, q), 0, plan)
     partial = dd.from_delayed([r[0] for r in reduced], meta=meta, verify_meta=False)
-    k = int(n_owners or max(1, sum(client.nthreads().values())))
+    nthreads = client.nthreads()
+    k = int(n_owners or max(1, sum(nthreads.values())))
     shuffled = partial.shuffle(on="key", npartitions=k, shuffle_method=shuffle_method)
-    owner_graph = [dask.delayed(_combine, pure=True)(d, plan, dask_key_name=f"bigmixed-owner-{token}-{j}")
-                   for j, d in enumerate(shuffled.to_delayed())]
+    # Spread the owners over the workers in proportion to their threads: the
+    # scheduler would otherwise put them where the last shuffle inputs happen
+    # to be (all on one worker, seen with 2), and evaluations follow the data.
+    # The hint is loose, so a lost owner is recomputed on any worker.
+    slots = [w for w, n in sorted(nthreads.items()) for _ in range(n)] or [None]
+    owner_graph = []
+    for j, d in enumerate(shuffled.to_delayed()):
+        with dask.annotate(workers=[slots[j % len(slots)]], allow_other_workers=True):
+            owner_graph.append(dask.delayed(_combine, pure=True)(d, plan,
+                                                                dask_key_name=f"bigmixed-owner-{token}-{j}"))
     # One submission, so each partition is read once for both the owners and the totals.
     futures = client.compute(owner_graph + [r[1] for r in reduced])
     owners, total_futs = futures[: len(owner_graph)], futures[len(owner_graph):]

@@ -150,8 +150,14 @@ class MixedLMResults:
 
     @property
     def cov_re(self) -> pd.DataFrame:
-        """Random-effects covariance Psi (statsmodels' ``cov_re``)."""
-        return pd.DataFrame(self._cov_re, index=self.exog_re_names, columns=self.exog_re_names)
+        """Random-effects covariance Psi (statsmodels' ``cov_re``; the intercept is named ``Group``)."""
+        names = self._sm_names
+        return pd.DataFrame(self._cov_re, index=names, columns=names)
+
+    @property
+    def _sm_names(self) -> list[str]:
+        """statsmodels' names of the random effects: the intercept is called ``Group``."""
+        return ["Group" if n == "Intercept" else n for n in self.exog_re_names]
 
     @property
     def sigma(self) -> float:
@@ -289,14 +295,14 @@ class MixedLMResults:
     def random_effects(self) -> dict:
         """statsmodels' ``random_effects``: {group: Series of BLUPs} (use random_effects_frame at scale)."""
         b = self._modes[0]
-        idx = pd.Index(self.exog_re_names if len(self.exog_re_names) > 1 else ["Group"])
+        idx = pd.Index(self._sm_names)
         return {k: pd.Series(b[i], index=idx) for i, k in enumerate(self.group_labels)}
 
     @cached_property
     def random_effects_cov(self) -> dict:
         """{group: conditional covariance of its BLUPs} (statsmodels' ``random_effects_cov``)."""
         K = self._modes[1]
-        names = self.exog_re_names
+        names = self._sm_names
         return {k: pd.DataFrame(K[i], index=names, columns=names) for i, k in enumerate(self.group_labels)}
 
     def write_random_effects(self, out_dir) -> list:

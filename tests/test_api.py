@@ -101,7 +101,8 @@ def test_results_attributes(dietox):
     assert m.aic == pytest.approx(ref["objective"] + 2 * 6, rel=1e-8)
     assert m.bic == pytest.approx(ref["objective"] + np.log(861) * 6, rel=1e-8)
     assert m.n_iter > 0 and m.converged
-    assert list(m.cov_re.index) == ["Intercept", "Time"]
+    assert list(m.cov_re.index) == ["Group", "Time"]  # statsmodels' names
+    assert list(m.random_effects["4601"].index) == ["Group", "Time"]
     # BLUP covariances: symmetric positive definite, one per group
     cov = m.random_effects_cov["4601"]
     assert np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)
@@ -176,6 +177,7 @@ def test_bar_spellings(dietox):
     assert a.objective == pytest.approx(LME4["dietox_slope_independent_reml"]["objective"], rel=1e-8)
     c = bm.lmer("Weight ~ Time + (0 + Time | Pig)", dietox)
     assert list(c.cov_re.index) == ["Time"] and c.converged
+    assert list(bm.lmer("Weight ~ Time + (1 | Pig)", dietox).cov_re.index) == ["Group"]
 
 
 def test_two_grouping_factors_not_implemented(dietox):
@@ -222,3 +224,32 @@ def test_datasets():
     assert bm.datasets.sleepstudy().shape == (180, 3)
     assert bm.datasets.dyestuff().shape == (30, 2)
     assert isinstance(bm.datasets.dietox(), pd.DataFrame)
+
+
+def test_variance_standard_errors_match_dense_hessian(dietox):
+    """bse_re against a brute-force Hessian of the dense REML deviance in (Psi, sigma^2)."""
+    m = bm.lmer("Weight ~ Time + (1 | Pig)", dietox)
+    y = dietox["Weight"].to_numpy()
+    X = np.column_stack([np.ones(len(y)), dietox["Time"].to_numpy()])
+    codes = pd.factorize(dietox["Pig"])[0]
+    ZZt = (codes[:, None] == codes[None, :]).astype(float)
+
+    def reml_dev(psi, s2):
+        V = psi * ZZt + s2 * np.eye(len(y))
+        Vi = np.linalg.inv(V)
+        F = X.T @ Vi @ X
+        beta = np.linalg.solve(F, X.T @ Vi @ y)
+        r = y - X @ beta
+        return np.linalg.slogdet(V)[1] + np.linalg.slogdet(F)[1] + r @ Vi @ r
+
+    x0 = np.array([m.cov_re.iloc[0, 0], m.scale])
+    h = 1e-3 * x0
+    H = np.empty((2, 2))
+    for i in range(2):
+        for j in range(2):
+            ei, ej = np.eye(2)[i] * h[i], np.eye(2)[j] * h[j]
+            H[i, j] = (reml_dev(*(x0 + ei + ej)) - reml_dev(*(x0 + ei - ej))
+                       - reml_dev(*(x0 - ei + ej)) + reml_dev(*(x0 - ei - ej))) / (4 * h[i] * h[j])
+    se = np.sqrt(np.diag(2 * np.linalg.inv(H)))
+    assert m.bse_re["Group Var"] == pytest.approx(se[0], rel=1e-3)
+    assert m.bse_scale == pytest.approx(se[1], rel=1e-3)
