@@ -100,10 +100,12 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, nthre
     in a separate numpy pass over the rows.  Rows with a negative code
     (unknown or missing group) or a non-finite value are skipped and counted.
 
-    Rows may come in any order.  Thread ``t`` owns the groups with
-    ``code % nthreads == t`` and scans all codes, so no two threads ever write
-    the same group and no per-thread copy of the statistics is needed (the
-    statistics can be gigabytes; a copy per thread would double that).
+    Rows may come in any order.  Thread ``t`` owns the groups in the code
+    range ``[t G / T, (t + 1) G / T)`` and scans all codes, so no two threads
+    ever write the same group and no per-thread copy of the statistics is
+    needed (the statistics can be gigabytes; a copy per thread would double
+    that).  A range test is two compares; ``code % T`` was an integer division
+    per row and thread.
 
     Returns per-thread partial global sums ``(XtX, Xty, yty, n_used, n_skipped)``.
     """
@@ -115,7 +117,10 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, nthre
     out_yty = np.zeros(nthreads)
     out_used = np.zeros(nthreads, dtype=np.int64)
     out_skip = np.zeros(nthreads, dtype=np.int64)
+    G = A.shape[0]
     for t in prange(nthreads):
+        glo = t * G // nthreads
+        ghi = (t + 1) * G // nthreads
         xr = np.empty(p)
         zr = np.empty(q)
         XtX = np.zeros((p, p))
@@ -130,7 +135,7 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, nthre
                 if t == 0:
                     skip += 1
                 continue
-            if g % nthreads != t:
+            if g < glo or g >= ghi:
                 continue
             yj = (y[j] - ys) * yi
             ok = np.isfinite(yj)
@@ -177,12 +182,16 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, nthre
 
 
 @njit(inline="always", **_JIT)
-def _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg):
+def _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
     AL = np.empty((q, q))
     M = np.zeros((q, q))
     U = np.empty((q, q))
     P = np.empty((q, p))
     u = np.empty(q)
+    Nm = np.empty((q, q))
+    T = np.empty((q, q))
+    TD = np.empty((q, p + 1))
+    ND = np.empty((q, p + 1))
     logdet = 0.0
     # det(M_i) >= 1, so a running product only grows: take its log rarely
     # instead of q logs per group (the logs were a third of the pass).
@@ -231,29 +240,79 @@ def _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg):
             for a in range(q):
                 s += P[a, m] * u[a]
             Sg[m] += s
+        if fused:
+            # Gradient pieces that do not depend on beta or F^-1 (DESIGN.md s.3):
+            # with N = M^-1 Lambda' (= L^-T U), T = I - A Lambda N and D = [c | B],
+            #   d r2     = -2 sum (T D) g g' (N D)'     with g = (1, -beta)
+            #   d log|F| = -2 sum (T B) F^-1 (N B)'
+            #   d logdet =  2 sum A N'
+            # so S[a, b, k, l] = sum (T D)[a, k] (N D)[b, l] gives the whole
+            # gradient after one pass, once beta and F^-1 are known.
+            for col in range(q):
+                for a in range(q - 1, -1, -1):
+                    s = U[a, col]
+                    for k in range(a + 1, q):
+                        s -= M[k, a] * Nm[k, col]
+                    Nm[a, col] = s / M[a, a]
+            for a in range(q):
+                for b in range(q):
+                    s = 0.0
+                    for k in range(q):
+                        s += AL[a, k] * Nm[k, b]
+                    T[a, b] = -s
+                T[a, a] += 1.0
+            for a in range(q):
+                for b in range(q):
+                    s = 0.0
+                    for k in range(q):
+                        s += A[i, a, k] * Nm[b, k]
+                    GA[a, b] += s
+            for a in range(q):
+                st = 0.0
+                sn = 0.0
+                for k in range(q):
+                    st += T[a, k] * c[i, k]
+                    sn += Nm[a, k] * c[i, k]
+                TD[a, 0] = st
+                ND[a, 0] = sn
+                for m in range(p):
+                    st = 0.0
+                    sn = 0.0
+                    for k in range(q):
+                        st += T[a, k] * B[i, k, m]
+                        sn += Nm[a, k] * B[i, k, m]
+                    TD[a, m + 1] = st
+                    ND[a, m + 1] = sn
+            for a in range(q):
+                for b in range(q):
+                    for k in range(p + 1):
+                        tk = TD[a, k]
+                        for l in range(p + 1):
+                            S[a, b, k, l] += tk * ND[b, l]
     return logdet + np.log(detprod), Sh
 
 
 @njit(**_JIT)
-def _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg):
+def _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
     # Branch on q with literals so the inlined body is specialised (unrolled)
     # for the common sizes.  Kept out of the prange body: the parfor passes
     # then see one call instead of four inlined copies (compile time 3x lower).
     if q == 1:
-        return _pass1_range(1, p, A, B, c, lam, lo, hi, SF, Sg)
+        return _pass1_range(1, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
     if q == 2:
-        return _pass1_range(2, p, A, B, c, lam, lo, hi, SF, Sg)
+        return _pass1_range(2, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
     if q == 3:
-        return _pass1_range(3, p, A, B, c, lam, lo, hi, SF, Sg)
-    return _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg)
+        return _pass1_range(3, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+    return _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
 
 
 @njit(parallel=True, **_JIT)
-def objective_pass1(A, B, c, lam, nchunks):
-    """Per chunk of groups: logdet, Sum P'P (upper), Sum P'u, Sum u'u.
+def objective_fused(A, B, c, lam, nchunks, fused):
+    """One pass over the groups: pass-1 sums and, if ``fused``, the gradient tensors.
 
-    Returns ``(logdet[nchunks], SF[nchunks, p, p], Sg[nchunks, p], Sh[nchunks])``;
-    the caller sums over chunks (tiny) and forms F = X'X - SF, etc.
+    Returns per chunk ``(logdet, SF (p,p), Sg (p), Sh, GA (q,q), S (q,q,p+1,p+1))``
+    (GA and S are zero when not ``fused``); the caller sums over chunks.
+    See :func:`bigmixed.objective.gradient_from_fused` for the contraction.
     """
     G = A.shape[0]
     q = A.shape[1]
@@ -262,12 +321,17 @@ def objective_pass1(A, B, c, lam, nchunks):
     out_h = np.zeros(nchunks)
     out_F = np.zeros((nchunks, p, p))
     out_g = np.zeros((nchunks, p))
+    out_GA = np.zeros((nchunks, q, q))
+    ds = p + 1 if fused else 0
+    out_S = np.zeros((nchunks, q, q, ds, ds))
     for t in prange(nchunks):
         lo = t * G // nchunks
         hi = (t + 1) * G // nchunks
         SF = np.zeros((p, p))
         Sg = np.zeros(p)
-        ld, sh = _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg)
+        GA = np.zeros((q, q))
+        S = np.zeros((q, q, ds, ds))
+        ld, sh = _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
         out_ld[t] = ld
         out_h[t] = sh
         for m in range(p):
@@ -275,7 +339,19 @@ def objective_pass1(A, B, c, lam, nchunks):
             for l in range(m, p):
                 out_F[t, m, l] = SF[m, l]
                 out_F[t, l, m] = SF[m, l]
-    return out_ld, out_F, out_g, out_h
+        for a in range(q):
+            for b in range(q):
+                out_GA[t, a, b] = GA[a, b]
+                for k in range(ds):
+                    for l in range(ds):
+                        out_S[t, a, b, k, l] = S[a, b, k, l]
+    return out_ld, out_F, out_g, out_h, out_GA, out_S
+
+
+def objective_pass1(A, B, c, lam, nchunks):
+    """Pass 1 alone: per chunk ``(logdet, SF, Sg, Sh)`` (see :func:`objective_fused`)."""
+    ld, SF, Sg, Sh, _, _ = objective_fused(A, B, c, lam, nchunks, False)
+    return ld, SF, Sg, Sh
 
 
 # --------------------------------------------------------------------------

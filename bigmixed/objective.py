@@ -22,9 +22,16 @@ from scipy import linalg
 from . import _kernels
 from .stats import Statistics, default_threads
 
-__all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1"]
+__all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1", "NumericalError"]
 
 _LOG2PI = float(np.log(2.0 * np.pi))
+# r^2 = h - g'beta is a difference of numbers of the size of y'y: below this fraction of y'y
+# it is round-off, i.e. the model fits the response exactly (residual variance 0).
+R2_FLOOR = 1e-14
+
+
+class NumericalError(ArithmeticError):
+    """The deviance cannot be evaluated at this theta (non-finite or indefinite linear algebra)."""
 
 
 class StatsBackend(Protocol):
@@ -61,6 +68,12 @@ class LocalBackend:
         s = self.stats
         ld, SF, Sg, Sh = _kernels.objective_pass1(s.A, s.B, s.c, lam, self.nchunks)
         return float(ld.sum()), SF.sum(axis=0), Sg.sum(axis=0), float(Sh.sum())
+
+    def fused(self, lam):
+        """One pass: the pass-1 sums plus the gradient tensors (see :func:`gradient_from_fused`)."""
+        s = self.stats
+        ld, SF, Sg, Sh, GA, S = _kernels.objective_fused(s.A, s.B, s.c, lam, self.nchunks, True)
+        return float(ld.sum()), SF.sum(axis=0), Sg.sum(axis=0), float(Sh.sum()), GA.sum(axis=0), S.sum(axis=0)
 
     def pass2(self, lam, beta, Finv, kappa, reml):
         s = self.stats
@@ -131,6 +144,26 @@ class ThetaMap:
         return Glam[self.rows, self.cols].copy()
 
 
+# One fused pass costs q^2 (p+1)^2 extra multiply-adds per group; a second
+# pass costs about q p^2 + q^2 p + 6 q^3 plus re-reading the statistics.  Up to
+# this many fixed effects the fused pass is faster (measured at q = 2: 30% less
+# time per evaluation at p = 3, break-even at p = 6).
+FUSED_MAX_P = 5
+
+
+def gradient_from_fused(GA, S, beta, Finv, kappa, reml) -> np.ndarray:
+    """d(deviance)/d(Lambda) from the fused pass's tensors.
+
+    ``2 GA - 2 kappa sum_kl S[:, :, k, l] g_k g_l - [REML] 2 sum_kl S[:, :, 1+k, 1+l] Finv_kl``
+    with ``g = (1, -beta)``; the same matrix :func:`objective_pass2` accumulates.
+    """
+    g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
+    out = 2.0 * GA - 2.0 * kappa * np.einsum("abkl,k,l->ab", S, g, g)
+    if reml and Finv.size:
+        out -= 2.0 * np.einsum("abkl,kl->ab", S[:, :, 1:, 1:], Finv)
+    return out
+
+
 @dataclass
 class Pass1:
     """Everything pass 1 determines at one theta."""
@@ -145,6 +178,9 @@ class Pass1:
     r2: float
     deviance: float
     sigma2: float
+    exact: bool = False  # r^2 at its round-off floor: residual variance 0 to working precision
+    GA: np.ndarray | None = None  # fused-pass gradient tensors, when the backend has them
+    S: np.ndarray | None = None
 
 
 class Objective:
@@ -165,6 +201,8 @@ class Objective:
         self.dof = self.N - self.p if self.reml else self.N
         self.n_evals = 0
         self._last: Pass1 | None = None
+        # One pass per evaluation when the backend can and p is small (see FUSED_MAX_P).
+        self._fused = hasattr(backend, "fused") and self.p <= FUSED_MAX_P
 
     # -- pass 1 -------------------------------------------------------------
 
@@ -175,10 +213,16 @@ class Objective:
             return self._last
         be = self.backend
         lam = self.map.lam(theta)
-        logdet, SF, Sg, Sh = be.pass1(lam)
+        if self._fused:
+            logdet, SF, Sg, Sh, GA, S = be.fused(lam)
+        else:
+            logdet, SF, Sg, Sh = be.pass1(lam)
+            GA = S = None
         F = be.XtX - SF
         g = be.Xty - Sg
         h = be.yty - Sh
+        if not (np.isfinite(logdet) and np.isfinite(h) and np.all(np.isfinite(F)) and np.all(np.isfinite(g))):
+            raise NumericalError(f"non-finite deviance terms at theta={theta}")
         if self.p:
             try:
                 Fchol = linalg.cholesky(F, lower=True)
@@ -186,19 +230,26 @@ class Objective:
                 # F is X'V^-1X: positive definite unless X is rank deficient, which
                 # the model layer removes first; guard against round-off anyway.
                 F = F + np.eye(self.p) * 1e-12 * np.max(np.abs(np.diag(F)))
-                Fchol = linalg.cholesky(F, lower=True)
+                try:
+                    Fchol = linalg.cholesky(F, lower=True)
+                except linalg.LinAlgError:
+                    raise NumericalError(f"X'V^-1X is not positive definite at theta={theta}") from None
             beta = linalg.cho_solve((Fchol, True), g)
             logdetF = 2.0 * float(np.sum(np.log(np.diag(Fchol))))
         else:
             Fchol = np.zeros((0, 0))
             beta = np.zeros(0)
             logdetF = 0.0
-        r2 = max(float(h - g @ beta), 1e-300)
+        floor = max(R2_FLOOR * max(abs(float(be.yty)), float(self.N)), 1e-300)
+        r2 = float(h - g @ beta)
+        exact = not r2 > floor  # also catches NaN
+        if exact:
+            r2 = floor
         if self.reml:
             dev = logdet + logdetF + self.dof * (1.0 + _LOG2PI + np.log(r2 / self.dof))
         else:
             dev = logdet + self.N * (1.0 + _LOG2PI + np.log(r2 / self.N))
-        res = Pass1(theta.copy(), lam, logdet, F, Fchol, logdetF, beta, r2, float(dev), r2 / self.dof)
+        res = Pass1(theta.copy(), lam, logdet, F, Fchol, logdetF, beta, r2, float(dev), r2 / self.dof, exact, GA, S)
         self._last = res
         return res
 
@@ -209,9 +260,12 @@ class Objective:
         self.n_evals += 1
         s = self.solve(theta)
         Finv = self._finv(s)
-        kappa = self.dof / s.r2
-        Glam = self.backend.pass2(s.lam, s.beta, Finv, kappa, self.reml)
-        return s.deviance, self.map.grad(Glam)
+        kappa = 0.0 if s.exact else self.dof / s.r2  # the floored r^2 term is constant
+        Glam = self._grad_lambda(s, Finv, kappa)
+        grad = self.map.grad(Glam)
+        if not np.all(np.isfinite(grad)):
+            raise NumericalError(f"non-finite gradient at theta={theta}")
+        return s.deviance, grad
 
     def unprofiled(self, theta: np.ndarray, sigma2: float) -> tuple[float, np.ndarray]:
         """Deviance with sigma^2 not profiled out, and its gradient in (theta, sigma^2).
@@ -221,12 +275,18 @@ class Objective:
         """
         s = self.solve(theta)
         Finv = self._finv(s)
-        Glam = self.backend.pass2(s.lam, s.beta, Finv, 1.0 / sigma2, self.reml)
+        Glam = self._grad_lambda(s, Finv, 1.0 / sigma2)
         dev = s.logdet + self.dof * (_LOG2PI + np.log(sigma2)) + s.r2 / sigma2
         if self.reml:
             dev += s.logdetF
         dsig = self.dof / sigma2 - s.r2 / sigma2**2
         return float(dev), np.append(self.map.grad(Glam), dsig)
+
+    def _grad_lambda(self, s: Pass1, Finv: np.ndarray, kappa: float) -> np.ndarray:
+        """d(deviance)/d(Lambda): from the fused pass's tensors, or by a second pass."""
+        if s.S is not None:
+            return gradient_from_fused(s.GA, s.S, s.beta, Finv, kappa, self.reml)
+        return self.backend.pass2(s.lam, s.beta, Finv, kappa, self.reml)
 
     def _finv(self, s: Pass1) -> np.ndarray:
         if not self.p:

@@ -199,3 +199,25 @@ def test_aliased_columns_found_in_order():
     x = rng.normal(size=100)
     X = np.column_stack([np.ones(100), x, 2 * x + 1, rng.normal(size=100), x])
     assert aliased_columns(X.T @ X).tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+@pytest.mark.parametrize("reml", [False, True])
+def test_fused_pass_gradient_equals_two_pass(q, reml):
+    """The one-pass gradient (tensor contraction) equals pass 2's, and pass-1 sums agree."""
+    from bigmixed.objective import gradient_from_fused
+
+    codes, X, Z, y = make_problem(50 + q, 14, q, 3)
+    st = build(codes, X, Z, y)
+    tmap = ThetaMap(q)
+    lam = tmap.lam(random_theta(tmap, np.random.default_rng(q + 9)))
+    be = LocalBackend(st, 2)
+    ld, SF, Sg, Sh = be.pass1(lam)
+    ld2, SF2, Sg2, Sh2, GA, S = be.fused(lam)
+    np.testing.assert_allclose([ld, Sh], [ld2, Sh2], rtol=1e-13)
+    np.testing.assert_allclose(SF, SF2, rtol=1e-13)
+    beta = np.random.default_rng(1).normal(size=3)
+    Finv = np.linalg.inv(st.XtX - SF + np.eye(3))
+    two = be.pass2(lam, beta, Finv, 0.7, reml)
+    one = gradient_from_fused(GA, S, beta, Finv, 0.7, reml)
+    np.testing.assert_allclose(one, two, rtol=1e-9, atol=1e-9)
