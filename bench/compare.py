@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     if "bigmixed" in libs:
         notes.append(warm_up_bigmixed(work, a.data_dir))
         print(f"[compare] {notes[-1]}", flush=True)
+    notes.append("'fit s' is measured after one 200-group warm-up fit in the same process, for every "
+                 "Python library alike (start-up costs: bench/firstcall.md); 'job s' includes process "
+                 "start, imports, warm-up and reading the data")
     for g in sizes:
         pq, csv, rows = prepare_data(g, a.obs_per_group, a.seed, a.data_dir, csv="lme4" in libs)
         print(f"[compare] {g:,} groups, {rows:,} rows -> {pq}", flush=True)
