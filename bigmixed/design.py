@@ -202,6 +202,11 @@ class Design:
             raise ValueError(_missing(spec.group, columns).replace("formula term", "grouping column", 1))
         used = list(dict.fromkeys(c for p in parts for c in p.used))
         self.columns: tuple[str, ...] = tuple(dict.fromkeys(used + [spec.group]))
+        nested = [f"{c!r} ({prototype.schema[c]})" for c in self.columns
+                  if is_pl and prototype.schema[c].is_nested()]
+        if nested:
+            raise ValueError(f"column(s) {', '.join(nested)} hold lists/structs, which a formula cannot use; "
+                             "give numbers, strings, categoricals or booleans")
         # Categorical: columns with given levels, non-numeric (string, categorical, boolean) columns and
         # anything wrapped in C(...); given levels win so an all-missing prototype column still works.
         levels = levels or {}
@@ -278,9 +283,10 @@ class Design:
     @staticmethod
     def _formulaic(fn: Any, text: str) -> Any:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
                 # missing categorical values trigger this; they are turned into NaN rows in _fill
                 warnings.simplefilter("ignore", DataMismatchWarning)
+                # e.g. np.log(0): the non-finite rows are counted and reported by the pipeline
                 return fn()
         except Exception as e:  # never leak a deep formulaic traceback
             raise ValueError(f"cannot evaluate formula {text!r}: {_one_line(e)}") from None

@@ -84,6 +84,10 @@ class MixedLM:
     client
         A ``dask.distributed.Client``: statistics are built and kept on the
         workers (see :mod:`bigmixed.distributed`).
+    distributed_mode, distributed_options
+        With ``client``: ``"auto"``, ``"resident"`` or ``"gathered"``, and further
+        keyword arguments of :func:`bigmixed.distributed.build_distributed`
+        (e.g. ``{"n_owners": 64}``).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class MixedLM:
         progress: bool | None = None,
         client: Any = None,
         distributed_mode: str = "auto",
+        distributed_options: dict | None = None,
     ) -> None:
         if spec is None:
             if groups is None:
@@ -118,7 +123,8 @@ class MixedLM:
             from .distributed import build_distributed
 
             self._built = build_distributed(
-                client, data, spec, missing=missing, chunk_rows=chunk_rows, levels=levels, mode=distributed_mode
+                client, data, spec, missing=missing, chunk_rows=chunk_rows, levels=levels, mode=distributed_mode,
+                **(distributed_options or {}),
             )
             self.data = None
         else:
@@ -245,6 +251,8 @@ class MixedLM:
             unknown = sorted(set(kwargs) - {"full_output", "disp", "niter_sa", "do_cg", "fit_kwargs"})
             if unknown:
                 raise TypeError(f"fit() got unexpected keyword argument(s): {', '.join(unknown)}")
+        if not maxiter >= 1:
+            raise ValueError(f"maxiter must be a positive number of iterations, not {maxiter!r}")
         if isinstance(method, (list, tuple)):
             method = method[0]
         if str(method).lower() not in ("lbfgs", "l-bfgs-b", "bfgs", "cg", "nm", "powell", "newton"):
@@ -262,7 +270,13 @@ class MixedLM:
         logdetT = np.linalg.slogdet(scaling.x_matrix())[1]
         offset = dof * np.log(scaling.y_scale**2) - (2.0 * logdetT if reml else 0.0)
         obj = Objective(backend, tmap, reml, offset)
-        theta0 = self._start(start_params, tmap, scaling)
+        with np.errstate(all="ignore"):  # an absurd start overflows: reported just below
+            theta0 = self._start(start_params, tmap, scaling)
+        if not np.all(np.isfinite(theta0)):
+            raise ValueError("start_params give a non-finite covariance factor; give smaller values")
+        # A diagonal theta at exactly 0 (with its column) is a stationary point of the deviance
+        # that a gradient method never leaves: start just inside the bound instead.
+        theta0 = np.where(tmap.is_diag & (theta0 <= 0.0), 1e-3, theta0)
         state = minimize(obj, theta0, maxiter=maxiter, gtol=gtol)
         res = MixedLMResults(self, obj, state, scaling)
         if warn:
@@ -274,7 +288,14 @@ class MixedLM:
                     ConvergenceWarning,
                     stacklevel=2,
                 )
-            if res.is_singular:
+            if res._unidentified is not None:
+                warnings.warn(
+                    f"singular fit: {res._unidentified}; check the response and the group sizes, and "
+                    "consider a simpler random-effects structure (see results.is_singular)",
+                    SingularFitWarning,
+                    stacklevel=2,
+                )
+            elif res.is_singular:
                 warnings.warn(
                     "boundary (singular) fit: a random-effect variance is estimated at 0 or a correlation at "
                     "+-1; consider a simpler random-effects structure (see results.is_singular)",
@@ -295,6 +316,8 @@ class MixedLM:
         th = np.asarray(start_params, dtype=float).ravel()
         if th.size != tmap.size:
             raise ValueError(f"start_params has {th.size} values; theta has {tmap.size} for this model")
+        if not np.all(np.isfinite(th)):
+            raise ValueError(f"start_params must be finite, got {th.tolist()}")
         return theta_to_scaled(th, tmap, scaling)
 
 

@@ -25,9 +25,11 @@ from .stats import Statistics, default_threads
 __all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1", "NumericalError"]
 
 _LOG2PI = float(np.log(2.0 * np.pi))
-# r^2 = h - g'beta is a difference of numbers of the size of y'y: below this fraction of y'y
-# it is round-off, i.e. the model fits the response exactly (residual variance 0).
-R2_FLOOR = 1e-14
+# r^2 = h - g'beta is a difference of numbers of the size of y'y.  Below this fraction of y'y
+# the residual variance is taken as 0 (the model fits the response exactly) and the deviance
+# stops falling: on the way there theta^2 ~ psi/sigma^2 grows like 1/R2_FLOOR and F = X'V^-1X
+# loses digits like 1e-16/R2_FLOOR (1e-10: beta still good to ~1e-6 in a degenerate fit).
+R2_FLOOR = 1e-10
 
 
 class NumericalError(ArithmeticError):
@@ -287,6 +289,26 @@ class Objective:
         if s.S is not None:
             return gradient_from_fused(s.GA, s.S, s.beta, Finv, kappa, self.reml)
         return self.backend.pass2(s.lam, s.beta, Finv, kappa, self.reml)
+
+    def ols_deviance(self) -> float:
+        """The deviance at theta = 0 (no random effects), from the global sums alone.
+
+        It moves with the units of y and X exactly as the deviance does, so the optimiser measures
+        the deviance from it and its stopping rules do not depend on those units.
+        """
+        be = self.backend
+        floor = max(R2_FLOOR * max(abs(float(be.yty)), float(self.N)), 1e-300)
+        logdetF, fit = 0.0, 0.0
+        if self.p:
+            try:
+                c = linalg.cho_factor(be.XtX, lower=True)
+            except (linalg.LinAlgError, ValueError):
+                return 0.0
+            fit = float(be.Xty @ linalg.cho_solve(c, be.Xty))
+            logdetF = 2.0 * float(np.sum(np.log(np.diag(c[0]))))
+        r2 = max(float(be.yty) - fit, floor)
+        dev = self.dof * (1.0 + _LOG2PI + np.log(r2 / self.dof))
+        return float(dev + (logdetF if self.reml else 0.0))
 
     def _finv(self, s: Pass1) -> np.ndarray:
         if not self.p:

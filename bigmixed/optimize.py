@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize
 
-from .objective import Objective
+from .objective import NumericalError, Objective
 
 __all__ = ["OptimizerState", "minimize", "hessian"]
 
@@ -70,7 +70,9 @@ def minimize(
 
     Convergence is judged on the gradient projected onto the feasible set,
     relative to the size of the deviance: ``max|g| <= gtol * max(1, |d|)``
-    (what lme4's ``check.conv.grad`` looks at, in the same spirit).
+    (what lme4's ``check.conv.grad`` looks at, in the same spirit), where ``d`` is
+    measured from the deviance without random effects (so that it does not depend on
+    the units of the data) and ``g`` is per unit of log(theta) where |theta| > 1.
     """
     t0 = time.perf_counter()
     bounds = objective.map.bounds()
@@ -82,10 +84,26 @@ def minimize(
         return OptimizerState(theta0, theta0, fun, grad, 0, 1, True, "no free parameters",
                               time.perf_counter() - t0)
 
+    seen: list = []  # (f + shift, theta, max|projected gradient|) of every finite evaluation
+    # The deviance moves by a constant with the units of y and X (the internal scaling is
+    # rounded to powers of 2), and so would every test relative to |f|: measure it from the
+    # no-random-effects deviance instead, plus a unit-free size, so the path and the stopping
+    # point do not depend on those units (y -> c y gives beta -> c beta to round-off).
+    shift = objective.dof * (1.0 + np.log(2.0 * np.pi)) - objective.ols_deviance() \
+        if hasattr(objective, "ols_deviance") else 0.0
+
     def fg(th):
-        f, g = objective(th)
+        try:
+            f, g = objective(th)
+        except NumericalError:
+            # Far out (e.g. theta -> inf when the likelihood is unbounded) the linear algebra
+            # breaks down; +inf makes L-BFGS-B's line search step back instead of crashing.
+            return np.inf, np.zeros_like(th)
         if verbose:
             history.append((float(f), th.copy()))
+        f = f + shift
+        if np.isfinite(f):
+            seen.append((float(f), th.copy(), float(np.max(np.abs(_projected(g, th, lower))))))
         return f, g
 
     res = optimize.minimize(
@@ -102,11 +120,22 @@ def minimize(
         options={"maxiter": int(maxiter), "ftol": 1e-12, "gtol": 1e-9, "maxcor": 20,
                  "maxls": 50},
     )
-    theta = np.maximum(res.x, lower)
+    if not seen:
+        raise ValueError("the deviance cannot be evaluated at the start values (non-finite linear algebra); "
+                         "check the data for extreme values, or give other start_params")
+    # Near the optimum L-BFGS-B may accept a step whose "decrease" is round-off; of the points
+    # whose deviance ties with the best one to round-off take the one with the smallest
+    # gradient, so the answer does not hinge on the order rows were summed in (chunking,
+    # row order, group labels).
+    fbest = min(s[0] for s in seen)
+    tied = [s for s in seen if s[0] <= fbest + 1e-11 * max(1.0, abs(fbest))]
+    theta = np.maximum(min(tied, key=lambda s: s[2])[1], lower)
     fun, grad = objective(theta)
     pg = _projected(grad, theta, lower)
-    scale = max(1.0, abs(fun))
-    converged = bool(np.max(np.abs(pg)) <= gtol * scale) if pg.size else True
+    scale = max(1.0, abs(fun + shift))
+    # The gradient is taken per unit of log(theta) where |theta| > 1: far out (a huge start, or
+    # a likelihood that keeps rising as theta -> inf) the deviance is flat in theta itself.
+    converged = bool(np.max(np.abs(pg) * np.maximum(1.0, np.abs(theta))) <= gtol * scale) if pg.size else True
     if not converged and res.nit >= maxiter:
         message = f"iteration limit reached ({maxiter}); {res.message}"
     else:

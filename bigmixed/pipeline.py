@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from .data import GroupIndex, Source
+from .data import GroupIndex, Source, failing_part
 from .design import Design
 from .formula import ModelSpec
 from .stats import Scaling, Statistics, aliased_columns
@@ -31,6 +31,8 @@ from .stats import Scaling, Statistics, aliased_columns
 __all__ = ["BuildResult", "build_statistics", "DEFAULT_CHUNK_ROWS"]
 
 DEFAULT_CHUNK_ROWS = 1_000_000
+# Rows the internal centring/scaling is chosen from (the first rows read, whatever chunk_rows is).
+SCALING_SAMPLE_ROWS = 50_000
 
 
 class DroppedRowsWarning(UserWarning):
@@ -73,53 +75,292 @@ def _prototype(source: Source, columns, rows: int = 50_000) -> pl.DataFrame:
         raise ValueError(f"cannot read {source.parts[0][0]}: {str(exc).splitlines()[0]}") from None
 
 
+def _check_finite(stats: Statistics, design: Design) -> None:
+    """Finite values too large to square in float64 (|v| > ~1e154) overflow the sums: name them."""
+    with np.errstate(all="ignore"):
+        parts = [stats.XtX, stats.Xty, np.asarray(stats.yty), stats.A, stats.B, stats.c]
+        if all(np.all(np.isfinite(a)) for a in parts):
+            return
+        bad = [design.response_name] * int(not (np.isfinite(stats.yty) and np.all(np.isfinite(stats.c))))
+        bad += [n for n, v in zip(design.fe_names, np.diag(stats.XtX)) if not np.isfinite(v)]
+        bad += [n for n, v in zip(design.re_names, np.einsum("gjj->j", stats.A)) if not np.isfinite(v)]
+    what = ", ".join(repr(b) for b in dict.fromkeys(bad)) or "?"
+    raise ValueError(f"model column(s) {what} hold values too large for float64 sums of squares (|value| above ~1e150 even "
+                     "after centring and scaling); check the data for corrupt values or rescale them")
+
+
+def _sample_scaling(proto: pl.DataFrame, design: Design, groups: GroupIndex, group: str,
+                    z_may_centre: bool) -> Scaling | None:
+    """The row transform, from the complete rows among the first ``SCALING_SAMPLE_ROWS`` of the data."""
+    sample = proto.head(SCALING_SAMPLE_ROWS)
+    if sample.height == 0:
+        return None
+    y, X, Z = design.matrices(sample)
+    codes = groups.codes(sample.get_column(group))
+    ok = (codes >= 0) & np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1)
+    if not ok.any():
+        return None
+    return scaling_from_sample(X[ok], Z[ok], y[ok], design)
+
+
+# ---------------------------------------------------------------------------
+# canonical row transform
+# ---------------------------------------------------------------------------
+# The statistics are accumulated under a transform S1 chosen from the first rows
+# read, which depend on file order, row order and chunking.  The optimiser's path
+# (and so the last digits of its answer) depends on the transformed problem, so
+# after the pass the statistics are mapped exactly to a *canonical* transform
+# computed from the global sums and rounded to a coarse grid (scales to powers
+# of 2, shifts to 1/64 of the scale): any two ways of reading the same rows then
+# solve the same transformed problem up to round-off and agree to ~1e-12
+# (in-memory vs shuffled files vs chunk_rows; see tests/test_streaming.py).
+
+_SHIFT_GRID = 64.0  # shifts on a grid of 1/64 of the (power-of-2) scale: centring within ~1/100 sd
+
+
+def _pow2(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=float)
+    ok = np.isfinite(v) & (v > 0.0)
+    out = np.ones_like(v)
+    out[ok] = np.exp2(np.round(np.log2(v[ok])))
+    return out
+
+
+def _grid(mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    step = scale / _SHIFT_GRID
+    out = np.round(np.asarray(mean, dtype=float) / step) * step
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def _rounded_scaling(xm, xsd, zm, zsd, ym, ysd, xi: int, zi: int, z_centre: bool) -> Scaling:
+    """A :class:`Scaling` from column means and spreads (spread = sd when centred, else RMS)."""
+    x_scale, z_scale = _pow2(xsd), _pow2(zsd)
+    x_shift = _grid(xm, x_scale) if xi >= 0 else np.zeros_like(x_scale)
+    z_shift = _grid(zm, z_scale) if (zi >= 0 and z_centre) else np.zeros_like(z_scale)
+    if xi >= 0:
+        x_scale[xi], x_shift[xi] = 1.0, 0.0
+    if zi >= 0:
+        z_scale[zi], z_shift[zi] = 1.0, 0.0
+    y_scale = float(_pow2(np.array([ysd]))[0])
+    y_shift = float(_grid(np.array([ym]), np.array([y_scale]))[0]) if xi >= 0 else 0.0
+    return Scaling(x_shift, x_scale, z_shift, z_scale, y_shift, y_scale, int(xi), int(zi))
+
+
+def _intercepts(design: Design) -> tuple[int, int]:
+    xi = design.fe_names.index("Intercept") if "Intercept" in design.fe_names else -1
+    zi = design.re_names.index("Intercept") if "Intercept" in design.re_names else -1
+    return xi, zi
+
+
+def scaling_from_sample(X: np.ndarray, Z: np.ndarray, y: np.ndarray, design: Design) -> Scaling:
+    """The row transform from complete rows; intercepts are taken from the design, not guessed from data."""
+    xi, zi = _intercepts(design)
+    z_centre = len(design.blocks) == 1
+
+    def moments(M, centre):
+        if M.shape[0] == 0:
+            return np.zeros(M.shape[1]), np.ones(M.shape[1])
+        m = M.mean(axis=0)
+        return m, (M.std(axis=0) if centre else np.sqrt((M * M).mean(axis=0)))
+
+    xm, xsd = moments(X, xi >= 0)
+    zm, zsd = moments(Z, zi >= 0 and z_centre)
+    ym, ysd = moments(y.reshape(-1, 1), xi >= 0)
+    return _rounded_scaling(xm, xsd, zm, zsd, ym[0], ysd[0], xi, zi, z_centre)
+
+
+def canonical_scaling(stats: Statistics, scaling: Scaling, z_centre: bool) -> Scaling:
+    """The rounded transform given by the moments of *all* rows (from statistics under ``scaling``)."""
+    N = float(stats.N)
+    xi, zi = scaling.x_intercept, scaling.z_intercept
+    # moments in the current (well-conditioned) coordinates, then mapped per column
+    dX = np.diag(stats.XtX) / N
+    mX = stats.XtX[xi] / N if xi >= 0 else np.zeros_like(dX)
+    sA = stats.A.sum(axis=0) / N
+    dZ = np.diag(sA)
+    mZ = sA[zi] if zi >= 0 else np.zeros_like(dZ)
+    yy = stats.yty / N
+    my = stats.Xty[xi] / N if xi >= 0 else 0.0
+
+    def orig(shift, scale, m, d, centre):
+        if centre:
+            return shift + scale * m, scale * np.sqrt(np.maximum(d - m * m, 0.0))
+        return shift + scale * m, scale * np.sqrt(np.maximum(d, 0.0))
+
+    xm, xsd = orig(scaling.x_shift, scaling.x_scale, mX, dX, xi >= 0)
+    zm, zsd = orig(scaling.z_shift, scaling.z_scale, mZ, dZ, zi >= 0 and z_centre)
+    ym, ysd = orig(scaling.y_shift, scaling.y_scale, my, yy, xi >= 0)
+    return _rounded_scaling(xm, xsd, zm, zsd, float(ym), float(ysd), xi, zi, z_centre)
+
+
+def _same(a: Scaling, b: Scaling) -> bool:
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in
+               ("x_shift", "x_scale", "z_shift", "z_scale", "y_shift", "y_scale", "x_intercept", "z_intercept"))
+
+
+def transform_statistics(stats: Statistics, old: Scaling, new: Scaling, block: int = 1 << 16) -> None:
+    """Map statistics accumulated under ``old`` to ``new``, exactly, in place (groups in blocks).
+
+    With X~ = X T: X~new = X~old Tx (Tx = Told^-1 Tnew), likewise Z~new = Z~old Mz, and
+    y~new = a y~old + b 1, where 1 is the (untransformed) intercept column of X.
+    """
+    if old.x_intercept != new.x_intercept or old.z_intercept != new.z_intercept:
+        raise ValueError("transforms with different intercept columns cannot be converted")
+    xi = old.x_intercept
+    Tx = np.linalg.solve(old.x_matrix(), new.x_matrix())
+    Mz = np.linalg.solve(old.z_matrix(), new.z_matrix())
+    a = old.y_scale / new.y_scale
+    b = (old.y_shift - new.y_shift) / new.y_scale
+    if b != 0.0 and xi < 0:  # pragma: no cover - shifts need an intercept
+        raise ValueError("a response shift needs an intercept column")
+    XtX, Xty = stats.XtX, stats.Xty
+    ones = XtX[:, xi] if xi >= 0 else np.zeros_like(Xty)
+    new_Xty = Tx.T @ (a * Xty + b * ones)
+    new_yty = a * a * stats.yty + (2.0 * a * b * Xty[xi] if xi >= 0 else 0.0) + b * b * stats.N
+    stats.XtX = Tx.T @ XtX @ Tx
+    stats.Xty = new_Xty
+    stats.yty = float(new_yty)
+    A, B, c = stats.A, stats.B, stats.c
+    # Usually only a few of the rounded moments differ: skip the identity parts.
+    z_id = np.array_equal(Mz, np.eye(Mz.shape[0]))
+    x_id = np.array_equal(Tx, np.eye(Tx.shape[0]))
+    for lo in range(0, A.shape[0], block):
+        hi = min(lo + block, A.shape[0])
+        Ab, Bb, cb = A[lo:hi], B[lo:hi], c[lo:hi]
+        if a != 1.0:
+            cb *= a
+        if b != 0.0:
+            cb += b * Bb[:, :, xi]
+        if not z_id:  # Mz' M Mz for each group's M
+            Ab[...] = np.einsum("ka,gkl,lb->gab", Mz, Ab, Mz, optimize=True)
+            Bb[...] = np.einsum("ka,gkm->gam", Mz, Bb, optimize=True)
+            cb[...] = cb @ Mz
+        if not x_id:
+            Bb[...] = Bb @ Tx
+
+
 def _discover_levels(source: Source, design: Design) -> dict[str, list]:
     """All levels of the categorical columns, over every row (streaming, columns only)."""
-    levels = {}
-    lf = source.lazy()
-    for col in design.categorical:
-        vals = lf.select(pl.col(col).drop_nulls().unique()).collect(engine="streaming").to_series()
-        levels[col] = sorted(vals.to_list(), key=lambda v: (str(type(v)), v))
-    return levels
+    cols = list(design.categorical)
+    if not cols:
+        return {}
+    exprs = []
+    for col in cols:
+        e = pl.col(col)
+        if source.schema.get(col) == pl.Categorical or isinstance(source.schema.get(col), pl.Enum):
+            e = e.cast(pl.String)
+        exprs.append(e.drop_nulls().unique().implode().alias(col))
+    try:  # one query: each file is opened once for all categorical columns
+        out = source.lazy().select(exprs).collect(engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        where = failing_part(source, cols)
+        raise ValueError(f"cannot read the categorical column(s) {cols}{where}: {str(exc).splitlines()[0]}") from None
+    return {col: sorted(out[col][0].to_list(), key=lambda v: (str(type(v)), v)) for col in cols}
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 class _Progress:
-    """A rich progress line on stderr, only for a terminal and only past one second."""
+    """A rich progress bar on stderr for one pass over the data.
 
-    def __init__(self, enabled: bool | None, total_parts: int) -> None:
-        if enabled is None:
-            enabled = sys.stderr.isatty()
-        self.enabled = enabled
+    Shown only when enabled (``None``: when stderr is a terminal) and only once
+    the pass has lasted ``DELAY`` seconds, so quick passes print nothing.  It
+    shows rows read, rows/s and files done; with files, the bar advances by
+    rows (totals from the parquet footers, read only once the bar appears).
+    """
+
+    DELAY = 1.0
+
+    def __init__(self, enabled: bool | None, total_parts: int, description: str = "reading",
+                 files: list | None = None) -> None:
+        self.enabled = _stderr_is_terminal() if enabled is None else bool(enabled)
         self.total = total_parts
+        self.description = description
+        self.files = files or []
         self.start = time.perf_counter()
         self._bar = None
+        self._rows_total: int | None = None
         self.rows = 0
         self.parts_done = 0
 
-    def update(self, rows: int, part_done: bool) -> None:
+    def _open(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if self.files and len(self.files) <= 2000:
+            try:
+                import pyarrow.parquet as pq
+
+                self._rows_total = sum(pq.read_metadata(f).num_rows for f in self.files)
+            except Exception:  # a progress bar must never fail a run
+                self._rows_total = None
+        self._bar = Progress(
+            TextColumn(self.description), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=_console(), transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(self.description, total=self._rows_total or self.total, info="")
+
+    def update(self, rows: int, part_done: bool = False) -> None:
         self.rows += rows
         self.parts_done += int(part_done)
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
-        if self._bar is None and elapsed > 1.0:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(
-                TextColumn("reading"), BarColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), console=Console(stderr=True), transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("read", total=self.total, info="")
+        if self._bar is None and elapsed > self.DELAY:
+            self._open()
         if self._bar is not None:
             rate = self.rows / max(elapsed, 1e-9)
-            self._bar.update(self._task, completed=self.parts_done,
-                             info=f"{self.rows:,} rows, {rate:,.0f} rows/s, {self.parts_done}/{self.total} parts")
+            files = f", {self.parts_done}/{self.total} files" if self.files else ""
+            self._bar.update(self._task, completed=self.rows if self._rows_total else self.parts_done,
+                             info=f"{self.rows:,} rows, {rate:,.0f} rows/s{files}")
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+            self._bar = None
+
+
+def _blocking(enabled: bool | None, description: str, fn):
+    """Run ``fn()`` (one polars query over all files); a spinner on stderr if it lasts over a second."""
+    enabled = _stderr_is_terminal() if enabled is None else bool(enabled)
+    if not enabled:
+        return fn()
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True, name="bigmixed-scan")
+    th.start()
+    th.join(_Progress.DELAY)
+    if th.is_alive():
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(),
+                      console=_console(), transient=True) as bar:
+            bar.add_task(description, total=None)
+            while th.is_alive():
+                th.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def build_statistics(
@@ -161,9 +402,16 @@ def build_statistics(
     proto = _prototype(source, list(source.schema))
     design = Design(spec, proto, levels)
     source.check_columns(design.columns)
+    what = f"{len(source.files)} files" if source.files else "the data"
     if not source.in_memory and design.categorical and levels is None:
-        design = Design(spec, proto, _discover_levels(source, design))
-    groups = GroupIndex.from_source(source, spec.group)
+        found = _blocking(progress, f"finding the levels of {', '.join(design.categorical)} in {what}",
+                          lambda: _discover_levels(source, design))
+        design = Design(spec, proto, found)
+    if source.in_memory:
+        groups = GroupIndex.from_source(source, spec.group)
+    else:
+        groups = _blocking(progress, f"indexing the groups '{spec.group}' of {what}",
+                           lambda: GroupIndex.from_source(source, spec.group))
     timings["prepare"] = time.perf_counter() - t0
 
     p, q = len(design.fe_names), len(design.re_names)
@@ -173,9 +421,12 @@ def build_statistics(
     dropped = dict.fromkeys(design.columns, 0)
     dropped["(non-finite after transformation)"] = 0
     n_read = n_dropped = 0
-    scaling: Scaling | None = None
+    # The transform comes from a fixed sample (the first rows of the prototype), not from
+    # the first chunk, so that chunk_rows cannot change the fit (issue 6); the loop below
+    # still picks one from the first chunk with complete rows if the sample has none.
+    scaling = _sample_scaling(proto, design, groups, spec.group, z_may_centre)
     t_read = t_reduce = 0.0
-    bar = _Progress(progress, len(source.parts))
+    bar = _Progress(progress, len(source.parts), "reading", source.files)
     last_label = None
     t1 = time.perf_counter()
     try:
@@ -188,7 +439,7 @@ def build_statistics(
                 # the transform is chosen from the first chunk's complete rows
                 ok = (codes >= 0) & np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1)
                 if ok.any():
-                    scaling = Scaling.from_sample(X[ok], Z[ok], y[ok], z_may_centre=z_may_centre)
+                    scaling = scaling_from_sample(X[ok], Z[ok], y[ok], design)
                 else:
                     scaling = None  # nothing usable yet: every row of this chunk is skipped
             t3 = time.perf_counter()
@@ -202,8 +453,12 @@ def build_statistics(
                 if missing == "raise":
                     bad = [c for c, k in zip(exprs, counts) if k]
                     where = "" if label == "data" else f" in {label}"
+                    terms = [design.response_name] * int(not np.isfinite(y).all()) + \
+                        [n for n, ok in zip(design.fe_names, np.isfinite(X).all(axis=0)) if not ok] + \
+                        [n for n, ok in zip(design.re_names, np.isfinite(Z).all(axis=0)) if not ok]
                     what = (f"column(s) {', '.join(repr(b) for b in bad)} hold null/NaN/inf values" if bad
-                            else f"{skipped} row(s) give non-finite values after the formula's transformations")
+                            else f"{skipped} row(s) give non-finite values after the formula's transformations "
+                                 f"(in {', '.join(repr(t) for t in dict.fromkeys(terms))})")
                     raise ValueError(f"{what}{where}; use missing='drop' to leave such rows out")
                 for c, k in zip(exprs, counts):
                     dropped[c] += int(k)
@@ -214,6 +469,7 @@ def build_statistics(
             t_reduce += t4 - t3
             bar.update(chunk.height, part_done=label != last_label and last_label is not None)
             last_label = label
+        bar.update(0, part_done=last_label is not None)
     finally:
         bar.close()
     timings["read"] = time.perf_counter() - t1 - t_reduce
@@ -228,6 +484,14 @@ def build_statistics(
         )
     if scaling is None:  # pragma: no cover - stats.N > 0 implies a chunk was reduced
         scaling = Scaling.identity(p, q)
+    # Independent of which rows came first: see canonical_scaling.
+    t5 = time.perf_counter()
+    canon = canonical_scaling(stats, scaling, z_may_centre)
+    if not _same(canon, scaling):
+        transform_statistics(stats, scaling, canon)
+        scaling = canon
+    _check_finite(stats, design)
+    timings["statistics"] += time.perf_counter() - t5
     dropped = {k: v for k, v in dropped.items() if v}
     if n_dropped and warn:
         warnings.warn(

@@ -17,7 +17,7 @@ res = bm.lmer("Weight ~ Time + (Time | Pig)", bm.datasets.dietox())
 res.random_effects_frame()
 res.fittedvalues
 out = {}
-for name in ["accumulate_stats", "objective_pass1", "objective_pass2", "conditional_modes", "linear_predictor"]:
+for name in ["accumulate_stats", "objective_fused", "conditional_modes", "linear_predictor"]:
     st = getattr(_kernels, name).stats
     out[name] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
 print(json.dumps(out))

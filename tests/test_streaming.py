@@ -1,0 +1,367 @@
+"""Out-of-core fitting: many unsorted parquet files (or a LazyFrame) give the in-memory answer.
+
+The streamed and the in-memory fits read the same rows in different orders and
+chunkings; the statistics are mapped to a canonical transform after the pass
+(:func:`bigmixed.pipeline.canonical_scaling`), so both solve the same problem up
+to round-off and must agree to 1e-10 relative.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+import bigmixed as bm
+from bigmixed import pipeline
+from bigmixed.data import GroupIndex
+from bigmixed.simulate import simulate
+from bigmixed.stats import Scaling, Statistics
+
+FORMULA = "y ~ x + x2 + (x | subject)"
+SITES = ["north", "east", "south", "west", "zz"]
+RTOL = 1e-10
+
+
+def _frame(groups: int = 150, seed: int = 5) -> pl.DataFrame:
+    """Simulated rows with string keys, shuffled, plus a categorical column."""
+    df = simulate(groups, 8, seed=seed, string_keys=True, shuffle=True)
+    rng = np.random.default_rng(seed)
+    site = np.array(SITES[:4])[rng.integers(0, 4, df.height)]
+    df = df.with_columns(pl.Series("site", site), pl.Series("rowid", np.arange(df.height)))
+    # a site effect, so C(site) matters
+    eff = pl.col("site").replace_strict({"north": 0.0, "east": 0.5, "south": -0.3, "west": 0.2, "zz": 1.0})
+    return df.with_columns(y=pl.col("y") + eff)
+
+
+def _write_files(df: pl.DataFrame, directory, n: int) -> list[str]:
+    """Split ``df`` (already shuffled) into ``n`` files of uneven size."""
+    cuts = np.sort(np.random.default_rng(1).choice(np.arange(1, df.height), n - 1, replace=False))
+    bounds = [0, *cuts.tolist(), df.height]
+    paths = []
+    for i in range(n):
+        p = os.path.join(directory, f"part-{i:03d}.parquet")
+        df.slice(bounds[i], bounds[i + 1] - bounds[i]).write_parquet(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parts")
+    df = _frame()
+    paths = _write_files(df, d, 12)
+    return df, str(d / "*.parquet"), paths
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    df = data[0]
+    return bm.lmer(FORMULA, df.to_pandas())  # in memory, pandas
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def assert_same_fit(res, ref, rtol=RTOL):
+    assert res.nobs == ref.nobs and res.n_groups == ref.n_groups
+    assert _rel(res.objective, ref.objective) < rtol
+    assert _rel(res.fe_params.to_numpy(), ref.fe_params.to_numpy()) < rtol
+    assert _rel(res.bse.to_numpy(), ref.bse.to_numpy()) < rtol
+    assert _rel(res.cov_re.to_numpy(), ref.cov_re.to_numpy()) < rtol
+    assert res.scale == pytest.approx(ref.scale, rel=rtol)
+    a = res.random_effects_frame("polars")
+    b = ref.random_effects_frame("polars")
+    g = ref.model.spec.group
+    assert a[g].cast(pl.String).to_list() == b[g].cast(pl.String).to_list()
+    for col in ref.exog_re_names:  # normwise: BLUPs near 0 make elementwise ratios meaningless
+        assert _rel(a[col].to_numpy(), b[col].to_numpy()) < rtol
+
+
+@pytest.mark.parametrize("how", ["glob", "paths", "lazyframe", "small-chunks"])
+def test_streamed_fit_equals_in_memory(data, reference, how):
+    df, pattern, paths = data
+    if how == "glob":
+        res = bm.lmer(FORMULA, pattern)
+    elif how == "paths":
+        res = bm.lmer(FORMULA, list(reversed(paths)))  # another file order too
+    elif how == "lazyframe":
+        res = bm.lmer(FORMULA, pl.scan_parquet(pattern))
+    else:  # groups straddle chunks (and files): 37-row chunks, 1200 rows
+        res = bm.lmer(FORMULA, pattern, chunk_rows=37)
+    assert res.model.data.in_memory is False
+    assert_same_fit(res, reference)
+
+
+def test_statsmodels_spelling_on_lazyframe_ml(data):
+    df, pattern, _ = data
+    ref = bm.mixedlm("y ~ x + x2", df, groups="subject", re_formula="~x").fit(reml=False)
+    res = bm.mixedlm("y ~ x + x2", pl.scan_parquet(pattern), groups="subject", re_formula="~x",
+                     chunk_rows=101).fit(reml=False)
+    assert_same_fit(res, ref)
+
+
+def test_random_intercept_and_independent_slopes_streamed(data):
+    df, pattern, _ = data
+    for f in ["y ~ x + (1 | subject)", "y ~ x + x2 + (x || subject)"]:
+        assert_same_fit(bm.lmer(f, pattern, chunk_rows=53), bm.lmer(f, df))
+
+
+def test_integer_keys_streamed(tmp_path):
+    df = simulate(120, 6, seed=2, shuffle=True).with_columns(pl.col("subject") * 1_000_003)  # sparse ints
+    _write_files(df, tmp_path, 7)
+    assert_same_fit(bm.lmer(FORMULA, str(tmp_path / "*.parquet"), chunk_rows=29), bm.lmer(FORMULA, df))
+
+
+# ---------------------------------------------------------------------------
+# categorical fixed effects
+# ---------------------------------------------------------------------------
+
+
+def test_categorical_level_absent_from_first_file(tmp_path):
+    df = _frame(120, seed=9)
+    # 'zz' occurs only in the last file: the first file (the prototype) never sees it
+    last = df.tail(200).with_columns(site=pl.lit("zz"))
+    df = pl.concat([df.head(df.height - 200), last])
+    _write_files(df.head(df.height - 200), tmp_path, 5)
+    last.write_parquet(tmp_path / "part-999.parquet")
+    f = "y ~ x + x2 + C(site) + (x | subject)"
+    res = bm.lmer(f, str(tmp_path / "*.parquet"), chunk_rows=64)
+    ref = bm.lmer(f, df.to_pandas())
+    assert res.exog_names == ref.exog_names
+    assert any("zz" in n for n in res.exog_names)  # the level found by the levels pass
+    assert_same_fit(res, ref)
+    # levels given by the user: no levels pass, same design
+    given = bm.lmer(f, str(tmp_path / "*.parquet"), levels={"site": SITES}, chunk_rows=64)
+    assert_same_fit(given, ref)
+
+
+def test_string_column_is_categorical_in_every_chunk(tmp_path):
+    df = _frame(80, seed=4)
+    _write_files(df, tmp_path, 6)
+    f = "y ~ x + site + (1 | subject)"
+    assert_same_fit(bm.lmer(f, str(tmp_path / "*.parquet"), chunk_rows=50), bm.lmer(f, df))
+
+
+def test_unknown_level_given_levels_is_an_error(tmp_path):
+    df = _frame(40, seed=4)
+    _write_files(df, tmp_path, 3)
+    with pytest.raises(ValueError, match="level"):
+        bm.lmer("y ~ x + C(site) + (1 | subject)", str(tmp_path / "*.parquet"), levels={"site": ["north"]})
+
+
+# ---------------------------------------------------------------------------
+# missing values
+# ---------------------------------------------------------------------------
+
+
+def _with_missing(df: pl.DataFrame) -> pl.DataFrame:
+    n = df.height
+    idx = np.arange(n)
+    return df.with_columns(
+        x=pl.when(pl.Series(idx % 17 == 3)).then(None).otherwise(pl.col("x")),
+        y=pl.when(pl.Series(idx % 23 == 5)).then(float("nan")).otherwise(pl.col("y")),
+        subject=pl.when(pl.Series(idx % 31 == 7)).then(None).otherwise(pl.col("subject")),
+    )
+
+
+def test_nulls_dropped_and_counted(tmp_path):
+    df = _with_missing(_frame(100, seed=3))
+    _write_files(df, tmp_path, 5)
+    idx = np.arange(df.height)
+    bad_x, bad_y, bad_g = idx % 17 == 3, idx % 23 == 5, idx % 31 == 7
+    n_bad = int((bad_x | bad_y | bad_g).sum())
+    with pytest.warns(bm.DroppedRowsWarning, match="dropped"):
+        res = bm.lmer(FORMULA, str(tmp_path / "*.parquet"), chunk_rows=70)
+    d = res.to_dict()
+    assert d["rows_read"] == df.height
+    assert d["rows_dropped"] == n_bad
+    assert d["dropped_by_column"]["x"] == int(bad_x.sum())
+    assert d["dropped_by_column"]["y"] == int(bad_y.sum())
+    assert d["dropped_by_column"]["subject"] == int(bad_g.sum())
+    assert res.nobs == df.height - n_bad
+    assert "Dropped rows:" in str(res.summary())
+    complete = df.filter(pl.Series(~(bad_x | bad_y | bad_g)))
+    assert_same_fit(res, bm.lmer(FORMULA, complete))
+
+
+def test_missing_raise_names_column_and_file(tmp_path):
+    df = _frame(60, seed=3)
+    paths = _write_files(df, tmp_path, 4)
+    bad = pl.read_parquet(paths[2])
+    bad = bad.with_columns(x2=pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("x2")))
+    bad.write_parquet(paths[2])
+    with pytest.raises(ValueError, match=r"'x2'.*part-002\.parquet"):
+        bm.lmer(FORMULA, str(tmp_path / "*.parquet"), missing="raise")
+
+
+# ---------------------------------------------------------------------------
+# group keys
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["int-dense", "int-sparse", "string", "categorical"])
+def test_group_index_codes(kind):
+    rng = np.random.default_rng(0)
+    base = rng.permutation(5000)
+    if kind == "int-dense":
+        keys = pl.Series("k", base)
+    elif kind == "int-sparse":
+        keys = pl.Series("k", base.astype(np.int64) * 7_919_000_003 - 2**40)
+    else:
+        keys = pl.Series("k", [f"g{v:05d}" for v in base])
+        if kind == "categorical":
+            keys = keys.cast(pl.Categorical)
+    gi = GroupIndex(keys)
+    assert gi.n_groups == 5000
+    expect_sorted = keys.cast(pl.String).sort() if kind == "categorical" else keys.sort()
+    assert gi.keys.cast(expect_sorted.dtype).to_list() == expect_sorted.to_list()
+    sample = keys.gather(rng.integers(0, 5000, 20000))
+    codes = gi.codes(sample)
+    assert (codes >= 0).all()
+    back = gi.keys.gather(codes)
+    assert back.to_list() == sample.cast(back.dtype).to_list()
+    # nulls and keys not in the index give -1
+    if kind.startswith("int"):
+        other = pl.Series("k", [None, int(keys.max()) + 1, int(keys.min()) - 1, int(keys[0])], dtype=pl.Int64)
+    else:
+        other = pl.Series("k", [None, "nope", "g", str(keys.cast(pl.String)[0])])
+    got = gi.codes(other)
+    assert got[:3].tolist() == [-1, -1, -1] and got[3] >= 0
+
+
+def test_group_index_hash_collisions_stay_exact(monkeypatch):
+    from bigmixed import data as data_mod
+
+    keys = pl.Series("k", ["a", "bb", "ccc"])
+    # a deliberately bad hash (the length): "d" collides with "a" -> verified and rejected
+    monkeypatch.setattr(data_mod, "_hash_keys", lambda v, seed: v.cast(pl.String).str.len_bytes()
+                        .cast(pl.UInt64).fill_null(0).to_numpy())
+    gi = GroupIndex(keys)
+    assert gi.codes(pl.Series(["bb", "d", "a", None, "ccc"])).tolist() == [1, -1, 0, -1, 2]
+    # colliding index keys: falls back to a join, still exact
+    gi2 = GroupIndex(pl.Series("k", ["a", "b", "cc"]))
+    assert gi2.codes(pl.Series(["b", "cc", "a", "zz"])).tolist() == [1, 2, 0, -1]
+
+
+# ---------------------------------------------------------------------------
+# canonical transform
+# ---------------------------------------------------------------------------
+
+
+def test_transform_statistics_is_exact():
+    rng = np.random.default_rng(3)
+    G, n = 40, 400
+    codes = rng.integers(0, G, n)
+    x = 1e6 + 3.0 * rng.standard_normal(n)
+    X = np.column_stack([np.ones(n), x, rng.standard_normal(n)])
+    Z = X[:, :2].copy()
+    y = 50.0 + 2.0 * x + rng.standard_normal(n)
+    s_old = Scaling(np.array([0.0, 1e6 - 2.0, 0.5]), np.array([1.0, 4.0, 0.5]), np.array([0.0, 1e6 + 1.0]),
+                    np.array([1.0, 2.0]), 2e6, 8.0, 0, 0)
+    s_new = Scaling(np.array([0.0, 1e6, 0.0]), np.array([1.0, 2.0, 1.0]), np.array([0.0, 1e6]),
+                    np.array([1.0, 4.0]), 2e6 + 64.0, 16.0, 0, 0)
+    a, b = Statistics.empty(G, 3, 2), Statistics.empty(G, 3, 2)
+    a.add_rows(codes, X, Z, y, 1, s_old)
+    b.add_rows(codes, X, Z, y, 1, s_new)
+    pipeline.transform_statistics(a, s_old, s_new, block=7)
+    for f in ("A", "B", "c", "XtX", "Xty"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-9, atol=1e-9 * np.abs(getattr(b, f)).max())
+    assert a.yty == pytest.approx(b.yty, rel=1e-10)
+
+
+def test_scaling_does_not_depend_on_first_rows(data, tmp_path, monkeypatch):
+    """An unrepresentative first file (smallest x and y first) ends at the same canonical transform."""
+    calls = []
+    real = pipeline.transform_statistics
+    monkeypatch.setattr(pipeline, "transform_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    df = data[0].sort("y")
+    _write_files(df, tmp_path, 8)
+    res_sorted = bm.lmer(FORMULA, str(tmp_path / "*.parquet"), chunk_rows=97)
+    assert calls  # the first rows gave another transform: the statistics were mapped
+    res_shuffled = bm.lmer(FORMULA, data[0])
+    assert pipeline._same(res_sorted.scaling, res_shuffled.scaling)
+    assert_same_fit(res_sorted, res_shuffled)
+
+
+# ---------------------------------------------------------------------------
+# predictions, progress
+# ---------------------------------------------------------------------------
+
+
+def test_write_predictions_streamed(data, reference, tmp_path):
+    df, pattern, _ = data
+    res = bm.lmer(FORMULA, pattern, chunk_rows=90)
+    out = tmp_path / "out" / "pred.parquet"
+    res.write_predictions(pattern, out, keys=["subject", "rowid"], chunk_rows=77)
+    pred = pl.read_parquet(out)
+    assert pred.columns == ["subject", "rowid", "fitted", "resid"]
+    assert pred["rowid"].to_list() == df["rowid"].to_list()  # input order
+    np.testing.assert_allclose(pred["fitted"].to_numpy(), reference.predict(df.to_pandas()), rtol=1e-9)
+    np.testing.assert_allclose(pred["resid"].to_numpy(), df["y"].to_numpy() - pred["fitted"].to_numpy())
+    assert pq.ParquetFile(out).metadata.num_row_groups > 1  # streamed: one row group per chunk
+    assert [p.name for p in out.parent.iterdir()] == ["pred.parquet"]
+    # the fitted data by default; new data without the response: no resid column
+    res.write_predictions(None, out)
+    assert pl.read_parquet(out).height == df.height
+    res.write_predictions(df.drop("y").head(10), out)
+    assert pl.read_parquet(out).columns == ["subject", "fitted"]
+
+
+def test_failed_prediction_write_leaves_nothing(data, tmp_path, monkeypatch):
+    df, pattern, _ = data
+    res = bm.lmer(FORMULA, pattern)
+    out = tmp_path / "pred.parquet"
+    calls = {"n": 0}
+    real = pq.ParquetWriter.write_table
+
+    def flaky(self, table, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full (simulated)")
+        return real(self, table, *a, **k)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        res.write_predictions(pattern, out, chunk_rows=50)
+    assert calls["n"] == 3
+    assert list(tmp_path.iterdir()) == []  # neither pred.parquet nor a temporary file
+
+
+def test_progress_bar_with_files(data, monkeypatch):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    monkeypatch.setattr(pipeline, "_console", lambda: Console(file=buf, force_terminal=True, width=150))
+    monkeypatch.setattr(pipeline._Progress, "DELAY", 0.0)
+    bm.lmer(FORMULA, data[1], chunk_rows=40, progress=True)
+    text = buf.getvalue()
+    assert "rows/s" in text and "12/12 files" in text
+    buf.truncate(0)
+    bm.lmer(FORMULA, data[1], chunk_rows=40, progress=False)
+    bm.lmer(FORMULA, data[1], chunk_rows=40)  # default: only when stderr is a terminal (not under pytest)
+    assert buf.getvalue().strip("\x00") == ""
+
+
+def test_memory_is_per_group_not_per_row(tmp_path):
+    """The statistics are O(groups): 10x the rows in the same groups, same statistics size."""
+    small = simulate(50, 4, seed=1)
+    big = pl.concat([simulate(50, 4, seed=s) for s in range(10)])
+    _write_files(big, tmp_path, 10)
+    m1 = bm.MixedLM(FORMULA, small, spec=bm.model.spec_from_lmer(FORMULA))
+    m2 = bm.MixedLM(FORMULA, str(tmp_path / "*.parquet"), spec=bm.model.spec_from_lmer(FORMULA), chunk_rows=100)
+    assert m2.nobs == big.height
+    assert m1.built.stats.nbytes == m2.built.stats.nbytes
+
+
+def test_no_warnings_on_clean_data(data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bm.lmer(FORMULA, data[1], chunk_rows=500)
