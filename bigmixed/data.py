@@ -231,9 +231,16 @@ class GroupIndex:
 
     * integer keys spanning a compact range: a dense table, one gather per row;
     * anything else: a bucketed hash table over 64-bit hashes of the keys
-      (numpy only: ~40 ms per million rows).  Integer hashes are a bijection
-      (exact); for other keys the key found is compared with the row's key,
-      so a hash collision can never put a row in the wrong group.
+      (numpy only: ~100 ms per million rows into 10M keys).  Integer hashes
+      are a bijection (exact); for other keys the key found is compared with
+      the row's key, so a hash collision can never put a row in the wrong group.
+
+    To find the distinct keys, string keys of at most 8 bytes (ids such as
+    ``"s0012345"``) are *packed* into the big-endian uint64 of their bytes:
+    exact, and ordered like the strings.  For 100M rows / 10M keys that took
+    5.7 s and 1.6 GB instead of 11.5 s and 3.1 GB for polars' unique of the
+    strings.  (Per-chunk lookups stay on string hashes: packing a chunk cost
+    more than hashing and verifying it.)
     """
 
     def __init__(self, keys: pl.Series, *, sorted_unique: bool = False) -> None:
@@ -269,6 +276,17 @@ class GroupIndex:
         expr = pl.col(column)
         if dtype in (pl.Categorical,) or isinstance(dtype, pl.Enum):
             expr = expr.cast(pl.String)
+        if dtype == pl.String or dtype in (pl.Categorical,) or isinstance(dtype, pl.Enum):
+            try:  # short string keys: distinct packed uint64s (see the class docstring)
+                out = source.lazy().select(
+                    _pack_expr(expr).drop_nulls().unique().alias("u"),
+                    (expr.is_not_null() & _pack_expr(expr).is_null()).any().alias("bad"),
+                ).collect(engine="streaming")
+            except pl.exceptions.PolarsError:
+                out = None  # the general query below reports the error
+            if out is not None and out.height and not out["bad"][0]:
+                u = np.sort(out["u"].to_numpy())
+                return cls(_unpack(u), sorted_unique=True)
         try:
             uniq = source.lazy().select(expr.drop_nulls().unique().sort()).collect(engine="streaming")
         except pl.exceptions.PolarsError as exc:
@@ -281,7 +299,11 @@ class GroupIndex:
         if values.dtype in (pl.Categorical,) or isinstance(values.dtype, pl.Enum):
             values = values.cast(pl.String)
         if self._lookup is not None and values.dtype.is_integer():
-            v = values.fill_null(self._offset - 1).to_numpy().astype(np.int64, copy=False) - self._offset
+            if values.null_count():
+                values = values.fill_null(self._offset - 1)
+            v = values.to_numpy().astype(np.int64, copy=False) - self._offset
+            if v.size and v.min() >= 0 and v.max() < self._lookup.shape[0]:
+                return self._lookup[v]  # the common case: one gather, no masks
             out = np.full(v.shape[0], -1, dtype=np.int64)
             ok = (v >= 0) & (v < self._lookup.shape[0])
             out[ok] = self._lookup[v[ok]]
@@ -322,8 +344,32 @@ class GroupIndex:
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+def _pack_expr(e: pl.Expr) -> pl.Expr:
+    """An ASCII string of at most 8 bytes (no NUL) as the big-endian uint64 of its NUL-padded bytes; else null.
+
+    Injective on such strings, and ordered like them (bytewise, as polars sorts
+    strings).  ``str.pad_end`` counts characters, so a non-ASCII string pads to
+    more than 8 bytes and gives null, as does a longer one: callers treat a null
+    for a non-null key as "not packable".  (Padding by bytes was 30% slower.)
+    """
+    packed = e.str.pad_end(8, "\x00").cast(pl.Binary).bin.reinterpret(dtype=pl.UInt64, endianness="big")
+    return pl.when(~e.str.contains("\x00", literal=True)).then(packed)
+
+
+def _pack_series(s: pl.Series) -> pl.Series:
+    return s.rename("k").to_frame().select(_pack_expr(pl.col("k"))).to_series()
+
+
+def _unpack(u: np.ndarray) -> pl.Series:
+    """Inverse of packing: uint64s back to strings (numpy's S8 drops the NUL padding)."""
+    return pl.Series("key", u.astype(">u8").view("S8")).cast(pl.String)
+
+
 def _hash_keys(values: pl.Series, seed: int) -> np.ndarray:
     """64-bit hashes of ``values`` (uint64); integer keys map bijectively."""
+    if values.dtype == pl.UInt64:
+        with np.errstate(over="ignore"):
+            return values.fill_null(0).to_numpy() * _GOLDEN
     if values.dtype.is_integer():
         v = values.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
         with np.errstate(over="ignore"):

@@ -28,7 +28,7 @@ import os
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from .data import GROUP_COLUMN, GroupIndex, Source, open_source
 from .design import Design
 from .formula import ModelSpec
 from .pipeline import (
+    BuildResult,
     DEFAULT_CHUNK_ROWS,
     SCALING_SAMPLE_ROWS,
     DroppedRowsWarning,
@@ -206,26 +207,8 @@ class DistributedBackend:
         return [Path(p) for p in paths]
 
 
-@dataclass
-class DistributedBuild:
-    """What :func:`build_distributed` returns: the attributes of :class:`~bigmixed.pipeline.BuildResult`.
-
-    ``"gathered"``: ``stats`` is the merged Statistics and ``backend`` None (the fit uses a
-    LocalBackend).  ``"resident"``: ``stats`` is None, ``backend`` a :class:`DistributedBackend`.
-    """
-
-    stats: Statistics | None
-    backend: DistributedBackend | None
-    design: Design
-    groups: GroupIndex | DistributedGroups
-    scaling: Scaling
-    n_rows_read: int
-    n_dropped: int
-    dropped_by_column: dict[str, int]
-    aliased: list[str]
-    kept_fe: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-    mode: str = "resident"
+# The distributed build returns the single-machine record, with ``backend`` and ``mode`` set.
+DistributedBuild = BuildResult
 
 
 def _open_input(client: Client, data: Any) -> tuple[list, dict, pl.DataFrame, bool]:
@@ -406,5 +389,5 @@ def build_distributed(
         groups = DistributedGroups(client, owners, [g for g, _ in info])
         stats, backend = None, DistributedBackend(client, owners, groups, len(kept), q,
                                                   total.XtX[np.ix_(kept, kept)], total.Xty[kept], total.yty, total.N)
-    return DistributedBuild(stats, backend, design, groups, scaling.subset_fixed(kept), total.n_read,
-                            total.n_dropped, dropped, aliased, kept, timings, mode)
+    return BuildResult(stats, design, groups, scaling.subset_fixed(kept), total.n_read, total.n_dropped,
+                       dropped, aliased, kept, timings, backend=backend, mode=mode)

@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -31,6 +32,10 @@ from .stats import Scaling, Statistics, aliased_columns
 __all__ = ["BuildResult", "build_statistics", "DEFAULT_CHUNK_ROWS"]
 
 DEFAULT_CHUNK_ROWS = 1_000_000
+# Data already in memory are sliced (no copy) into smaller chunks: the design arrays of a
+# chunk are then reused from the allocator's free lists instead of being page-faulted in
+# fresh for every row (measured at 1e6 rows: 0.26 s -> 0.20 s for a whole fit).
+IN_MEMORY_CHUNK_ROWS = 1 << 17
 # Rows the internal centring/scaling is chosen from (the first rows read, whatever chunk_rows is).
 SCALING_SAMPLE_ROWS = 50_000
 
@@ -41,9 +46,14 @@ class DroppedRowsWarning(UserWarning):
 
 @dataclass
 class BuildResult:
-    """Statistics and everything needed to interpret them."""
+    """Statistics and everything needed to interpret them.
 
-    stats: Statistics
+    On a Dask cluster (:func:`bigmixed.distributed.build_distributed`) ``mode`` is
+    ``"gathered"`` (``stats`` merged on the driver) or ``"resident"`` (``stats`` None, the
+    statistics stay on the workers behind ``backend``, and ``groups`` gathers keys on demand).
+    """
+
+    stats: Statistics | None
     design: Design
     groups: GroupIndex
     scaling: Scaling
@@ -53,6 +63,8 @@ class BuildResult:
     aliased: list[str]
     kept_fe: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    backend: Any = None
+    mode: str = "local"
 
 
 def _missing_exprs(columns, schema) -> dict[str, pl.Expr]:
@@ -258,6 +270,57 @@ def _discover_levels(source: Source, design: Design) -> dict[str, list]:
     return {col: sorted(out[col][0].to_list(), key=lambda v: (str(type(v)), v)) for col in cols}
 
 
+class _Warmup:
+    """Load the numba kernels of a fit from the on-disk cache (~0.3 s) in a background thread.
+
+    The statistics kernel first, while polars reads the prototype and indexes the
+    keys (``wait_statistics`` before its first real call); then the objective's
+    kernels, during the pass over the rows, but only under a thread-safe numba
+    threading layer (omp, tbb): under ``workqueue`` two threads must never run
+    parallel kernels at once, so the thread stops there.  ``join`` before the fit.
+    """
+
+    def __init__(self, nthreads: int | None) -> None:
+        import threading
+
+        self.nthreads = nthreads
+        self._stats_ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bigmixed-warm")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            st = Statistics.empty(2, 1, 1)
+            ones = np.ones((4, 1), order="F")
+            st.add_rows(np.array([0, 0, 1, 1]), ones, ones.copy(order="F"), np.array([1.0, 2.0, 4.0, 3.5]),
+                        self.nthreads)
+        except Exception:  # only a warm-up: the real call reports any problem
+            return
+        finally:
+            self._stats_ready.set()
+        try:
+            import numba
+
+            if numba.threading_layer() not in ("omp", "tbb"):
+                return
+            from .objective import LocalBackend, Objective, ThetaMap
+
+            be = LocalBackend(st, self.nthreads)
+            obj = Objective(be, ThetaMap(1), True, 0.0)
+            theta = np.array([0.5])
+            obj(theta)
+            obj.unprofiled(theta, 1.0)
+            be.conditional_modes(np.eye(1), np.zeros(1))
+        except Exception:
+            pass
+
+    def wait_statistics(self) -> None:
+        self._stats_ready.wait()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
 def _stderr_is_terminal() -> bool:
     try:
         return bool(sys.stderr.isatty())
@@ -391,11 +454,14 @@ def build_statistics(
     """
     if missing not in ("drop", "raise"):
         raise ValueError(f"missing must be 'drop' or 'raise', not {missing!r}")
-    chunk_rows = int(chunk_rows or DEFAULT_CHUNK_ROWS)
+    chunk_rows = int(chunk_rows or (IN_MEMORY_CHUNK_ROWS if source.in_memory else DEFAULT_CHUNK_ROWS))
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be a positive number of rows")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    # Streaming: load the numba kernels from the on-disk cache (~0.3 s) while polars
+    # reads the prototype and indexes the keys; joined before the first kernel call.
+    warm = None if source.in_memory else _Warmup(nthreads)
 
     if spec.group not in source.schema:
         source.check_columns([spec.group])
@@ -442,6 +508,8 @@ def build_statistics(
                     scaling = scaling_from_sample(X[ok], Z[ok], y[ok], design)
                 else:
                     scaling = None  # nothing usable yet: every row of this chunk is skipped
+            if warm is not None:  # the first chunk was read while the kernels loaded
+                warm.wait_statistics()
             t3 = time.perf_counter()
             # The kernel skips rows with a null key or a non-finite value and
             # counts them; only then do we ask polars which columns were at fault.
@@ -472,6 +540,8 @@ def build_statistics(
         bar.update(0, part_done=last_label is not None)
     finally:
         bar.close()
+        if warm is not None:
+            warm.join()
     timings["read"] = time.perf_counter() - t1 - t_reduce
     timings["statistics"] = t_reduce
 

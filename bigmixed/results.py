@@ -384,7 +384,6 @@ class MixedLMResults:
         else:
             source = open_source(newdata)
         design = self.model.built.design
-        [c for c in design.columns if c != design.response_name or newdata is None]
         out = []
         for _, chunk in source.batches(_needed_for_predict(design, source), 1_000_000):
             out.append(self._predict_chunk(chunk, include_random))

@@ -240,15 +240,42 @@ def test_group_index_codes(kind):
 def test_group_index_hash_collisions_stay_exact(monkeypatch):
     from bigmixed import data as data_mod
 
-    keys = pl.Series("k", ["a", "bb", "ccc"])
-    # a deliberately bad hash (the length): "d" collides with "a" -> verified and rejected
+    L = "long-key-"  # over 8 bytes: the hashed (not packed) path
+    keys = pl.Series("k", [L + "a", L + "bb", L + "ccc"])
+    # a deliberately bad hash (the length): L+"d" collides with L+"a" -> verified and rejected
     monkeypatch.setattr(data_mod, "_hash_keys", lambda v, seed: v.cast(pl.String).str.len_bytes()
                         .cast(pl.UInt64).fill_null(0).to_numpy())
     gi = GroupIndex(keys)
-    assert gi.codes(pl.Series(["bb", "d", "a", None, "ccc"])).tolist() == [1, -1, 0, -1, 2]
+    assert gi.codes(pl.Series([L + "bb", L + "d", L + "a", None, L + "ccc"])).tolist() == [1, -1, 0, -1, 2]
     # colliding index keys: falls back to a join, still exact
-    gi2 = GroupIndex(pl.Series("k", ["a", "b", "cc"]))
-    assert gi2.codes(pl.Series(["b", "cc", "a", "zz"])).tolist() == [1, 2, 0, -1]
+    gi2 = GroupIndex(pl.Series("k", [L + "a", L + "b", L + "cc"]))
+    assert gi2.codes(pl.Series([L + "b", L + "cc", L + "a", L + "zz"])).tolist() == [1, 2, 0, -1]
+
+
+def test_group_index_packed_string_keys(tmp_path):
+    """Keys of at most 8 bytes are found as packed uint64s: same keys, order and codes as strings."""
+    from bigmixed.data import _pack_series, _unpack, open_source
+
+    words = ["", "a", "ab", "abc", "b", "zz", "Z", "12345678", "a b", "~"]
+    packed = _pack_series(pl.Series(words))
+    assert packed.null_count() == 0
+    assert _unpack(np.sort(packed.to_numpy())).to_list() == sorted(words, key=lambda w: w.encode())
+    # not packable: too long, a NUL byte, non-ASCII (the general string path handles them)
+    assert _pack_series(pl.Series(["123456789", "a\x00b", "été", None])).null_count() == 4
+    pl.DataFrame({"g": words}).write_parquet(tmp_path / "a.parquet")
+    gi = GroupIndex.from_source(open_source(str(tmp_path / "*.parquet")), "g")  # packed
+    assert gi.keys.to_list() == GroupIndex(pl.Series(words)).keys.to_list()
+    words.append("été")
+    pl.DataFrame({"g": words}).write_parquet(tmp_path / "a.parquet")
+    gi = GroupIndex.from_source(open_source(str(tmp_path / "*.parquet")), "g")  # not packable
+    assert gi.keys.to_list() == GroupIndex(pl.Series(words)).keys.to_list()
+    # a key too long to pack in a later file: the general string path, same answer
+    pl.DataFrame({"g": ["a-much-longer-key", "a"]}).write_parquet(tmp_path / "b.parquet")
+    gi = GroupIndex.from_source(open_source(str(tmp_path / "*.parquet")), "g")
+    keys = gi.keys.to_list()
+    assert keys == sorted(set(words) | {"a-much-longer-key"}, key=lambda w: w.encode())
+    assert gi.codes(pl.Series(["a-much-longer-key", "a", "x"])).tolist() == [
+        keys.index("a-much-longer-key"), keys.index("a"), -1]
 
 
 # ---------------------------------------------------------------------------
