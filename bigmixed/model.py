@@ -19,6 +19,7 @@ from .objective import LocalBackend, Objective, ThetaMap
 from .optimize import minimize
 from .pipeline import BuildResult, build_statistics
 from .results import MixedLMResults, theta_to_scaled
+from .stats import one_blas_thread
 
 __all__ = ["MixedLM", "MixedLMParams", "mixedlm", "lmer", "ConvergenceWarning", "SingularFitWarning"]
 
@@ -90,6 +91,7 @@ class MixedLM:
         (e.g. ``{"n_owners": 64}``).
     """
 
+    @one_blas_thread
     def __init__(
         self,
         formula: str,
@@ -215,6 +217,7 @@ class MixedLM:
                         )
         return out, zero
 
+    @one_blas_thread
     def fit(
         self,
         reml: bool = True,
