@@ -295,12 +295,21 @@ class MixedLMResults:
 
     @cached_property
     def _modes(self) -> tuple[np.ndarray, np.ndarray]:
+        """BLUPs on the user's scale, and the kernel's (transformed, unscaled) K_i.
+
+        K_i is mapped to the conditional covariances only when they are asked for
+        (:attr:`random_effects_cov`): at 1e7 groups that mapping is ~1 GB of temporaries.
+        """
         be = self.objective_fn.backend
         bt, Kt = be.conditional_modes(self._sol.lam, self._sol.beta)
         S, sy = self._S, self.scaling.y_scale
-        b = sy * (bt @ S.T)
-        K = (sy**2 * self._sol.sigma2) * np.einsum("ab,gbc,dc->gad", S, Kt, S, optimize=True)
-        return np.ascontiguousarray(b), K
+        return np.ascontiguousarray(sy * (bt @ S.T)), Kt
+
+    @cached_property
+    def _cond_cov(self) -> np.ndarray:
+        """Conditional covariances of the BLUPs, sigma^2 S K~_i S' (G, q, q), user's scale."""
+        S, sy = self._S, self.scaling.y_scale
+        return (sy**2 * self._sol.sigma2) * np.einsum("ab,gbc,dc->gad", S, self._modes[1], S, optimize=True)
 
     @property
     def group_labels(self) -> list:
@@ -325,7 +334,7 @@ class MixedLMResults:
     @cached_property
     def random_effects_cov(self) -> dict:
         """{group: conditional covariance of its BLUPs} (statsmodels' ``random_effects_cov``)."""
-        K = self._modes[1]
+        K = self._cond_cov
         names = self._sm_names
         return {k: pd.DataFrame(K[i], index=names, columns=names) for i, k in enumerate(self.group_labels)}
 
