@@ -30,6 +30,7 @@ from .pipeline import (
     canonical_scaling,
     transform_statistics,
 )
+from .scaling import same_scaling
 from .stats import Scaling, Statistics
 
 _NON_FINITE = "(non-finite after transformation)"
@@ -97,11 +98,6 @@ def _single_thread() -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(old)
-
-
-def _same(a: Scaling, b: Scaling) -> bool:
-    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in
-               ("x_shift", "x_scale", "z_shift", "z_scale", "y_shift", "y_scale", "x_intercept", "z_intercept"))
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +190,7 @@ def _canonical(totals: list[_Totals], plan: _Plan) -> tuple[_Totals, Scaling]:
     glob = Statistics(total.ZtZ[None].copy(), np.zeros((1, plan.q, plan.p)), np.zeros((1, plan.q)),
                       np.zeros(1, dtype=np.int64), total.XtX, total.Xty, total.yty, total.N)
     canon = canonical_scaling(glob, plan.scaling, len(plan.design.blocks) == 1)
-    if not _same(canon, plan.scaling):
+    if not same_scaling(canon, plan.scaling):
         transform_statistics(glob, plan.scaling, canon)
         total.XtX, total.Xty, total.yty, total.ZtZ = glob.XtX, glob.Xty, glob.yty, glob.A[0]
     return total, canon
@@ -216,7 +212,7 @@ def _combine(pdf: pd.DataFrame, plan: _Plan, canon: tuple[_Totals, Scaling]) -> 
     st.B = np.ascontiguousarray(summed[:, q * q: q * q + q * p].reshape(G, q, p))
     st.c = np.ascontiguousarray(summed[:, q * q + q * p:])
     st.n = np.add.reduceat(df.get_column("n").to_numpy().astype(np.int64), starts)
-    if not _same(canon[1], plan.scaling):  # the per-group map build_statistics applies
+    if not same_scaling(canon[1], plan.scaling):  # the per-group map build_statistics applies
         transform_statistics(st, plan.scaling, canon[1])
     return _Owner(keys.gather(starts).rename("key"), st)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-__all__ = ["temp_path", "atomic_path", "OutputSet", "write_json", "write_parquet", "write_predictions"]
+__all__ = ["OutputSet", "atomic_path", "temp_path", "write_json", "write_parquet", "write_predictions"]
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -88,7 +88,7 @@ class OutputSet:
             _remove(tmp)
         self._pending = []
 
-    def __enter__(self) -> "OutputSet":
+    def __enter__(self) -> OutputSet:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

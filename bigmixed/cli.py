@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 PROG = "bigmixed"
 # Exceptions that mean "the input or the usage is wrong": exit 2 with their message.
@@ -336,9 +336,8 @@ def _cli_record(res, args: argparse.Namespace, timings: dict, written: list[str]
 
 def _simulate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    from .simulate import simulate, simulate_to_parquet
-
     from ._io import write_parquet
+    from .simulate import simulate, simulate_to_parquet
 
     out = Path(args.out)
     kw = dict(seed=args.seed, unbalanced=not args.balanced, string_keys=args.string_keys, shuffle=args.shuffle)

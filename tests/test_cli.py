@@ -105,7 +105,7 @@ def test_dropped_rows_reported(tmp_path, capsys):
     rc, stdout, err = _run(capsys, "fit", f, "-f", FORMULA, "--out", tmp_path / "o")
     assert rc == 0
     n_null = int(df["x"].null_count())
-    assert f"Dropped rows:" in stdout and str(n_null) in stdout
+    assert "Dropped rows:" in stdout and str(n_null) in stdout
     assert err.startswith("bigmixed: warning:") and len(err.strip().splitlines()) == 1
     rec = json.loads((tmp_path / "o" / "fit.json").read_text())
     assert rec["rows_dropped"] == n_null and rec["dropped_by_column"] == {"x": n_null}

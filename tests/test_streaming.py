@@ -2,7 +2,7 @@
 
 The streamed and the in-memory fits read the same rows in different orders and
 chunkings; the statistics are mapped to a canonical transform after the pass
-(:func:`bigmixed.pipeline.canonical_scaling`), so both solve the same problem up
+(:func:`bigmixed.scaling.canonical_scaling`), so both solve the same problem up
 to round-off and must agree to 1e-10 relative.
 """
 
@@ -314,7 +314,7 @@ def test_scaling_does_not_depend_on_first_rows(data, tmp_path, monkeypatch):
     res_sorted = bm.lmer(FORMULA, str(tmp_path / "*.parquet"), chunk_rows=97)
     assert calls  # the first rows gave another transform: the statistics were mapped
     res_shuffled = bm.lmer(FORMULA, data[0])
-    assert pipeline._same(res_sorted.scaling, res_shuffled.scaling)
+    assert pipeline.same_scaling(res_sorted.scaling, res_shuffled.scaling)
     assert_same_fit(res_sorted, res_shuffled)
 
 

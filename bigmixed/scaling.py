@@ -1,0 +1,152 @@
+"""The row transform: choose it from a sample, make it canonical, move statistics between transforms.
+
+Rows are centred and scaled before they are reduced (:class:`~bigmixed.stats.Scaling`).  The
+transform is chosen from the first rows read; after the pass the statistics are mapped exactly to
+a *canonical* transform computed from all rows and rounded to a coarse grid, so every way of
+reading the same rows (files, order, chunking, Dask partitions) solves the same problem.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .design import Design
+from .stats import Scaling, Statistics
+
+__all__ = ["scaling_from_sample", "canonical_scaling", "transform_statistics", "same_scaling"]
+
+
+# ---------------------------------------------------------------------------
+# canonical row transform
+# ---------------------------------------------------------------------------
+# The statistics are accumulated under a transform S1 chosen from the first rows
+# read, which depend on file order, row order and chunking.  The optimiser's path
+# (and so the last digits of its answer) depends on the transformed problem, so
+# after the pass the statistics are mapped exactly to a *canonical* transform
+# computed from the global sums and rounded to a coarse grid (scales to powers
+# of 2, shifts to 1/64 of the scale): any two ways of reading the same rows then
+# solve the same transformed problem up to round-off and agree to ~1e-12
+# (in-memory vs shuffled files vs chunk_rows; see tests/test_streaming.py).
+
+_SHIFT_GRID = 64.0  # shifts on a grid of 1/64 of the (power-of-2) scale: centring within ~1/100 sd
+
+
+def _pow2(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=float)
+    ok = np.isfinite(v) & (v > 0.0)
+    out = np.ones_like(v)
+    out[ok] = np.exp2(np.round(np.log2(v[ok])))
+    return out
+
+
+def _grid(mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    step = scale / _SHIFT_GRID
+    out = np.round(np.asarray(mean, dtype=float) / step) * step
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def _rounded_scaling(xm, xsd, zm, zsd, ym, ysd, xi: int, zi: int, z_centre: bool) -> Scaling:
+    """A :class:`Scaling` from column means and spreads (spread = sd when centred, else RMS)."""
+    x_scale, z_scale = _pow2(xsd), _pow2(zsd)
+    x_shift = _grid(xm, x_scale) if xi >= 0 else np.zeros_like(x_scale)
+    z_shift = _grid(zm, z_scale) if (zi >= 0 and z_centre) else np.zeros_like(z_scale)
+    if xi >= 0:
+        x_scale[xi], x_shift[xi] = 1.0, 0.0
+    if zi >= 0:
+        z_scale[zi], z_shift[zi] = 1.0, 0.0
+    y_scale = float(_pow2(np.array([ysd]))[0])
+    y_shift = float(_grid(np.array([ym]), np.array([y_scale]))[0]) if xi >= 0 else 0.0
+    return Scaling(x_shift, x_scale, z_shift, z_scale, y_shift, y_scale, int(xi), int(zi))
+
+
+def _intercepts(design: Design) -> tuple[int, int]:
+    xi = design.fe_names.index("Intercept") if "Intercept" in design.fe_names else -1
+    zi = design.re_names.index("Intercept") if "Intercept" in design.re_names else -1
+    return xi, zi
+
+
+def scaling_from_sample(X: np.ndarray, Z: np.ndarray, y: np.ndarray, design: Design) -> Scaling:
+    """The row transform from complete rows; intercepts are taken from the design, not guessed from data."""
+    xi, zi = _intercepts(design)
+    z_centre = len(design.blocks) == 1
+
+    def moments(M, centre):
+        if M.shape[0] == 0:
+            return np.zeros(M.shape[1]), np.ones(M.shape[1])
+        m = M.mean(axis=0)
+        return m, (M.std(axis=0) if centre else np.sqrt((M * M).mean(axis=0)))
+
+    xm, xsd = moments(X, xi >= 0)
+    zm, zsd = moments(Z, zi >= 0 and z_centre)
+    ym, ysd = moments(y.reshape(-1, 1), xi >= 0)
+    return _rounded_scaling(xm, xsd, zm, zsd, ym[0], ysd[0], xi, zi, z_centre)
+
+
+def canonical_scaling(stats: Statistics, scaling: Scaling, z_centre: bool) -> Scaling:
+    """The rounded transform given by the moments of *all* rows (from statistics under ``scaling``)."""
+    N = float(stats.N)
+    xi, zi = scaling.x_intercept, scaling.z_intercept
+    # moments in the current (well-conditioned) coordinates, then mapped per column
+    dX = np.diag(stats.XtX) / N
+    mX = stats.XtX[xi] / N if xi >= 0 else np.zeros_like(dX)
+    sA = stats.A.sum(axis=0) / N
+    dZ = np.diag(sA)
+    mZ = sA[zi] if zi >= 0 else np.zeros_like(dZ)
+    yy = stats.yty / N
+    my = stats.Xty[xi] / N if xi >= 0 else 0.0
+
+    def orig(shift, scale, m, d, centre):
+        if centre:
+            return shift + scale * m, scale * np.sqrt(np.maximum(d - m * m, 0.0))
+        return shift + scale * m, scale * np.sqrt(np.maximum(d, 0.0))
+
+    xm, xsd = orig(scaling.x_shift, scaling.x_scale, mX, dX, xi >= 0)
+    zm, zsd = orig(scaling.z_shift, scaling.z_scale, mZ, dZ, zi >= 0 and z_centre)
+    ym, ysd = orig(scaling.y_shift, scaling.y_scale, my, yy, xi >= 0)
+    return _rounded_scaling(xm, xsd, zm, zsd, float(ym), float(ysd), xi, zi, z_centre)
+
+
+def same_scaling(a: Scaling, b: Scaling) -> bool:
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in
+               ("x_shift", "x_scale", "z_shift", "z_scale", "y_shift", "y_scale", "x_intercept", "z_intercept"))
+
+
+def transform_statistics(stats: Statistics, old: Scaling, new: Scaling, block: int = 1 << 16) -> None:
+    """Map statistics accumulated under ``old`` to ``new``, exactly, in place (groups in blocks).
+
+    With X~ = X T: X~new = X~old Tx (Tx = Told^-1 Tnew), likewise Z~new = Z~old Mz, and
+    y~new = a y~old + b 1, where 1 is the (untransformed) intercept column of X.
+    """
+    if old.x_intercept != new.x_intercept or old.z_intercept != new.z_intercept:
+        raise ValueError("transforms with different intercept columns cannot be converted")
+    xi = old.x_intercept
+    Tx = np.linalg.solve(old.x_matrix(), new.x_matrix())
+    Mz = np.linalg.solve(old.z_matrix(), new.z_matrix())
+    a = old.y_scale / new.y_scale
+    b = (old.y_shift - new.y_shift) / new.y_scale
+    if b != 0.0 and xi < 0:  # pragma: no cover - shifts need an intercept
+        raise ValueError("a response shift needs an intercept column")
+    XtX, Xty = stats.XtX, stats.Xty
+    ones = XtX[:, xi] if xi >= 0 else np.zeros_like(Xty)
+    new_Xty = Tx.T @ (a * Xty + b * ones)
+    new_yty = a * a * stats.yty + (2.0 * a * b * Xty[xi] if xi >= 0 else 0.0) + b * b * stats.N
+    stats.XtX = Tx.T @ XtX @ Tx
+    stats.Xty = new_Xty
+    stats.yty = float(new_yty)
+    A, B, c = stats.A, stats.B, stats.c
+    # Usually only a few of the rounded moments differ: skip the identity parts.
+    z_id = np.array_equal(Mz, np.eye(Mz.shape[0]))
+    x_id = np.array_equal(Tx, np.eye(Tx.shape[0]))
+    for lo in range(0, A.shape[0], block):
+        hi = min(lo + block, A.shape[0])
+        Ab, Bb, cb = A[lo:hi], B[lo:hi], c[lo:hi]
+        if a != 1.0:
+            cb *= a
+        if b != 0.0:
+            cb += b * Bb[:, :, xi]
+        if not z_id:  # Mz' M Mz for each group's M
+            Ab[...] = np.einsum("ka,gkl,lb->gab", Mz, Ab, Mz, optimize=True)
+            Bb[...] = np.einsum("ka,gkm->gam", Mz, Bb, optimize=True)
+            cb[...] = cb @ Mz
+        if not x_id:
+            Bb[...] = Bb @ Tx
