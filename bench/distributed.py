@@ -206,7 +206,7 @@ def main() -> None:
     sets = [(args.rows // 10, dataset(args.rows // 10, args.files)), (args.rows, dataset(args.rows, args.files))]
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
-    rows_out, extra = [], []
+    rows_out = []
     try:
         for nrows, files in sets:
             loc = local_run(files)

@@ -173,8 +173,8 @@ def _reduce_part(part: str | pd.DataFrame | pl.DataFrame, index: int,
         for label, chunk in source.batches(plan.design.columns, plan.chunk_rows):
             y, X, Z, chunk = _complete_rows(chunk, f"partition {index}" if label == "data" else label, plan, tot)
             if y.size:
-                plan.scaling.apply(X, Z, y)
-                stats.add_rows(groups.codes(chunk.get_column(plan.group)), X, Z, y, 1)
+                # the transform is applied inside the kernel, as on a single machine
+                stats.add_rows(groups.codes(chunk.get_column(plan.group)), X, Z, y, 1, plan.scaling)
     tot.XtX, tot.Xty, tot.ZtZ, tot.yty, tot.N = stats.XtX, stats.Xty, stats.A.sum(axis=0), stats.yty, stats.N
     keep = stats.n > 0  # a group whose rows were all dropped is no group of the fit
     return _partial_frame(groups.keys.filter(pl.Series(keep)), stats.subset_groups(keep), index, plan), tot

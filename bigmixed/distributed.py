@@ -6,8 +6,8 @@ Only how the statistics are computed and where they live changes (DESIGN.md sect
 1. A worker lists and validates the files and reads the prototype (first rows), as the
    single-machine path does; the driver freezes the Design and a first Scaling from it.
 2. One task per input partition (a file, or a Dask DataFrame partition) streams its rows
-   through ``Design.matrices``, ``Scaling.apply`` and ``Statistics.add_rows`` (the numba
-   kernel) into partial statistics: one row per (group, partition) of a pandas frame.
+   through ``Design.matrices`` and ``Statistics.add_rows`` (the numba kernel, which also applies
+   the row transform) into partial statistics: one row per (group, partition) of a pandas frame.
 3. One task adds the partitions' global sums and picks the canonical (rounded) transform
    from them, as ``build_statistics`` does (:func:`~bigmixed.pipeline.canonical_scaling`),
    so both paths solve the same transformed problem and agree to round-off.

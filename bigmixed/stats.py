@@ -82,43 +82,6 @@ class Scaling:
     def identity(cls, p: int, q: int) -> "Scaling":
         return cls(np.zeros(p), np.ones(p), np.zeros(q), np.ones(q), 0.0, 1.0, -1, -1)
 
-    @classmethod
-    def from_sample(
-        cls,
-        X: np.ndarray,
-        Z: np.ndarray,
-        y: np.ndarray,
-        *,
-        z_may_centre: bool,
-    ) -> "Scaling":
-        """Choose shifts and scales from a sample of (complete) rows.
-
-        Any sample works for exactness; a representative one only improves
-        the conditioning.  Constant columns other than the intercept are left
-        as they are (their scale would be 0).
-        """
-        p, q = X.shape[1], Z.shape[1]
-        if X.shape[0] == 0:
-            return cls.identity(p, q)
-        xi = _intercept_column(X)
-        zi = _intercept_column(Z)
-        x_shift, x_scale = _centre_scale(X, xi, centre=xi >= 0)
-        z_shift, z_scale = _centre_scale(Z, zi, centre=zi >= 0 and z_may_centre)
-        y_shift = float(np.mean(y)) if xi >= 0 else 0.0
-        y_scale = float(np.std(y))
-        if not np.isfinite(y_scale) or y_scale <= 0.0:
-            y_scale = float(np.max(np.abs(y))) if y.size and np.max(np.abs(y)) > 0 else 1.0
-        return cls(x_shift, x_scale, z_shift, z_scale, y_shift, y_scale, xi, zi)
-
-    def apply(self, X: np.ndarray, Z: np.ndarray, y: np.ndarray) -> None:
-        """Transform the arrays in place."""
-        X -= self.x_shift
-        X /= self.x_scale
-        Z -= self.z_shift
-        Z /= self.z_scale
-        y -= self.y_shift
-        y /= self.y_scale
-
     # The linear maps between the original and the transformed coefficients:
     # X = X~ Tx^{-1}  <=>  X~ = X Tx, so  X beta = X~ (Tx^{-1} beta).
 
@@ -165,31 +128,6 @@ class Scaling:
             int(d["x_intercept"]),
             int(d["z_intercept"]),
         )
-
-
-def _intercept_column(M: np.ndarray) -> int:
-    for j in range(M.shape[1]):
-        col = M[:, j]
-        if col.size and col[0] == 1.0 and np.all(col == 1.0):
-            return j
-    return -1
-
-
-def _centre_scale(M: np.ndarray, icol: int, centre: bool) -> tuple[np.ndarray, np.ndarray]:
-    k = M.shape[1]
-    shift = np.zeros(k)
-    scale = np.ones(k)
-    for j in range(k):
-        if j == icol:
-            continue
-        col = M[:, j]
-        mu = float(np.mean(col))
-        sd = float(np.std(col)) if centre else float(np.sqrt(np.mean(col * col)))
-        if centre:
-            shift[j] = mu
-        if np.isfinite(sd) and sd > 0.0:
-            scale[j] = sd
-    return shift, scale
 
 
 def _affine_matrix(shift: np.ndarray, scale: np.ndarray, icol: int) -> np.ndarray:
