@@ -225,7 +225,7 @@ class MixedLMResults:
         """Covariance of (vech Psi, sigma^2) from the Hessian of the deviance (delta method).
 
         The Hessian is taken in the transformed problem's (theta, sigma^2) by
-        central differences of the analytic gradient, then mapped to Psi.
+        forward differences of the analytic gradient, then mapped to Psi.
         """
         obj = self.objective_fn
         th = self._sol.theta
