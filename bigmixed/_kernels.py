@@ -90,6 +90,83 @@ def _chol_solve_vec(q, L, v):
 # --------------------------------------------------------------------------
 
 
+@njit(inline="always", **_JIT)
+def _accumulate_range(q, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
+                      count_unknown, XtX, Xty, out):
+    """The rows whose code lies in ``[glo, ghi)``; ``out`` gets (y'y, used, skipped)."""
+    N = codes.shape[0]
+    xr = np.empty(p)
+    zr = np.empty(q)
+    yty = 0.0
+    used = 0
+    skip = 0
+    for j in range(N):
+        g = codes[j]
+        if g < 0:
+            if count_unknown:
+                skip += 1
+            continue
+        if g < glo or g >= ghi:
+            continue
+        yj = (y[j] - ys) * yi
+        tot = yj
+        for k in range(p):
+            v = (XT[k, j] - xs[k]) * xi[k]
+            xr[k] = v
+            tot += v
+        for a in range(q):
+            v = (ZT[a, j] - zs[a]) * zi[a]
+            zr[a] = v
+            tot += v
+        # One test for the common all-finite row (a NaN or inf anywhere makes the sum
+        # non-finite); finite values whose sum overflows are checked one by one.
+        if not np.isfinite(tot):
+            ok = np.isfinite(yj)
+            for k in range(p):
+                ok = ok and np.isfinite(xr[k])
+            for a in range(q):
+                ok = ok and np.isfinite(zr[a])
+            if not ok:
+                skip += 1
+                continue
+        used += 1
+        for a in range(q):
+            za = zr[a]
+            for b in range(q):
+                A[g, a, b] += za * zr[b]
+            for k in range(p):
+                B[g, a, k] += za * xr[k]
+            c[g, a] += za * yj
+        n[g] += 1
+        for k in range(p):
+            xk = xr[k]
+            for m in range(k, p):
+                XtX[k, m] += xk * xr[m]
+            Xty[k] += xk * yj
+        yty += yj * yj
+    out[0] = yty
+    out[1] = used
+    out[2] = skip
+
+
+@njit(**_JIT)
+def _accumulate_dispatch(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
+                         count_unknown, XtX, Xty, out):
+    # see _pass1_dispatch: q as a literal unrolls the per-row loops (measured 0.23 -> 0.18 s
+    # for 10M rows at q = 2, one thread)
+    q = ZT.shape[0]
+    p = XT.shape[0]
+    if q == 1:
+        _accumulate_range(1, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
+                          count_unknown, XtX, Xty, out)
+    elif q == 2:
+        _accumulate_range(2, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
+                          count_unknown, XtX, Xty, out)
+    else:
+        _accumulate_range(q, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
+                          count_unknown, XtX, Xty, out)
+
+
 @njit(parallel=True, **_JIT)
 def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, nthreads):
     """Transform rows and add them to the per-group statistics, in place.
@@ -100,79 +177,48 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, nthre
     in a separate numpy pass over the rows.  Rows with a negative code
     (unknown or missing group) or a non-finite value are skipped and counted.
 
-    Rows may come in any order.  Thread ``t`` owns the groups in the code
-    range ``[t G / T, (t + 1) G / T)`` and scans all codes, so no two threads
-    ever write the same group and no per-thread copy of the statistics is
-    needed (the statistics can be gigabytes; a copy per thread would double
-    that).  A range test is two compares; ``code % T`` was an integer division
-    per row and thread.
+    Rows may come in any order.  Thread ``t`` owns the ``t``-th of ``nthreads``
+    equal slices of the range of codes *present in this block* and scans all
+    rows, so no two threads ever write the same group and no per-thread copy
+    of the statistics is needed (the statistics can be gigabytes; a copy per
+    thread would double that).  Slicing the block's own code range, not
+    ``[0, G)``, matters for data sorted by group: a block then holds a narrow
+    range of codes, which a split of ``[0, G)`` would hand to one thread.
 
     Returns per-thread partial global sums ``(XtX, Xty, yty, n_used, n_skipped)``.
     """
     N = codes.shape[0]
     p = XT.shape[0]
-    q = ZT.shape[0]
     out_XtX = np.zeros((nthreads, p, p))
     out_Xty = np.zeros((nthreads, p))
     out_yty = np.zeros(nthreads)
     out_used = np.zeros(nthreads, dtype=np.int64)
     out_skip = np.zeros(nthreads, dtype=np.int64)
-    G = A.shape[0]
+    cmin = A.shape[0]
+    cmax = -1
+    for j in range(N):
+        g = codes[j]
+        if g >= 0:
+            cmin = min(cmin, g)
+            cmax = max(cmax, g)
+    span = max(cmax + 1 - cmin, 0)
     for t in prange(nthreads):
-        glo = t * G // nthreads
-        ghi = (t + 1) * G // nthreads
-        xr = np.empty(p)
-        zr = np.empty(q)
+        glo = cmin + t * span // nthreads
+        ghi = cmin + (t + 1) * span // nthreads
         XtX = np.zeros((p, p))
         Xty = np.zeros(p)
-        yty = 0.0
-        used = 0
-        skip = 0
-        for j in range(N):
-            g = codes[j]
-            # rows of unknown groups are counted by thread 0 only
-            if g < 0:
-                if t == 0:
-                    skip += 1
-                continue
-            if g < glo or g >= ghi:
-                continue
-            yj = (y[j] - ys) * yi
-            ok = np.isfinite(yj)
-            for k in range(p):
-                v = (XT[k, j] - xs[k]) * xi[k]
-                xr[k] = v
-                ok = ok and np.isfinite(v)
-            for a in range(q):
-                v = (ZT[a, j] - zs[a]) * zi[a]
-                zr[a] = v
-                ok = ok and np.isfinite(v)
-            if not ok:
-                skip += 1
-                continue
-            used += 1
-            for a in range(q):
-                za = zr[a]
-                for b in range(q):
-                    A[g, a, b] += za * zr[b]
-                for k in range(p):
-                    B[g, a, k] += za * xr[k]
-                c[g, a] += za * yj
-            n[g] += 1
-            for k in range(p):
-                xk = xr[k]
-                for m in range(k, p):
-                    XtX[k, m] += xk * xr[m]
-                Xty[k] += xk * yj
-            yty += yj * yj
+        res = np.zeros(3)
+        # rows of unknown groups are counted by thread 0 only
+        _accumulate_dispatch(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
+                             t == 0, XtX, Xty, res)
         for k in range(p):
             out_Xty[t, k] = Xty[k]
             for m in range(k, p):
                 out_XtX[t, k, m] = XtX[k, m]
                 out_XtX[t, m, k] = XtX[k, m]
-        out_yty[t] = yty
-        out_used[t] = used
-        out_skip[t] = skip
+        out_yty[t] = res[0]
+        out_used[t] = int(res[1])
+        out_skip[t] = int(res[2])
     return out_XtX, out_Xty, out_yty, out_used, out_skip
 
 

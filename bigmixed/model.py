@@ -280,7 +280,7 @@ class MixedLM:
         # A diagonal theta at exactly 0 (with its column) is a stationary point of the deviance
         # that a gradient method never leaves: start just inside the bound instead.
         theta0 = np.where(tmap.is_diag & (theta0 <= 0.0), 1e-3, theta0)
-        state = minimize(obj, theta0, maxiter=maxiter, gtol=gtol)
+        state = minimize(obj, theta0, maxiter=maxiter, gtol=gtol, warm_start=start_params is None)
         res = MixedLMResults(self, obj, state, scaling)
         if warn:
             if not state.converged:

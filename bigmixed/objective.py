@@ -84,6 +84,19 @@ class LocalBackend:
         )
         return out.sum(axis=0)
 
+    def subsample(self, stride: int) -> "LocalBackend":
+        """Every ``stride``-th group, with the global sums scaled to its share of the rows.
+
+        Only a starting point is wanted from it (:func:`bigmixed.optimize.minimize`):
+        the per-group statistics are exact, the global ``X'X, X'y, y'y`` of those
+        groups' rows are not kept and are approximated by the scaled totals.
+        """
+        s = self.stats
+        sub = s.subset_groups(np.arange(0, s.n_groups, int(stride)))
+        frac = float(sub.n.sum()) / max(s.N, 1)
+        sub.XtX, sub.Xty, sub.yty, sub.N = s.XtX * frac, s.Xty * frac, s.yty * frac, int(sub.n.sum())
+        return LocalBackend(sub, self.nthreads)
+
     def transform_z(self, M: np.ndarray) -> "LocalBackend":
         """Backend for the random-effects design Z M (statistics transformed exactly)."""
         return LocalBackend(self.stats.transform_z(M), self.nthreads)
@@ -289,6 +302,20 @@ class Objective:
         if s.S is not None:
             return gradient_from_fused(s.GA, s.S, s.beta, Finv, kappa, self.reml)
         return self.backend.pass2(s.lam, s.beta, Finv, kappa, self.reml)
+
+    def subsample(self, max_groups: int) -> "Objective | None":
+        """The same objective on about ``max_groups`` evenly spaced groups (None if not worth it).
+
+        Its optimum is a starting point for this one (see :func:`bigmixed.optimize.minimize`).
+        """
+        be = self.backend
+        stride = int(be.n_groups) // int(max_groups)
+        if stride < 10 or not hasattr(be, "subsample"):
+            return None
+        sub = be.subsample(stride)
+        if sub.N <= self.p:
+            return None
+        return Objective(sub, self.map, self.reml, 0.0)
 
     def ols_deviance(self) -> float:
         """The deviance at theta = 0 (no random effects), from the global sums alone.

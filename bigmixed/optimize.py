@@ -1,4 +1,20 @@
-"""Minimise the profiled deviance over theta with L-BFGS-B and the analytic gradient.
+"""Minimise the profiled deviance over theta with the analytic gradient.
+
+Two routes to the same optimum (the same first-order test decides convergence):
+
+* **L-BFGS-B** from lme4's start (Lambda = I): ~13 evaluations for the usual
+  random intercept and slope.
+* **Subsample, then Newton** for many groups (at least ten times
+  ``WARM_GROUPS_MIN``): fit the same model to 2% of the groups, evenly spaced
+  (each evaluation costs that fraction of a full one), take that optimum and a forward-difference
+  Hessian there, scaled up by the ratio of rows, and polish on all groups by
+  Newton steps with BFGS updates of that Hessian.  Starting inside the
+  quadratic region with a good curvature estimate takes 4-5 full evaluations
+  instead of ~13 (measured at 1e5 and 1e6 groups, issue 4).  Anything
+  unusual - a subsample optimum on or near a bound, a non-positive-definite
+  Hessian, a step that does not descend, no convergence in ``NEWTON_MAXITER``
+  steps - hands over to L-BFGS-B from the best point seen, so the route can
+  only save evaluations, never change what is accepted as converged.
 
 The optimiser's state is a small record (:class:`OptimizerState`) kept apart
 from the model and the results, as in MixedModels.jl.
@@ -15,6 +31,15 @@ from scipy import optimize
 from .objective import NumericalError, Objective
 
 __all__ = ["OptimizerState", "minimize", "hessian"]
+
+# The warm-start subsample: a fixed share of the groups, at least WARM_GROUPS_MIN of them,
+# and only when that is at most a tenth of all groups (below, the subsample fit costs about
+# what it saves).  2% keeps its cost near a third of one full evaluation at any size.
+WARM_FRACTION = 0.02
+WARM_GROUPS_MIN = 5_000
+NEWTON_MAXITER = 20
+# Same relative decrease that ends L-BFGS-B (its ftol, see minimize).
+FTOL = 1e-12
 
 
 @dataclass
@@ -65,14 +90,18 @@ def minimize(
     maxiter: int = 1000,
     gtol: float = 1e-6,
     verbose: bool = False,
+    warm_start: bool = True,
 ) -> OptimizerState:
-    """L-BFGS-B on the profiled deviance, then a check of the first-order conditions.
+    """Minimise the profiled deviance, then check the first-order conditions.
 
     Convergence is judged on the gradient projected onto the feasible set,
     relative to the size of the deviance: ``max|g| <= gtol * max(1, |d|)``
     (what lme4's ``check.conv.grad`` looks at, in the same spirit), where ``d`` is
     measured from the deviance without random effects (so that it does not depend on
     the units of the data) and ``g`` is per unit of log(theta) where |theta| > 1.
+
+    ``warm_start`` allows the subsample-then-Newton route (module docstring) when
+    the objective has enough groups; pass False when ``theta0`` is the user's.
     """
     t0 = time.perf_counter()
     bounds = objective.map.bounds()
@@ -97,7 +126,7 @@ def minimize(
             f, g = objective(th)
         except NumericalError:
             # Far out (e.g. theta -> inf when the likelihood is unbounded) the linear algebra
-            # breaks down; +inf makes L-BFGS-B's line search step back instead of crashing.
+            # breaks down; +inf makes a line search step back instead of crashing.
             return np.inf, np.zeros_like(th)
         if verbose:
             history.append((float(f), th.copy()))
@@ -106,24 +135,46 @@ def minimize(
             seen.append((float(f), th.copy(), float(np.max(np.abs(_projected(g, th, lower))))))
         return f, g
 
-    res = optimize.minimize(
-        fg,
-        theta0,
-        jac=True,
-        method="L-BFGS-B",
-        bounds=bounds,
-        # ftol is relative in scipy.  The deviance is a sum over N rows, so its
-        # round-off is ~1e-16 N; asking for less than ~1e-12 relative makes
-        # L-BFGS-B thrash in that noise (seen: 80 evaluations instead of 12 at
-        # 1e6 groups).  1e-12 still pins theta to ~1e-6 relative.  The gradient
-        # test below decides convergence.
-        options={"maxiter": int(maxiter), "ftol": 1e-12, "gtol": 1e-9, "maxcor": 20,
-                 "maxls": 50},
-    )
+    def converged_at(fun, theta, pg):
+        # The gradient is taken per unit of log(theta) where |theta| > 1: far out (a huge start, or
+        # a likelihood that keeps rising as theta -> inf) the deviance is flat in theta itself.
+        scale = max(1.0, abs(fun + shift))
+        return bool(np.max(np.abs(pg) * np.maximum(1.0, np.abs(theta))) <= gtol * scale) if pg.size else True
+
+    start, n_iter, message, done = theta0, 0, "", False
+    if warm_start and hasattr(objective, "subsample"):
+        sub = objective.subsample(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)))
+        guess = _subsample_guess(sub, theta0, lower, objective.N, gtol) if sub is not None else None
+        if guess is not None:
+            done, start, n_iter = _newton(fg, guess[0], guess[1], lower, min(NEWTON_MAXITER, maxiter))
+            message = "Newton steps from a subsample fit converged" if done else ""
+    if done:
+        th = min(seen, key=lambda s: s[0])[1]
+        fun, grad = objective(th)
+        done = converged_at(fun, th, _projected(grad, th, lower))
+    if not done:
+        if seen:  # continue from the best point of the Newton route
+            start = min(seen, key=lambda s: s[0])[1]
+        res = optimize.minimize(
+            fg,
+            start,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            # ftol is relative in scipy.  The deviance is a sum over N rows, so its
+            # round-off is ~1e-16 N; asking for less than ~1e-12 relative makes
+            # L-BFGS-B thrash in that noise (seen: 80 evaluations instead of 12 at
+            # 1e6 groups).  1e-12 still pins theta to ~1e-6 relative.  The gradient
+            # test below decides convergence.
+            options={"maxiter": max(1, int(maxiter) - n_iter), "ftol": FTOL, "gtol": 1e-9, "maxcor": 20,
+                     "maxls": 50},
+        )
+        n_iter += int(res.nit)
+        message = str(res.message)
     if not seen:
         raise ValueError("the deviance cannot be evaluated at the start values (non-finite linear algebra); "
                          "check the data for extreme values, or give other start_params")
-    # Near the optimum L-BFGS-B may accept a step whose "decrease" is round-off; of the points
+    # Near the optimum a step may be accepted whose "decrease" is round-off; of the points
     # whose deviance ties with the best one to round-off take the one with the smallest
     # gradient, so the answer does not hinge on the order rows were summed in (chunking,
     # row order, group labels).
@@ -132,26 +183,84 @@ def minimize(
     theta = np.maximum(min(tied, key=lambda s: s[2])[1], lower)
     fun, grad = objective(theta)
     pg = _projected(grad, theta, lower)
-    scale = max(1.0, abs(fun + shift))
-    # The gradient is taken per unit of log(theta) where |theta| > 1: far out (a huge start, or
-    # a likelihood that keeps rising as theta -> inf) the deviance is flat in theta itself.
-    converged = bool(np.max(np.abs(pg) * np.maximum(1.0, np.abs(theta))) <= gtol * scale) if pg.size else True
-    if not converged and res.nit >= maxiter:
-        message = f"iteration limit reached ({maxiter}); {res.message}"
-    else:
-        message = str(res.message)
+    converged = converged_at(fun, theta, pg)
+    if not converged and n_iter >= maxiter:
+        message = f"iteration limit reached ({maxiter}); {message}"
     return OptimizerState(
         theta0=theta0,
         theta=theta,
         fun=float(fun),
         grad=pg,
-        n_iter=int(res.nit),
+        n_iter=n_iter,
         n_evals=int(objective.n_evals),
         converged=converged,
         message=message,
         seconds=time.perf_counter() - t0,
         history=history,
     )
+
+
+def _subsample_guess(sub: Objective, theta0: np.ndarray, lower: np.ndarray, n_full: int,
+                     gtol: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Optimum and Hessian (scaled to the full data) of the subsample fit, or None if unsuitable."""
+    try:
+        with np.errstate(all="ignore"):
+            st = minimize(sub, theta0, gtol=gtol, warm_start=False)
+            if not st.converged:
+                return None
+            th = st.theta
+            # Near a bound (a variance ~0) the full optimum may lie on it: Newton steps
+            # know nothing of bounds, so leave that case to L-BFGS-B.
+            if np.any(np.isfinite(lower) & (th - lower < 1e-2 * np.maximum(1.0, np.abs(th)))):
+                return None
+            H = hessian(sub, th) * (n_full / sub.N)
+            np.linalg.cholesky(H)  # positive definite, or LinAlgError
+    except (NumericalError, ValueError, np.linalg.LinAlgError, FloatingPointError):
+        return None
+    if not np.all(np.isfinite(H)):
+        return None
+    return th, H
+
+
+def _newton(fg, theta: np.ndarray, H: np.ndarray, lower: np.ndarray, maxiter: int):
+    """Newton steps with BFGS updates of ``H`` from a point near the optimum.
+
+    Returns ``(converged, theta, iterations)``.  Converged means the predicted
+    decrease ``g' H^-1 g / 2`` fell below the relative ``FTOL`` that stops
+    L-BFGS-B; giving up (returns False) is always safe: the caller goes on with
+    L-BFGS-B from the best point evaluated.
+    """
+    f, g = fg(theta)
+    if not np.isfinite(f):
+        return False, theta, 0
+    tol = FTOL * max(1.0, abs(f))
+    for it in range(1, maxiter + 1):
+        try:
+            L = np.linalg.cholesky(H)
+        except np.linalg.LinAlgError:
+            return False, theta, it - 1
+        step = -np.linalg.solve(L.T, np.linalg.solve(L, g))
+        slope = float(g @ step)  # < 0: a descent direction, H being positive definite
+        if -0.5 * slope <= tol:
+            return True, theta, it - 1
+        t = 1.0
+        for _ in range(4):  # halve a step that does not descend (Armijo, with round-off slack)
+            new = theta + t * step
+            if np.any(new < lower):
+                return False, theta, it
+            fn, gn = fg(new)
+            if np.isfinite(fn) and fn <= f + 1e-4 * t * slope + tol:
+                break
+            t *= 0.5
+        else:
+            return False, theta, it
+        s, yv = new - theta, gn - g
+        sy = float(s @ yv)
+        if sy > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(yv)):
+            Hs = H @ s
+            H = H - np.outer(Hs, Hs) / float(s @ Hs) + np.outer(yv, yv) / sy
+        theta, f, g = new, fn, gn
+    return False, theta, maxiter
 
 
 def hessian(fun_grad, x: np.ndarray, rel_step: float = 1e-5) -> np.ndarray:
