@@ -22,7 +22,7 @@ import pandas as pd
 import polars as pl
 
 from . import _kernels
-from .data import GroupIndex, Source, open_source
+from .data import GroupIndex, Source, group_levels, open_source
 from .design import Design
 from .pipeline import (
     _missing_exprs,
@@ -31,7 +31,7 @@ from .pipeline import (
     transform_statistics,
 )
 from .scaling import same_scaling
-from .stats import Scaling, Statistics
+from .stats import SampleSums, Scaling, Statistics
 
 _NON_FINITE = "(non-finite after transformation)"
 
@@ -64,14 +64,17 @@ class _Totals:
     n_read: int = 0
     n_dropped: int = 0
     dropped: dict = field(default_factory=dict)
+    sample: SampleSums | None = None  # global sums over the rows of the hash-sampled groups
 
     @classmethod
     def zero(cls, plan: _Plan) -> _Totals:
         d = dict.fromkeys([*plan.design.columns, _NON_FINITE], 0)
-        return cls(np.zeros((plan.p, plan.p)), np.zeros(plan.p), np.zeros((plan.q, plan.q)), dropped=d)
+        return cls(np.zeros((plan.p, plan.p)), np.zeros(plan.p), np.zeros((plan.q, plan.q)), dropped=d,
+                   sample=SampleSums.zeros(plan.p))
 
     def add(self, o: _Totals) -> None:
         self.XtX, self.Xty, self.ZtZ = self.XtX + o.XtX, self.Xty + o.Xty, self.ZtZ + o.ZtZ
+        self.sample = self.sample.merge(o.sample)
         self.yty += o.yty
         self.N += o.N
         self.n_read += o.n_read
@@ -168,7 +171,7 @@ def _reduce_part(part: str | pd.DataFrame | pl.DataFrame, index: int,
     with _single_thread():
         source = _part_source(part)
         groups = GroupIndex.from_source(source, plan.group)  # this partition's keys only
-        stats = Statistics.empty(groups.n_groups, plan.p, plan.q)
+        stats = Statistics.empty(groups.n_groups, plan.p, plan.q, levels=group_levels(groups.keys))
         tot = _Totals.zero(plan)
         for label, chunk in source.batches(plan.design.columns, plan.chunk_rows):
             y, X, Z, chunk = _complete_rows(chunk, f"partition {index}" if label == "data" else label, plan, tot)
@@ -176,6 +179,7 @@ def _reduce_part(part: str | pd.DataFrame | pl.DataFrame, index: int,
                 # the transform is applied inside the kernel, as on a single machine
                 stats.add_rows(groups.codes(chunk.get_column(plan.group)), X, Z, y, 1, plan.scaling)
     tot.XtX, tot.Xty, tot.ZtZ, tot.yty, tot.N = stats.XtX, stats.Xty, stats.A.sum(axis=0), stats.yty, stats.N
+    tot.sample = stats.sample
     keep = stats.n > 0  # a group whose rows were all dropped is no group of the fit
     return _partial_frame(groups.keys.filter(pl.Series(keep)), stats.subset_groups(keep), index, plan), tot
 
@@ -188,11 +192,13 @@ def _canonical(totals: list[_Totals], plan: _Plan) -> tuple[_Totals, Scaling]:
     if total.N == 0:  # no moments to take; the driver reports it
         return total, plan.scaling
     glob = Statistics(total.ZtZ[None].copy(), np.zeros((1, plan.q, plan.p)), np.zeros((1, plan.q)),
-                      np.zeros(1, dtype=np.int64), total.XtX, total.Xty, total.yty, total.N)
+                      np.zeros(1, dtype=np.int64), total.XtX, total.Xty, total.yty, total.N,
+                      np.zeros(1, dtype=np.int8), total.sample)
     canon = canonical_scaling(glob, plan.scaling, len(plan.design.blocks) == 1)
     if not same_scaling(canon, plan.scaling):
         transform_statistics(glob, plan.scaling, canon)
         total.XtX, total.Xty, total.yty, total.ZtZ = glob.XtX, glob.Xty, glob.yty, glob.A[0]
+        total.sample = glob.sample
     return total, canon
 
 
@@ -207,14 +213,16 @@ def _combine(pdf: pd.DataFrame, plan: _Plan, canon: tuple[_Totals, Scaling]) -> 
     vals = np.ascontiguousarray(df.select([f"v{j}" for j in range(q * q + q * p + q)]).to_numpy())
     summed = np.add.reduceat(vals, starts, axis=0)
     G = starts.size
+    owner_keys = keys.gather(starts).rename("key")
     st = Statistics.empty(G, p, q)
+    st.levels = group_levels(owner_keys)
     st.A = np.ascontiguousarray(summed[:, : q * q].reshape(G, q, q))
     st.B = np.ascontiguousarray(summed[:, q * q: q * q + q * p].reshape(G, q, p))
     st.c = np.ascontiguousarray(summed[:, q * q + q * p:])
     st.n = np.add.reduceat(df.get_column("n").to_numpy().astype(np.int64), starts)
     if not same_scaling(canon[1], plan.scaling):  # the per-group map build_statistics applies
         transform_statistics(st, plan.scaling, canon[1])
-    return _Owner(keys.gather(starts).rename("key"), st)
+    return _Owner(owner_keys, st)
 
 
 # ---------------------------------------------------------------------------
@@ -230,6 +238,13 @@ def _owner_get(o: _Owner, what: str) -> Any:
 def _owner_apply(o: _Owner, method: str, arg: np.ndarray) -> _Owner:
     """A new owner from ``Statistics.<method>(arg)`` (subset_fixed, transform_z)."""
     return _Owner(o.keys, getattr(o.stats, method)(arg))
+
+
+def _sample_task(o: _Owner, level: int) -> tuple:
+    """This owner's share of the warm-start subsample (groups of sampling level >= ``level``)."""
+    s = o.stats
+    keep = s.levels >= level
+    return o.keys.filter(pl.Series(keep)), s.A[keep], s.B[keep], s.c[keep], s.n[keep]
 
 
 def _pass1_task(o: _Owner, lam: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
+from . import _kernels
+
 __all__ = ["Source", "open_source", "GroupIndex", "GROUP_COLUMN"]
 
 # Name used when groups are passed as an array rather than a column name.
@@ -243,7 +245,8 @@ class GroupIndex:
     more than hashing and verifying it.)
     """
 
-    def __init__(self, keys: pl.Series, *, sorted_unique: bool = False) -> None:
+    def __init__(self, keys: pl.Series, *, sorted_unique: bool = False,
+                 _dense: tuple[np.ndarray, int] | None = None) -> None:
         keys = keys.drop_nulls()
         if keys.dtype.is_float():  # NaN/inf keys are missing values like null: their rows are dropped
             keys = keys.filter(keys.is_finite())
@@ -254,7 +257,9 @@ class GroupIndex:
         self._lookup = None
         self._offset = 0
         self._table = None  # hash table, built on first use
-        if self.keys.dtype.is_integer() and self.n_groups:
+        if _dense is not None:  # already built by _dense_index
+            self._lookup, self._offset = _dense
+        elif self.keys.dtype.is_integer() and self.n_groups:
             lo, hi = int(self.keys[0]), int(self.keys[-1])
             span = hi - lo + 1
             if span <= max(4 * self.n_groups, 1 << 16) and span <= 1 << 31:
@@ -270,9 +275,33 @@ class GroupIndex:
         return state
 
     @classmethod
+    def _dense_index(cls, keys: pl.Series) -> "GroupIndex | None":
+        """Integer keys in memory spanning a compact range: distinct keys and table in two passes, no sort.
+
+        (10M rows, 1M keys: 25 ms instead of 90 ms for polars' unique + sort and
+        the table built after it.)  None when the range is not compact.
+        """
+        keys = keys.drop_nulls()
+        if not keys.len():
+            return None
+        lo, hi = int(keys.min()), int(keys.max())
+        span = hi - lo + 1
+        if span > max(4 * keys.len(), 1 << 16) or span > 1 << 31 or hi >= 1 << 63:
+            return None
+        table, G = _kernels.dense_key_table(keys.to_numpy().astype(np.int64, copy=False), lo, span)
+        if span > max(4 * G, 1 << 16):  # the rule of __init__: not worth a table
+            return None
+        uniq = pl.Series("key", np.flatnonzero(table >= 0) + lo).cast(keys.dtype)
+        return cls(uniq, sorted_unique=True, _dense=(table, lo))
+
+    @classmethod
     def from_source(cls, source: Source, column: str) -> "GroupIndex":
         """One pass over the key column only (streaming for files)."""
         dtype = source.schema.get(column)
+        if source.frame is not None and dtype is not None and dtype.is_integer():
+            dense = cls._dense_index(source.frame.get_column(column))
+            if dense is not None:
+                return dense
         expr = pl.col(column)
         if dtype in (pl.Categorical,) or isinstance(dtype, pl.Enum):
             expr = expr.cast(pl.String)
@@ -301,13 +330,10 @@ class GroupIndex:
         if self._lookup is not None and values.dtype.is_integer():
             if values.null_count():
                 values = values.fill_null(self._offset - 1)
-            v = values.to_numpy().astype(np.int64, copy=False) - self._offset
-            if v.size and v.min() >= 0 and v.max() < self._lookup.shape[0]:
-                return self._lookup[v]  # the common case: one gather, no masks
-            out = np.full(v.shape[0], -1, dtype=np.int64)
-            ok = (v >= 0) & (v < self._lookup.shape[0])
-            out[ok] = self._lookup[v[ok]]
-            return out
+            if values.dtype == pl.UInt64 and values.len() and values.max() >= 1 << 63:
+                values = values.cast(pl.Int64, strict=False).fill_null(self._offset - 1)  # beyond any key
+            v = values.to_numpy().astype(np.int64, copy=False)
+            return _kernels.dense_codes(v, self._offset, self._lookup)
         if values.dtype != self.keys.dtype:
             try:
                 values = values.cast(self.keys.dtype, strict=False)
@@ -337,6 +363,21 @@ class GroupIndex:
 
     def to_list(self) -> list:
         return self.keys.to_list()
+
+
+def group_levels(keys: pl.Series) -> np.ndarray:
+    """Sampling level of each key (int8): the trailing zero bits of a 32-bit hash of the key.
+
+    About one key in ``2**l`` has level ``>= l``, and the level depends on the key alone,
+    so a Dask partition holding any subset of the keys agrees with the single-machine
+    fit about which groups form the warm-start sample (:class:`bigmixed.stats.SampleSums`).
+    Integer keys hash bijectively (the same for every integer dtype); other keys by
+    polars' hash with a fixed seed.
+    """
+    if keys.dtype.is_integer() and keys.dtype != pl.UInt64:
+        v = keys.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
+        return _kernels.hash_levels(np.ascontiguousarray(v), True)  # = _hash_keys, fused
+    return _kernels.hash_levels(np.ascontiguousarray(_hash_keys(keys, 0)), False)
 
 
 # Fibonacci hashing: an odd multiplier is a bijection of the 64-bit integers and

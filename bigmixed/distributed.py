@@ -56,7 +56,8 @@ from .pipeline import (
     DroppedRowsWarning,
     scaling_from_sample,
 )
-from .stats import Scaling, Statistics, aliased_columns
+from .objective import LocalBackend, subsample_backend
+from .stats import SampleSums, Scaling, Statistics, aliased_columns
 from ._dist_worker import (
     _Plan,
     _inspect_files,
@@ -67,6 +68,7 @@ from ._dist_worker import (
     _combine,
     _owner_get,
     _owner_apply,
+    _sample_task,
     _pass1_task,
     _fused_task,
     _pass2_task,
@@ -136,10 +138,12 @@ class DistributedBackend:
     """
 
     def __init__(self, client: Client, owners: list[Future], groups: DistributedGroups,
-                 p: int, q: int, XtX: np.ndarray, Xty: np.ndarray, yty: float, N: int) -> None:
+                 p: int, q: int, XtX: np.ndarray, Xty: np.ndarray, yty: float, N: int,
+                 sample: SampleSums | None = None) -> None:
         self.client, self.owners, self.groups = client, owners, groups
         self.p, self.q, self.n_groups = int(p), int(q), groups.n_groups
         self.XtX, self.Xty, self.yty, self.N = XtX, Xty, float(yty), int(N)
+        self.sample = sample
 
     def _map(self, fn, *iterables, **kwargs) -> list:
         return self.client.gather(self.client.map(fn, self.owners, *iterables, pure=False, **kwargs))
@@ -176,12 +180,28 @@ class DistributedBackend:
         K = np.concatenate([m[1] for m in parts])[self.groups.order]
         return np.ascontiguousarray(b), np.ascontiguousarray(K)
 
+    def subsample(self, level: int) -> LocalBackend | None:
+        """The warm-start subsample (groups of sampling level >= ``level``), gathered to the driver.
+
+        The same groups, in the same (sorted-key) order and with the same exact sums, as
+        the single-machine fit uses (:class:`~bigmixed.stats.SampleSums`), so both take
+        the same optimiser path.  About G / 2^level groups: a few % of G.
+        """
+        if self.sample is None:
+            return None
+        parts = self._map(_sample_task, level=int(level))
+        keys = pl.concat([pt[0] for pt in parts])
+        order = keys.arg_sort().to_numpy()
+        A, B, c, n = (np.ascontiguousarray(np.concatenate([pt[j] for pt in parts])[order]) for j in range(1, 5))
+        sub = Statistics(A, B, c, n, self.XtX, self.Xty, self.yty, self.N)
+        return subsample_backend(sub, self.sample, level, None)
+
     def transform_z(self, M: np.ndarray) -> DistributedBackend:
         """Backend for the random-effects design Z M, transformed on the workers (lineage kept)."""
         owners = self.client.map(_owner_apply, self.owners, method="transform_z", arg=np.asarray(M, float),
                                  pure=False)
         return DistributedBackend(self.client, owners, self.groups, self.p, self.q,
-                                  self.XtX, self.Xty, self.yty, self.N)
+                                  self.XtX, self.Xty, self.yty, self.N, self.sample)
 
     def group_sizes(self) -> np.ndarray:
         """Rows per group, in sorted-key order."""
@@ -380,7 +400,9 @@ def build_distributed(
         keys = pl.concat([o.keys for o in owned])
         order = keys.arg_sort().to_numpy()  # sorted-key order, as build_statistics codes groups
         stats = Statistics(*(np.ascontiguousarray(np.concatenate([getattr(o.stats, a) for o in owned])[order])
-                             for a in ("A", "B", "c", "n")), total.XtX, total.Xty, total.yty, total.N)
+                             for a in ("A", "B", "c", "n")), total.XtX, total.Xty, total.yty, total.N,
+                           np.ascontiguousarray(np.concatenate([o.stats.levels for o in owned])[order]),
+                           total.sample)
         stats, backend, groups = stats.subset_fixed(kept) if aliased else stats, None, GroupIndex(keys)
         timings["gather"] = time.perf_counter() - t2
     else:
@@ -388,6 +410,7 @@ def build_distributed(
             owners = client.map(_owner_apply, owners, method="subset_fixed", arg=kept, pure=False)
         groups = DistributedGroups(client, owners, [g for g, _ in info])
         stats, backend = None, DistributedBackend(client, owners, groups, len(kept), q,
-                                                  total.XtX[np.ix_(kept, kept)], total.Xty[kept], total.yty, total.N)
+                                                  total.XtX[np.ix_(kept, kept)], total.Xty[kept], total.yty, total.N,
+                                                  total.sample.subset_fixed(kept))
     return BuildResult(stats, design, groups, scaling.subset_fixed(kept), total.n_read, total.n_dropped,
                        dropped, aliased, kept, timings, backend=backend, mode=mode)

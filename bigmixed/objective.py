@@ -20,9 +20,10 @@ import numpy as np
 from scipy import linalg
 
 from . import _kernels
+from ._kernels import LEVEL_MAX, LEVEL_MIN
 from .stats import Statistics, default_threads
 
-__all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1", "NumericalError"]
+__all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1", "NumericalError", "subsample_backend"]
 
 _LOG2PI = float(np.log(2.0 * np.pi))
 # r^2 = h - g'beta is a difference of numbers of the size of y'y.  Below this fraction of y'y
@@ -84,18 +85,16 @@ class LocalBackend:
         )
         return out.sum(axis=0)
 
-    def subsample(self, stride: int) -> "LocalBackend":
-        """Every ``stride``-th group, with the global sums scaled to its share of the rows.
+    def subsample(self, level: int) -> "LocalBackend | None":
+        """The groups of sampling level >= ``level`` (~G / 2^level), or None if not kept.
 
-        Only a starting point is wanted from it (:func:`bigmixed.optimize.minimize`):
-        the per-group statistics are exact, the global ``X'X, X'y, y'y`` of those
-        groups' rows are not kept and are approximated by the scaled totals.
+        See :class:`bigmixed.stats.SampleSums`: their per-group and global sums are exact.
         """
         s = self.stats
-        sub = s.subset_groups(np.arange(0, s.n_groups, int(stride)))
-        frac = float(sub.n.sum()) / max(s.N, 1)
-        sub.XtX, sub.Xty, sub.yty, sub.N = s.XtX * frac, s.Xty * frac, s.yty * frac, int(sub.n.sum())
-        return LocalBackend(sub, self.nthreads)
+        if s.levels is None or s.sample is None:
+            return None
+        return subsample_backend(s.subset_groups(np.flatnonzero(s.levels >= level)), s.sample, level,
+                                 self.nthreads)
 
     def transform_z(self, M: np.ndarray) -> "LocalBackend":
         """Backend for the random-effects design Z M (statistics transformed exactly)."""
@@ -104,6 +103,14 @@ class LocalBackend:
     def conditional_modes(self, lam, beta):
         s = self.stats
         return _kernels.conditional_modes(s.A, s.B, s.c, lam, beta, self.nchunks)
+
+
+def subsample_backend(sub: Statistics, sample, level: int, nthreads: int | None) -> LocalBackend:
+    """A backend for the groups of sampling level >= ``level``: per-group statistics ``sub``
+    (those groups) and their rows' global sums from ``sample`` (a :class:`~bigmixed.stats.SampleSums`).
+    """
+    XtX, Xty, yty, N = sample.at_least(level)
+    return LocalBackend(Statistics(sub.A, sub.B, sub.c, sub.n, XtX, Xty, yty, N), nthreads)
 
 
 class ThetaMap:
@@ -170,7 +177,8 @@ def gradient_from_fused(GA, S, beta, Finv, kappa, reml) -> np.ndarray:
     """d(deviance)/d(Lambda) from the fused pass's tensors.
 
     ``2 GA - 2 kappa sum_kl S[:, :, k, l] g_k g_l - [REML] 2 sum_kl S[:, :, 1+k, 1+l] Finv_kl``
-    with ``g = (1, -beta)``; the same matrix :func:`objective_pass2` accumulates.
+    with ``g = (1, -beta)``; the lower triangle of the matrix :func:`objective_pass2`
+    accumulates (the kernel fills only that, where theta lives; the rest is 0).
     """
     g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
     out = 2.0 * GA - 2.0 * kappa * np.einsum("abkl,k,l->ab", S, g, g)
@@ -303,17 +311,21 @@ class Objective:
             return gradient_from_fused(s.GA, s.S, s.beta, Finv, kappa, self.reml)
         return self.backend.pass2(s.lam, s.beta, Finv, kappa, self.reml)
 
-    def subsample(self, max_groups: int) -> "Objective | None":
-        """The same objective on about ``max_groups`` evenly spaced groups (None if not worth it).
+    def subsample(self, min_groups: int) -> "Objective | None":
+        """The same objective on a hash sample of at least ``min_groups`` groups (None if unavailable).
 
-        Its optimum is a starting point for this one (see :func:`bigmixed.optimize.minimize`).
+        The sample is the groups of the highest sampling level that still holds
+        ``min_groups`` in expectation (:class:`~bigmixed.stats.SampleSums`), and only if that
+        is at most 1/16 of the groups.  Its optimum is a starting point for this objective
+        (see :func:`bigmixed.optimize.minimize`).
         """
         be = self.backend
-        stride = int(be.n_groups) // int(max_groups)
-        if stride < 10 or not hasattr(be, "subsample"):
+        ratio = int(be.n_groups) // max(int(min_groups), 1)
+        if ratio < 2 ** LEVEL_MIN or not hasattr(be, "subsample"):
             return None
-        sub = be.subsample(stride)
-        if sub.N <= self.p:
+        level = min(int(np.log2(ratio)), LEVEL_MAX)
+        sub = be.subsample(level)
+        if sub is None or sub.n_groups < 2 or sub.N <= self.p:
             return None
         return Objective(sub, self.map, self.reml, 0.0)
 

@@ -4,9 +4,11 @@ Two routes to the same optimum (the same first-order test decides convergence):
 
 * **L-BFGS-B** from lme4's start (Lambda = I): ~13 evaluations for the usual
   random intercept and slope.
-* **Subsample, then Newton** for many groups (at least ten times
-  ``WARM_GROUPS_MIN``): fit the same model to 2% of the groups, evenly spaced
-  (each evaluation costs that fraction of a full one), take that optimum and a forward-difference
+* **Subsample, then Newton** for many groups (at least 16 times
+  ``WARM_GROUPS_MIN``): fit the same model to 2-4% of the groups, a sample
+  by a hash of the key whose statistics the pass over the rows kept exactly
+  (:class:`~bigmixed.stats.SampleSums`; each evaluation costs that fraction
+  of a full one), take that optimum and a forward-difference
   Hessian there, scaled up by the ratio of rows, and polish on all groups by
   Newton steps with BFGS updates of that Hessian.  Starting inside the
   quadratic region with a good curvature estimate takes 4-5 full evaluations
@@ -32,9 +34,9 @@ from .objective import NumericalError, Objective
 
 __all__ = ["OptimizerState", "minimize", "hessian"]
 
-# The warm-start subsample: a fixed share of the groups, at least WARM_GROUPS_MIN of them,
-# and only when that is at most a tenth of all groups (below, the subsample fit costs about
-# what it saves).  2% keeps its cost near a third of one full evaluation at any size.
+# The warm-start subsample: about a fixed share of the groups, at least WARM_GROUPS_MIN of
+# them, and only when that is at most 1/16 of all groups (below, the subsample fit costs
+# about what it saves).  2% keeps its cost near a third of one full evaluation at any size.
 WARM_FRACTION = 0.02
 WARM_GROUPS_MIN = 5_000
 NEWTON_MAXITER = 20
@@ -226,9 +228,12 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray, lower: np.ndarray, maxiter: in
     """Newton steps with BFGS updates of ``H`` from a point near the optimum.
 
     Returns ``(converged, theta, iterations)``.  Converged means the predicted
-    decrease ``g' H^-1 g / 2`` fell below the relative ``FTOL`` that stops
-    L-BFGS-B; giving up (returns False) is always safe: the caller goes on with
-    L-BFGS-B from the best point evaluated.
+    decrease ``g' H^-1 g / 2`` fell below 1/1000 of the relative ``FTOL`` that stops
+    L-BFGS-B (a step costs one evaluation, and near the optimum each one gains several
+    digits, so stopping late is cheap; stopping early would leave bigmixed above lme4's
+    optimum), or below ``FTOL`` itself once steps stop descending (round-off).  Giving
+    up (returns False) is always safe: the caller goes on with L-BFGS-B from the best
+    point evaluated.
     """
     f, g = fg(theta)
     if not np.isfinite(f):
@@ -241,19 +246,19 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray, lower: np.ndarray, maxiter: in
             return False, theta, it - 1
         step = -np.linalg.solve(L.T, np.linalg.solve(L, g))
         slope = float(g @ step)  # < 0: a descent direction, H being positive definite
-        if -0.5 * slope <= tol:
+        if -0.5 * slope <= 1e-3 * tol:
             return True, theta, it - 1
         t = 1.0
-        for _ in range(4):  # halve a step that does not descend (Armijo, with round-off slack)
+        for _ in range(4):  # halve a step that does not descend enough (Armijo)
             new = theta + t * step
             if np.any(new < lower):
                 return False, theta, it
             fn, gn = fg(new)
-            if np.isfinite(fn) and fn <= f + 1e-4 * t * slope + tol:
+            if np.isfinite(fn) and fn <= f + 1e-4 * t * slope:
                 break
             t *= 0.5
         else:
-            return False, theta, it
+            return -0.5 * slope <= tol, theta, it
         s, yv = new - theta, gn - g
         sy = float(s @ yv)
         if sy > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(yv)):

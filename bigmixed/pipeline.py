@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .data import GroupIndex, Source, failing_part
+from .data import GroupIndex, Source, failing_part, group_levels
 from .design import Design
 from .formula import ModelSpec
 from .scaling import canonical_scaling, same_scaling, scaling_from_sample, transform_statistics  # noqa: F401
@@ -346,7 +346,9 @@ def build_statistics(
     timings["prepare"] = time.perf_counter() - t0
 
     p, q = len(design.fe_names), len(design.re_names)
-    stats = Statistics.empty(groups.n_groups, p, q)
+    # Sampling levels by key: the pass also keeps exact global sums over a hash sample of the
+    # groups, for the optimiser's warm start (stats.SampleSums).
+    stats = Statistics.empty(groups.n_groups, p, q, levels=group_levels(groups.keys))
     z_may_centre = len(design.blocks) == 1
     exprs = _missing_exprs(design.columns, source.schema)
     dropped = dict.fromkeys(design.columns, 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .design import Design
-from .stats import Scaling, Statistics
+from .stats import SampleSums, Scaling, Statistics
 
 __all__ = ["scaling_from_sample", "canonical_scaling", "transform_statistics", "same_scaling"]
 
@@ -126,13 +126,18 @@ def transform_statistics(stats: Statistics, old: Scaling, new: Scaling, block: i
     b = (old.y_shift - new.y_shift) / new.y_scale
     if b != 0.0 and xi < 0:  # pragma: no cover - shifts need an intercept
         raise ValueError("a response shift needs an intercept column")
-    XtX, Xty = stats.XtX, stats.Xty
-    ones = XtX[:, xi] if xi >= 0 else np.zeros_like(Xty)
-    new_Xty = Tx.T @ (a * Xty + b * ones)
-    new_yty = a * a * stats.yty + (2.0 * a * b * Xty[xi] if xi >= 0 else 0.0) + b * b * stats.N
-    stats.XtX = Tx.T @ XtX @ Tx
-    stats.Xty = new_Xty
-    stats.yty = float(new_yty)
+    def move(XtX, Xty, yty, N):
+        ones = XtX[:, xi] if xi >= 0 else np.zeros_like(Xty)
+        new_yty = a * a * yty + (2.0 * a * b * Xty[xi] if xi >= 0 else 0.0) + b * b * N
+        return Tx.T @ XtX @ Tx, Tx.T @ (a * Xty + b * ones), float(new_yty)
+
+    stats.XtX, stats.Xty, stats.yty = move(stats.XtX, stats.Xty, stats.yty, stats.N)
+    sm = stats.sample
+    if sm is not None:  # the same map for the sums over each sampling level's rows (new arrays:
+        # a SampleSums may be shared by statistics derived from these)
+        moved = [move(sm.XtX[k], sm.Xty[k], sm.yty[k], sm.N[k]) for k in range(sm.N.shape[0])]
+        stats.sample = SampleSums(np.array([m[0] for m in moved]), np.array([m[1] for m in moved]),
+                                  np.array([m[2] for m in moved]), sm.N.copy())
     A, B, c = stats.A, stats.B, stats.c
     # Usually only a few of the rounded moments differ: skip the identity parts.
     z_id = np.array_equal(Mz, np.eye(Mz.shape[0]))

@@ -16,14 +16,14 @@ are linear and the fit is mapped back exactly (see :mod:`bigmixed.results`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 
 from . import _kernels
 
-__all__ = ["Scaling", "Statistics", "aliased_columns"]
+__all__ = ["Scaling", "Statistics", "SampleSums", "aliased_columns"]
 
 
 _BLAS_CONTROLLER = None
@@ -139,6 +139,50 @@ def _affine_matrix(shift: np.ndarray, scale: np.ndarray, icol: int) -> np.ndarra
 
 
 @dataclass
+class SampleSums:
+    """Global sums over the rows of a hash sample of the groups, by sampling level.
+
+    Every group has a *level* (:func:`bigmixed.data.group_levels`, from a hash of its
+    key): about one group in ``2**l`` has level ``>= l``.  Bucket ``b`` holds the sums
+    ``X'X, X'y, y'y, N`` over the rows of the groups of level ``LEVEL_MIN + b`` (the last
+    bucket: ``>= LEVEL_MAX``), so the sums over "every group of level ``>= k``" - a sample
+    of ~G / 2^k groups chosen after the pass, the same whichever rows, files or Dask
+    partitions they came from - are exact.  They make the warm-start subsample of
+    :func:`bigmixed.optimize.minimize` a true fit of those groups.
+    """
+
+    XtX: np.ndarray  # (buckets, p, p)
+    Xty: np.ndarray  # (buckets, p)
+    yty: np.ndarray  # (buckets,)
+    N: np.ndarray  # (buckets,) int64
+
+    @classmethod
+    def zeros(cls, p: int) -> "SampleSums":
+        nb = _kernels.LEVEL_MAX - _kernels.LEVEL_MIN + 1
+        return cls(np.zeros((nb, p, p)), np.zeros((nb, p)), np.zeros(nb), np.zeros(nb, dtype=np.int64))
+
+    def add(self, XtX, Xty, yty, N) -> None:
+        self.XtX = self.XtX + XtX
+        self.Xty = self.Xty + Xty
+        self.yty = self.yty + yty
+        self.N = self.N + N
+
+    def merge(self, other: "SampleSums") -> "SampleSums":
+        out = SampleSums(self.XtX.copy(), self.Xty.copy(), self.yty.copy(), self.N.copy())
+        out.add(other.XtX, other.Xty, other.yty, other.N)
+        return out
+
+    def at_least(self, level: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """``(X'X, X'y, y'y, N)`` over the rows of the groups of level >= ``level``."""
+        b = max(0, int(level) - _kernels.LEVEL_MIN)
+        return self.XtX[b:].sum(axis=0), self.Xty[b:].sum(axis=0), float(self.yty[b:].sum()), int(self.N[b:].sum())
+
+    def subset_fixed(self, cols: np.ndarray) -> "SampleSums":
+        return SampleSums(np.ascontiguousarray(self.XtX[:, cols][:, :, cols]),
+                          np.ascontiguousarray(self.Xty[:, cols]), self.yty.copy(), self.N.copy())
+
+
+@dataclass
 class Statistics:
     """Per-group and global sufficient statistics (transformed rows).
 
@@ -148,6 +192,9 @@ class Statistics:
         Per-group arrays, contiguous: ``(G, q, q)``, ``(G, q, p)``, ``(G, q)``, ``(G,)``.
     XtX, Xty, yty, N
         Global sums over all rows.
+    levels, sample
+        Each group's sampling level (int8, ``(G,)``) and the :class:`SampleSums` by level;
+        None when not kept.
     """
 
     A: np.ndarray
@@ -158,10 +205,16 @@ class Statistics:
     Xty: np.ndarray
     yty: float = 0.0
     N: int = 0
-    extra: dict = field(default_factory=dict)
+    levels: np.ndarray | None = None
+    sample: SampleSums | None = None
 
     @classmethod
-    def empty(cls, G: int, p: int, q: int) -> "Statistics":
+    def empty(cls, G: int, p: int, q: int, levels: np.ndarray | None = None) -> "Statistics":
+        """Zero statistics for ``G`` groups; with ``levels``, :class:`SampleSums` are kept too."""
+        if levels is not None:
+            levels = np.ascontiguousarray(levels, dtype=np.int8)
+            if levels.shape != (G,):
+                raise ValueError(f"levels must have one entry per group ({G}), not {levels.shape}")
         return cls(
             np.zeros((G, q, q)),
             np.zeros((G, q, p)),
@@ -171,6 +224,8 @@ class Statistics:
             np.zeros(p),
             0.0,
             0,
+            levels,
+            SampleSums.zeros(p) if levels is not None else None,
         )
 
     @property
@@ -210,16 +265,19 @@ class Statistics:
         nthreads = nthreads or default_threads()
         p, q = X.shape[1], Z.shape[1]
         sc = scaling or Scaling.identity(p, q)
-        XtX, Xty, yty, used, skipped = _kernels.accumulate_stats(
+        levels = self.levels if self.levels is not None else _NO_LEVELS
+        XtX, Xty, yty, used, skipped, sXtX, sXty, syty, sN = _kernels.accumulate_stats(
             np.ascontiguousarray(codes, dtype=np.int64),
             np.ascontiguousarray(X.T, dtype=np.float64),
             np.ascontiguousarray(Z.T, dtype=np.float64),
             np.ascontiguousarray(y, dtype=np.float64),
             sc.x_shift, 1.0 / sc.x_scale, sc.z_shift, 1.0 / sc.z_scale,
             float(sc.y_shift), 1.0 / float(sc.y_scale),
-            self.A, self.B, self.c, self.n,
+            self.A, self.B, self.c, self.n, levels,
             int(nthreads),
         )
+        if self.sample is not None:
+            self.sample.add(sXtX.sum(axis=0), sXty.sum(axis=0), syty.sum(axis=0), sN.sum(axis=0))
         self.XtX += XtX.sum(axis=0)
         self.Xty += Xty.sum(axis=0)
         self.yty += float(yty.sum())
@@ -230,6 +288,7 @@ class Statistics:
         """Sum of two statistics over the same group coding (disjoint rows)."""
         if self.A.shape != other.A.shape or self.B.shape != other.B.shape:
             raise ValueError("cannot merge statistics of different shapes")
+        both = self.sample is not None and other.sample is not None
         return Statistics(
             self.A + other.A,
             self.B + other.B,
@@ -239,10 +298,16 @@ class Statistics:
             self.Xty + other.Xty,
             self.yty + other.yty,
             self.N + other.N,
+            self.levels if both else None,
+            self.sample.merge(other.sample) if both else None,
         )
 
     def subset_groups(self, keep: np.ndarray) -> "Statistics":
-        """Statistics of the groups selected by the boolean/index array ``keep``."""
+        """Statistics of the groups selected by the boolean/index array ``keep``.
+
+        The global sums (and sample sums) are kept as they are: right when the groups
+        left out have no rows, as in the callers that drop empty groups.
+        """
         return Statistics(
             np.ascontiguousarray(self.A[keep]),
             np.ascontiguousarray(self.B[keep]),
@@ -252,6 +317,8 @@ class Statistics:
             self.Xty,
             self.yty,
             self.N,
+            np.ascontiguousarray(self.levels[keep]) if self.levels is not None else None,
+            self.sample,
         )
 
     def transform_z(self, M: np.ndarray) -> "Statistics":
@@ -259,7 +326,7 @@ class Statistics:
         A = np.ascontiguousarray(np.einsum("ka,gkl,lb->gab", M, self.A, M, optimize=True))
         B = np.ascontiguousarray(np.einsum("ka,gkm->gam", M, self.B, optimize=True))
         c = np.ascontiguousarray(self.c @ M)
-        return Statistics(A, B, c, self.n, self.XtX, self.Xty, self.yty, self.N)
+        return Statistics(A, B, c, self.n, self.XtX, self.Xty, self.yty, self.N, self.levels, self.sample)
 
     def subset_fixed(self, cols: np.ndarray) -> "Statistics":
         """Statistics restricted to the fixed-effect columns ``cols``."""
@@ -273,7 +340,12 @@ class Statistics:
             np.ascontiguousarray(self.Xty[cols]),
             self.yty,
             self.N,
+            self.levels,
+            self.sample.subset_fixed(cols) if self.sample is not None else None,
         )
+
+
+_NO_LEVELS = np.zeros(0, dtype=np.int8)
 
 
 def aliased_columns(XtX: np.ndarray, tol: float = 1e-10) -> np.ndarray:
