@@ -174,7 +174,9 @@ class SampleSums:
 
     def at_least(self, level: int) -> tuple[np.ndarray, np.ndarray, float, int]:
         """``(X'X, X'y, y'y, N)`` over the rows of the groups of level >= ``level``."""
-        b = max(0, int(level) - _kernels.LEVEL_MIN)
+        if not _kernels.LEVEL_MIN <= level <= _kernels.LEVEL_MAX:
+            raise ValueError(f"sample sums are kept for levels {_kernels.LEVEL_MIN}..{_kernels.LEVEL_MAX}, not {level}")
+        b = int(level) - _kernels.LEVEL_MIN
         return self.XtX[b:].sum(axis=0), self.Xty[b:].sum(axis=0), float(self.yty[b:].sum()), int(self.N[b:].sum())
 
     def subset_fixed(self, cols: np.ndarray) -> "SampleSums":

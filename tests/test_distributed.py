@@ -218,3 +218,19 @@ def test_worker_killed_mid_fit_gives_identical_result(resident, local, client, m
     assert res.random_effects_frame().equals(undisturbed.random_effects_frame())
     assert_same(res, local.fit())
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+
+
+def test_warm_start_sample_is_the_same_on_the_cluster(local, resident, monkeypatch):
+    """The warm-start subsample is chosen by key hash, so owners pick the single-machine groups."""
+    from bigmixed import optimize
+
+    monkeypatch.setattr(optimize, "WARM_GROUPS_MIN", 100)  # 2000 groups: a sample of ~125
+    ref = local.fit()
+    res = resident.fit()
+    assert "Newton" in ref.optimizer.message and "Newton" in res.optimizer.message
+    assert_same(res, ref)
+    sub_local = ref.objective_fn.subsample(100).backend
+    sub_dist = res.objective_fn.subsample(100).backend
+    for a in ("A", "B", "c", "n", "XtX", "Xty"):
+        np.testing.assert_allclose(getattr(sub_dist.stats, a), getattr(sub_local.stats, a), rtol=1e-12, atol=1e-12)
+    assert sub_dist.stats.yty == pytest.approx(sub_local.stats.yty, rel=1e-12)

@@ -1,0 +1,200 @@
+"""The optimiser's warm start: hash-sampled groups, exact sample sums, Newton polish.
+
+For many groups :func:`bigmixed.optimize.minimize` fits a hash sample of the groups first
+and polishes on all of them with Newton steps; these tests check each piece against a plain
+numpy twin or a known answer, and that the route changes the cost, never the answer.
+"""
+
+import numpy as np
+import polars as pl
+import pytest
+
+import bigmixed as bm
+from bigmixed import _kernels
+from bigmixed import optimize as opt
+from bigmixed.data import group_levels
+from bigmixed.objective import LocalBackend, Objective, ThetaMap
+from bigmixed.scaling import transform_statistics
+from bigmixed.simulate import simulate, write_parquet
+from bigmixed.stats import Scaling, Statistics
+
+FORMULA = "y ~ x + x2 + (x | subject)"
+
+
+# ---------------------------------------------------------------------------
+# sampling levels and the sample sums the statistics pass keeps
+# ---------------------------------------------------------------------------
+
+
+def test_group_levels_halve_per_level_and_depend_on_the_key_only():
+    keys = pl.Series(np.arange(200_000))
+    lv = group_levels(keys)
+    for level in (1, 4, 8):
+        share = np.mean(lv >= level)
+        assert share == pytest.approx(2.0**-level, rel=0.1)
+    # the same integer in any integer dtype, and any subset of the keys, has the same level
+    small = pl.Series(np.arange(-40, 3000, dtype=np.int32))
+    assert np.array_equal(group_levels(small), group_levels(small.cast(pl.Int64)))
+    assert np.array_equal(group_levels(small.cast(pl.UInt32, strict=False).drop_nulls()), group_levels(small)[40:])
+    assert np.array_equal(group_levels(keys.gather([5, 77, 123456])), lv[[5, 77, 123456]])
+    strings = pl.Series([f"s{i:06d}" for i in range(5000)])
+    assert np.array_equal(group_levels(strings), group_levels(strings.reverse()).copy()[::-1])
+    assert group_levels(strings).dtype == np.int8
+
+
+def _problem(G=3000, seed=3):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 6, G)
+    codes = np.repeat(np.arange(G), sizes)
+    N = codes.size
+    X = np.column_stack([np.ones(N), rng.normal(size=N), rng.normal(size=N) * 3 + 1])
+    Z = X[:, :2].copy()
+    y = X @ [1.0, 2.0, -0.5] + rng.normal(size=G)[codes] + rng.normal(size=N)
+    perm = rng.permutation(N)
+    return codes[perm], np.asfortranarray(X[perm]), np.asfortranarray(Z[perm]), y[perm]
+
+
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_sample_sums_match_numpy(nthreads):
+    codes, X, Z, y = _problem()
+    G = int(codes.max()) + 1
+    levels = group_levels(pl.Series(np.arange(G)))
+    st = Statistics.empty(G, 3, 2, levels=levels)
+    for chunk in np.array_split(np.arange(len(y)), 5):  # chunked, rows in any order
+        st.add_rows(codes[chunk], X[chunk], Z[chunk], y[chunk], nthreads)
+    for level in range(_kernels.LEVEL_MIN, _kernels.LEVEL_MAX + 1):
+        rows = levels[codes] >= level
+        XtX, Xty, yty, N = st.sample.at_least(level)
+        np.testing.assert_allclose(XtX, X[rows].T @ X[rows], rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(Xty, X[rows].T @ y[rows], rtol=1e-12, atol=1e-9)
+        assert yty == pytest.approx(float(y[rows] @ y[rows]), rel=1e-12)
+        assert N == int(rows.sum())
+    assert st.sample.at_least(_kernels.LEVEL_MIN)[3] > 0  # the sample is not empty
+    with pytest.raises(ValueError, match="levels 4..12"):
+        st.sample.at_least(_kernels.LEVEL_MIN - 1)  # not kept: no silent wrong sums
+    # dropping columns keeps the sums of the others
+    sub = st.subset_fixed(np.array([0, 2]))
+    rows = levels[codes] >= 5
+    np.testing.assert_allclose(sub.sample.at_least(5)[0], X[rows][:, [0, 2]].T @ X[rows][:, [0, 2]], rtol=1e-12)
+
+
+def test_sample_sums_follow_the_row_transform_exactly():
+    """transform_statistics maps the sample sums as it maps the global ones (same as transforming the rows)."""
+    codes, X, Z, y = _problem(seed=4)
+    G = int(codes.max()) + 1
+    levels = group_levels(pl.Series(np.arange(G)))
+    old = Scaling(np.array([0.0, 0.25, 1.0]), np.array([1.0, 2.0, 4.0]), np.array([0.0, 0.25]),
+                  np.array([1.0, 2.0]), 0.5, 2.0, 0, 0)
+    new = Scaling(np.array([0.0, 0.0, 1.0]), np.array([1.0, 1.0, 2.0]), np.array([0.0, 0.0]),
+                  np.array([1.0, 1.0]), 1.0, 4.0, 0, 0)
+    moved = Statistics.empty(G, 3, 2, levels=levels)
+    moved.add_rows(codes, X, Z, y, 2, old)
+    transform_statistics(moved, old, new)
+    direct = Statistics.empty(G, 3, 2, levels=levels)
+    direct.add_rows(codes, X, Z, y, 2, new)
+    for level in (4, 6):
+        for a, b in zip(moved.sample.at_least(level), direct.sample.at_least(level)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# Newton steps
+# ---------------------------------------------------------------------------
+
+
+def _quadratic(center, A, f0=100.0):
+    calls = []
+
+    def fg(th):
+        d = th - center
+        calls.append(th.copy())
+        return f0 + 0.5 * d @ A @ d, A @ d
+
+    return fg, calls
+
+
+def test_newton_converges_with_a_rough_hessian():
+    A = np.array([[4.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 2.0]])
+    center = np.array([1.0, 0.3, 0.5])
+    fg, calls = _quadratic(center, A)
+    ok, theta, it = opt._newton(fg, center + 0.05, 1.4 * A + 0.1 * np.eye(3), np.array([0.0, -np.inf, 0.0]), 20)
+    assert ok
+    np.testing.assert_allclose(theta, center, atol=1e-6)
+    assert it == len(calls) - 1 and it <= 8  # BFGS updates repair the Hessian quickly
+
+
+def test_newton_gives_up_at_a_bound_and_when_it_cannot_descend():
+    A = np.eye(2)
+    fg, _ = _quadratic(np.array([-1.0, 0.5]), A)  # optimum outside theta_0 >= 0
+    ok, theta, _ = opt._newton(fg, np.array([0.5, 0.5]), A, np.array([0.0, -np.inf]), 20)
+    assert not ok and np.all(theta >= 0)
+
+    def rising(th):  # the gradient points the wrong way: no step descends
+        return float(th @ th), -2.0 * th
+
+    ok, _, _ = opt._newton(rising, np.array([1.0, 1.0]), A, np.array([-np.inf, -np.inf]), 20)
+    assert not ok
+
+
+# ---------------------------------------------------------------------------
+# the route on real fits
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many_groups():
+    """100k groups (the default threshold is 80k), 1-3 rows each."""
+    return simulate(100_000, 2, seed=21)
+
+
+def _objective(model):
+    b = model.built
+    tmap = ThetaMap(model.k_re)
+    return Objective(LocalBackend(b.stats, 2), tmap, True), tmap
+
+
+def test_warm_start_reaches_the_cold_start_optimum_in_fewer_evaluations(many_groups):
+    res = bm.lmer(FORMULA, many_groups)
+    assert res.converged and "Newton" in res.optimizer.message
+    obj_w, tmap = _objective(res.model)
+    warm = opt.minimize(obj_w, tmap.start())
+    obj_c, _ = _objective(res.model)
+    cold = opt.minimize(obj_c, tmap.start(), warm_start=False)
+    assert "Newton" not in cold.message and cold.converged and warm.converged
+    # the same optimum: never worse than L-BFGS-B's beyond round-off, theta to its precision
+    assert warm.fun <= cold.fun + 1e-11 * abs(cold.fun)
+    np.testing.assert_allclose(warm.theta, cold.theta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.theta, bm.lmer(FORMULA, many_groups, start=res.theta).theta, rtol=1e-5)
+    # passes over all groups (the subsample's are ~1/32 as costly, counted on its own objective)
+    assert obj_w.n_evals <= 8 < obj_c.n_evals
+
+
+def test_warm_start_near_a_bound_hands_over_to_lbfgsb():
+    """No random slope in truth: the sample's optimum is near theta = 0, where Newton steps are not used."""
+    df = simulate(90_000, 2, seed=5, sd_slope=0.0, corr=0.0)
+    model = bm.MixedLM.from_formula("y ~ x + x2", df, re_formula="~x", groups="subject")
+    obj_w, tmap = _objective(model)
+    warm = opt.minimize(obj_w, tmap.start())
+    obj_c, _ = _objective(model)
+    cold = opt.minimize(obj_c, tmap.start(), warm_start=False)
+    assert "Newton" not in warm.message
+    assert warm.fun == cold.fun and np.array_equal(warm.theta, cold.theta)  # the cold path, bit for bit
+
+
+def test_small_data_never_take_the_warm_route():
+    res = bm.lmer(FORMULA, simulate(2000, 5, seed=2))
+    assert "Newton" not in res.optimizer.message
+    obj, tmap = _objective(res.model)
+    assert obj.subsample(opt.WARM_GROUPS_MIN) is None
+
+
+def test_streamed_shuffled_files_take_the_same_route(many_groups, tmp_path):
+    """The sample is chosen by key, so files, row order and chunking do not change the fit."""
+    mem = bm.lmer(FORMULA, many_groups)
+    shuffled = many_groups.sample(fraction=1.0, shuffle=True, seed=3)
+    files = write_parquet(shuffled, tmp_path / "parts", files=4)
+    streamed = bm.lmer(FORMULA, [str(f) for f in files], chunk_rows=37_000)
+    assert "Newton" in streamed.optimizer.message
+    assert streamed.objective == pytest.approx(mem.objective, rel=1e-12)
+    np.testing.assert_allclose(streamed.theta, mem.theta, rtol=1e-8)
+    np.testing.assert_allclose(streamed.fe_params, mem.fe_params, rtol=1e-8)
