@@ -244,20 +244,21 @@ class Objective:
         F = be.XtX - SF
         g = be.Xty - Sg
         h = be.yty - Sh
+        # checked once here, so the small factorisations below skip scipy's own finiteness checks
         if not (np.isfinite(logdet) and np.isfinite(h) and np.all(np.isfinite(F)) and np.all(np.isfinite(g))):
             raise NumericalError(f"non-finite deviance terms at theta={theta}")
         if self.p:
             try:
-                Fchol = linalg.cholesky(F, lower=True)
+                Fchol = linalg.cholesky(F, lower=True, check_finite=False)
             except linalg.LinAlgError:
                 # F is X'V^-1X: positive definite unless X is rank deficient, which
                 # the model layer removes first; guard against round-off anyway.
                 F = F + np.eye(self.p) * 1e-12 * np.max(np.abs(np.diag(F)))
                 try:
-                    Fchol = linalg.cholesky(F, lower=True)
+                    Fchol = linalg.cholesky(F, lower=True, check_finite=False)
                 except linalg.LinAlgError:
                     raise NumericalError(f"X'V^-1X is not positive definite at theta={theta}") from None
-            beta = linalg.cho_solve((Fchol, True), g)
+            beta = linalg.cho_solve((Fchol, True), g, check_finite=False)
             logdetF = 2.0 * float(np.sum(np.log(np.diag(Fchol))))
         else:
             Fchol = np.zeros((0, 0))
@@ -352,4 +353,4 @@ class Objective:
     def _finv(self, s: Pass1) -> np.ndarray:
         if not self.p:
             return np.zeros((0, 0))
-        return linalg.cho_solve((s.Fchol, True), np.eye(self.p))
+        return linalg.cho_solve((s.Fchol, True), np.eye(self.p), check_finite=False)
