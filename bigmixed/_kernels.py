@@ -262,6 +262,63 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level
     return out_XtX, out_Xty, out_yty, out_used, out_skip, out_sXtX, out_sXty, out_syty, out_sN
 
 
+@njit(parallel=True, **_JIT)
+def transform_groups(A, B, c, Mz, Tx, a, b, xi, z_id, x_id, nchunks):
+    """Per group, in place: ``c <- Mz'(a c + b B[:, xi])``, ``A <- Mz' A Mz``, ``B <- Mz' B Tx``.
+
+    The statistics of rows transformed by another row transform (see
+    :func:`bigmixed.scaling.transform_statistics`); ``xi < 0``: no intercept column.
+    ``z_id`` / ``x_id``: Mz / Tx is the identity, so its products are skipped (usually
+    only a shift or two of X change, and then only B moves).
+    """
+    G = A.shape[0]
+    q = A.shape[1]
+    p = B.shape[2]
+    for t in prange(nchunks):
+        lo = t * G // nchunks
+        hi = (t + 1) * G // nchunks
+        AM = np.empty((q, q))
+        BT = np.empty((q, p))
+        w = np.empty(q)
+        c_id = z_id and a == 1.0 and b == 0.0
+        for i in range(lo, hi):
+            if not c_id:
+                for r in range(q):
+                    w[r] = a * c[i, r] + (b * B[i, r, xi] if xi >= 0 else 0.0)
+                for r in range(q):
+                    s = 0.0
+                    for k in range(q):
+                        s += Mz[k, r] * w[k]
+                    c[i, r] = s
+            if not z_id:
+                for r in range(q):
+                    for m in range(q):
+                        s = 0.0
+                        for k in range(q):
+                            s += A[i, r, k] * Mz[k, m]
+                        AM[r, m] = s
+                for r in range(q):
+                    for m in range(q):
+                        s = 0.0
+                        for k in range(q):
+                            s += Mz[k, r] * AM[k, m]
+                        A[i, r, m] = s
+            if z_id and x_id:
+                continue
+            for r in range(q):
+                for m in range(p):
+                    s = 0.0
+                    for k in range(p):
+                        s += B[i, r, k] * Tx[k, m]
+                    BT[r, m] = s
+            for r in range(q):
+                for m in range(p):
+                    s = 0.0
+                    for k in range(q):
+                        s += Mz[k, r] * BT[k, m]
+                    B[i, r, m] = s
+
+
 # --------------------------------------------------------------------------
 # integer group keys -> codes through a dense table
 # --------------------------------------------------------------------------

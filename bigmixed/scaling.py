@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _kernels
 from .design import Design
-from .stats import SampleSums, Scaling, Statistics
+from .stats import SampleSums, Scaling, Statistics, default_threads
 
 __all__ = ["scaling_from_sample", "canonical_scaling", "transform_statistics", "same_scaling"]
 
@@ -89,7 +90,7 @@ def canonical_scaling(stats: Statistics, scaling: Scaling, z_centre: bool) -> Sc
     # moments in the current (well-conditioned) coordinates, then mapped per column
     dX = np.diag(stats.XtX) / N
     mX = stats.XtX[xi] / N if xi >= 0 else np.zeros_like(dX)
-    sA = stats.A.sum(axis=0) / N
+    sA = np.einsum("gab->ab", stats.A) / N  # (sum(axis=0) was 5x slower on (G, q, q))
     dZ = np.diag(sA)
     mZ = sA[zi] if zi >= 0 else np.zeros_like(dZ)
     yy = stats.yty / N
@@ -111,8 +112,8 @@ def same_scaling(a: Scaling, b: Scaling) -> bool:
                ("x_shift", "x_scale", "z_shift", "z_scale", "y_shift", "y_scale", "x_intercept", "z_intercept"))
 
 
-def transform_statistics(stats: Statistics, old: Scaling, new: Scaling, block: int = 1 << 16) -> None:
-    """Map statistics accumulated under ``old`` to ``new``, exactly, in place (groups in blocks).
+def transform_statistics(stats: Statistics, old: Scaling, new: Scaling) -> None:
+    """Map statistics accumulated under ``old`` to ``new``, exactly, in place.
 
     With X~ = X T: X~new = X~old Tx (Tx = Told^-1 Tnew), likewise Z~new = Z~old Mz, and
     y~new = a y~old + b 1, where 1 is the (untransformed) intercept column of X.
@@ -126,6 +127,7 @@ def transform_statistics(stats: Statistics, old: Scaling, new: Scaling, block: i
     b = (old.y_shift - new.y_shift) / new.y_scale
     if b != 0.0 and xi < 0:  # pragma: no cover - shifts need an intercept
         raise ValueError("a response shift needs an intercept column")
+
     def move(XtX, Xty, yty, N):
         ones = XtX[:, xi] if xi >= 0 else np.zeros_like(Xty)
         new_yty = a * a * yty + (2.0 * a * b * Xty[xi] if xi >= 0 else 0.0) + b * b * N
@@ -138,20 +140,9 @@ def transform_statistics(stats: Statistics, old: Scaling, new: Scaling, block: i
         moved = [move(sm.XtX[k], sm.Xty[k], sm.yty[k], sm.N[k]) for k in range(sm.N.shape[0])]
         stats.sample = SampleSums(np.array([m[0] for m in moved]), np.array([m[1] for m in moved]),
                                   np.array([m[2] for m in moved]), sm.N.copy())
-    A, B, c = stats.A, stats.B, stats.c
-    # Usually only a few of the rounded moments differ: skip the identity parts.
-    z_id = np.array_equal(Mz, np.eye(Mz.shape[0]))
-    x_id = np.array_equal(Tx, np.eye(Tx.shape[0]))
-    for lo in range(0, A.shape[0], block):
-        hi = min(lo + block, A.shape[0])
-        Ab, Bb, cb = A[lo:hi], B[lo:hi], c[lo:hi]
-        if a != 1.0:
-            cb *= a
-        if b != 0.0:
-            cb += b * Bb[:, :, xi]
-        if not z_id:  # Mz' M Mz for each group's M
-            Ab[...] = np.einsum("ka,gkl,lb->gab", Mz, Ab, Mz, optimize=True)
-            Bb[...] = np.einsum("ka,gkm->gam", Mz, Bb, optimize=True)
-            cb[...] = cb @ Mz
-        if not x_id:
-            Bb[...] = Bb @ Tx
+    # One parallel pass over the groups (numba), in place.
+    z_id = bool(np.array_equal(Mz, np.eye(Mz.shape[0])))
+    x_id = bool(np.array_equal(Tx, np.eye(Tx.shape[0])))
+    _kernels.transform_groups(stats.A, stats.B, stats.c, np.ascontiguousarray(Mz), np.ascontiguousarray(Tx),
+                              float(a), float(b), int(xi), z_id, x_id,
+                              max(1, min(stats.A.shape[0], 4 * default_threads())))
