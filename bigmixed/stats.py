@@ -217,11 +217,19 @@ class Statistics:
             levels = np.ascontiguousarray(levels, dtype=np.int8)
             if levels.shape != (G,):
                 raise ValueError(f"levels must have one entry per group ({G}), not {levels.shape}")
+        def zeros(shape, dtype=np.float64):
+            # Written here, not left to calloc's lazy zero pages: otherwise the kernel's threads
+            # take the page faults concurrently, which serialises them (a 1e5-group fit: the
+            # statistics pass 30 ms -> 13 ms on a 2-core VM).
+            a = np.empty(shape, dtype=dtype)
+            a.fill(0)
+            return a
+
         return cls(
-            np.zeros((G, q, q)),
-            np.zeros((G, q, p)),
-            np.zeros((G, q)),
-            np.zeros(G, dtype=np.int64),
+            zeros((G, q, q)),
+            zeros((G, q, p)),
+            zeros((G, q)),
+            zeros(G, dtype=np.int64),
             np.zeros((p, p)),
             np.zeros(p),
             0.0,
