@@ -39,6 +39,9 @@ __all__ = ["OptimizerState", "minimize", "hessian"]
 # about what it saves).  2% keeps its cost near a third of one full evaluation at any size.
 WARM_FRACTION = 0.02
 WARM_GROUPS_MIN = 5_000
+# ... and at most about this many (a Dask fit gathers them to the driver once; more would not
+# make the starting point noticeably better).
+WARM_GROUPS_MAX = 200_000
 NEWTON_MAXITER = 20
 # Same relative decrease that ends L-BFGS-B (its ftol, see minimize).
 FTOL = 1e-12
@@ -145,7 +148,8 @@ def minimize(
 
     start, n_iter, message, done = theta0, 0, "", False
     if warm_start and hasattr(objective, "subsample"):
-        sub = objective.subsample(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)))
+        want = min(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)), WARM_GROUPS_MAX)
+        sub = objective.subsample(want)
         guess = _subsample_guess(sub, theta0, lower, objective.N, gtol) if sub is not None else None
         if guess is not None:
             done, start, n_iter = _newton(fg, guess[0], guess[1], lower, min(NEWTON_MAXITER, maxiter))

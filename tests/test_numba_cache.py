@@ -13,11 +13,14 @@ import json, warnings
 warnings.simplefilter("error")  # "Cannot cache compiled function" is a NumbaWarning
 import bigmixed as bm
 from bigmixed import _kernels
-res = bm.lmer("Weight ~ Time + (Time | Pig)", bm.datasets.dietox())
+from bigmixed.simulate import simulate
+res = bm.lmer("Weight ~ Time + (Time | Pig)", bm.datasets.dietox())  # string keys
 res.random_effects_frame()
 res.fittedvalues
+bm.lmer("y ~ x + x2 + (x | subject)", simulate(300, 5, seed=1))  # integer keys: the dense index
 out = {}
-for name in ["accumulate_stats", "objective_fused", "conditional_modes", "linear_predictor"]:
+for name in ["accumulate_stats", "objective_fused", "conditional_modes", "linear_predictor",
+             "hash_levels", "dense_key_table", "dense_codes"]:
     st = getattr(_kernels, name).stats
     out[name] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
 print(json.dumps(out))

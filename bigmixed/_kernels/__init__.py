@@ -1,0 +1,53 @@
+"""Numba kernels: arrays in, arrays out.
+
+Everything that loops over rows or groups lives here: :mod:`._rows` (the pass over the
+rows, key coding, sampling levels, predictions) and :mod:`._groups` (the objective's passes
+over the groups, conditional modes, changes of row transform). The per-group statistics
+(see DESIGN.md section 2) are stored contiguously:
+
+    A (G, q, q)  = Z_i' Z_i          B (G, q, p) = Z_i' X_i
+    c (G, q)     = Z_i' y_i          n (G,)      = n_i
+
+Each objective evaluation is one pass over the groups (two for more than five fixed
+effects), never over rows.
+
+Why the odd structure:
+
+* The per-group work is written once as ``_*_range`` helpers taking ``q`` as an
+  argument and inlined (``inline="always"``) into drivers that branch on
+  ``q in (1, 2, 3)`` with a literal.  After inlining LLVM sees a constant trip
+  count and unrolls the q-loops; a loop over a runtime ``q`` costs ~200 ns per
+  group at q=2 (measured on the prototype), the specialised one a fraction.
+* Drivers split the groups into ``nchunks`` contiguous ranges and ``prange``
+  over the ranges.  Each range accumulates into arrays it allocated itself (no
+  false sharing) and writes once at the end.  The thread count is passed in
+  because calling ``numba.get_num_threads()`` inside a cached parallel
+  function defeats the on-disk cache.
+* No heap allocation per group, no LAPACK: q is tiny, so the q x q Cholesky
+  and triangular solves are hand-rolled.
+"""
+
+from ._common import LEVEL_MAX, LEVEL_MIN
+from ._groups import (
+    conditional_modes,
+    objective_fused,
+    objective_pass1,
+    objective_pass2,
+    transform_groups,
+)
+from ._rows import accumulate_stats, dense_codes, dense_key_table, hash_levels, linear_predictor
+
+__all__ = [
+    "LEVEL_MIN",
+    "LEVEL_MAX",
+    "accumulate_stats",
+    "dense_key_table",
+    "dense_codes",
+    "hash_levels",
+    "linear_predictor",
+    "objective_fused",
+    "objective_pass1",
+    "objective_pass2",
+    "conditional_modes",
+    "transform_groups",
+]
