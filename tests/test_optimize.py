@@ -198,3 +198,25 @@ def test_streamed_shuffled_files_take_the_same_route(many_groups, tmp_path):
     assert streamed.objective == pytest.approx(mem.objective, rel=1e-12)
     np.testing.assert_allclose(streamed.theta, mem.theta, rtol=1e-8)
     np.testing.assert_allclose(streamed.fe_params, mem.fe_params, rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "formula, reml",
+    [
+        ("y ~ x + x2 + (1 | subject)", True),  # q = 1
+        ("y ~ x + x2 + (x | subject)", False),  # ML
+        ("y ~ x + x2 + (x || subject)", True),  # independent effects: Z uncentred, blocks
+        ("y ~ x + x2 + x3 + x4 + x5 + x6 + x7 + (x | subject)", True),  # p = 8: two passes per evaluation
+    ],
+)
+def test_warm_route_agrees_with_lbfgsb_for_other_models(many_groups, formula, reml, monkeypatch):
+    rng = np.random.default_rng(8)
+    df = many_groups.with_columns(*(pl.Series(f"x{k}", rng.normal(size=many_groups.height)) for k in range(3, 8)))
+    warm = bm.lmer(formula, df, REML=reml)
+    monkeypatch.setattr(opt, "WARM_GROUPS_MIN", 10**9)  # no sample can be that large: L-BFGS-B alone
+    cold = bm.lmer(formula, df, REML=reml)
+    assert "Newton" in warm.optimizer.message and "Newton" not in cold.optimizer.message
+    assert warm.converged and cold.converged
+    assert warm.objective <= cold.objective + 1e-11 * abs(cold.objective)
+    np.testing.assert_allclose(warm.theta, cold.theta, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(warm.fe_params, cold.fe_params, rtol=1e-6, atol=1e-9)
