@@ -16,7 +16,7 @@ import os as _os
 # GOMP_SPINCOUNT times before sleeping.  The default (300k, ~8 ms of spinning) competes with
 # the main thread's work between kernels on small machines; OMP_WAIT_POLICY=PASSIVE (no spin)
 # costs ~300 us per kernel call to wake the threads (measured on a 2-core VM: a 1e5-group fit
-# 0.13 s passive, 0.10 s default, 0.08 s with 10k spins, i.e. ~0.3 ms of spinning per call).
+# 0.13 s passive, 0.10 s default, 0.08-0.10 s with 3k-30k spins, i.e. ~0.3 ms of spinning per call).
 # Only a default: an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "10000")

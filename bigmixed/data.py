@@ -376,8 +376,8 @@ def group_levels(keys: pl.Series) -> np.ndarray:
     """
     if keys.dtype.is_integer() and keys.dtype != pl.UInt64:
         v = keys.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
-        return _kernels.hash_levels(np.ascontiguousarray(v), True)  # = _hash_keys, fused
-    return _kernels.hash_levels(np.ascontiguousarray(_hash_keys(keys, 0)), False)
+        return _kernels.hash_levels(np.ascontiguousarray(v), _GOLDEN)  # = _hash_keys, fused
+    return _kernels.hash_levels(np.ascontiguousarray(_hash_keys(keys, 0)), np.uint64(1))
 
 
 # Fibonacci hashing: an odd multiplier is a bijection of the 64-bit integers and

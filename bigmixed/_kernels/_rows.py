@@ -218,20 +218,16 @@ def dense_codes(values, offset, table):
 
 
 @njit(**_JIT)
-def hash_levels(h, mix):
+def hash_levels(h, multiplier):
     """Sampling level per 64-bit hash: trailing zero bits of its top 32 bits (32 if all zero).
 
-    ``mix``: first multiply by the 64-bit golden ratio (Fibonacci hashing), which turns
-    integer keys into well-spread hashes bijectively.
+    Each ``h`` is first multiplied by ``multiplier`` (mod 2^64): the caller's Fibonacci
+    hashing of integer keys, fused into this pass (1 for hashes that are already mixed).
     """
     n = h.shape[0]
     out = np.empty(n, dtype=np.int8)
-    golden = np.uint64(0x9E3779B97F4A7C15)
     for j in range(n):
-        x = h[j]
-        if mix:
-            x = x * golden
-        t = x >> np.uint64(32)
+        t = (h[j] * multiplier) >> np.uint64(32)
         lv = 0
         if t == 0:
             lv = 32
