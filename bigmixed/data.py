@@ -372,11 +372,14 @@ def group_levels(keys: pl.Series) -> np.ndarray:
     so a Dask partition holding any subset of the keys agrees with the single-machine
     fit about which groups form the warm-start sample (:class:`bigmixed.stats.SampleSums`).
     Integer keys hash bijectively (the same for every integer dtype); other keys by
-    polars' hash with a fixed seed.
+    polars' hash with a fixed seed (stable within a polars version, which the processes
+    of a Dask cluster share), floats as float64.
     """
     if keys.dtype.is_integer() and keys.dtype != pl.UInt64:
         v = keys.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
         return _kernels.hash_levels(np.ascontiguousarray(v), _GOLDEN)  # = _hash_keys, fused
+    if keys.dtype.is_float():
+        keys = keys.cast(pl.Float64)
     return _kernels.hash_levels(np.ascontiguousarray(_hash_keys(keys, 0)), np.uint64(1))
 
 

@@ -11,8 +11,8 @@ Two routes to the same optimum (the same first-order test decides convergence):
   of a full one), take that optimum and a forward-difference
   Hessian there, scaled up by the ratio of rows, and polish on all groups by
   Newton steps with BFGS updates of that Hessian.  Starting inside the
-  quadratic region with a good curvature estimate takes 4-5 full evaluations
-  instead of ~13 (measured at 1e5 and 1e6 groups, issue 4).  Anything
+  quadratic region with a good curvature estimate takes 3-4 full evaluations
+  instead of ~13 (4 measured at 1e5 and 1e6 groups, issue 4).  Anything
   unusual - a subsample optimum on or near a bound, a non-positive-definite
   Hessian, a step that does not descend, no convergence in ``NEWTON_MAXITER``
   steps - hands over to L-BFGS-B from the best point seen, so the route can
