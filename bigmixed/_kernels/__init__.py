@@ -35,13 +35,14 @@ from ._groups import (
     objective_pass2,
     transform_groups,
 )
-from ._rows import accumulate_stats, dense_codes, dense_key_table, hash_levels, linear_predictor
+from ._rows import accumulate_stats, dense_codes, hash_levels, linear_predictor, mark_keys, number_keys
 
 __all__ = [
     "LEVEL_MIN",
     "LEVEL_MAX",
     "accumulate_stats",
-    "dense_key_table",
+    "mark_keys",
+    "number_keys",
     "dense_codes",
     "hash_levels",
     "linear_predictor",

@@ -188,21 +188,28 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level
 
 
 @njit(**_JIT)
-def dense_key_table(values, lo, span):
-    """``table[k - lo]`` = rank of key ``k`` among the distinct ``values`` (-1 if absent), and their count.
+def mark_keys(values, lo, table):
+    """``table[v - lo] = 0`` for every value (int64, in ``[lo, lo + len(table))``): present keys.
 
-    ``values`` (int64) must lie in ``[lo, lo + span)``.  One pass to mark, one over
-    the table to number: the distinct keys come out sorted without sorting the rows.
+    Called once per chunk of the key column (a chunk converts to numpy without a copy);
+    :func:`number_keys` then numbers them.
     """
-    table = np.full(span, -1, dtype=np.int64)
     for j in range(values.shape[0]):
         table[values[j] - lo] = 0
+
+
+@njit(**_JIT)
+def number_keys(table):
+    """Number the marked (0) entries of ``table`` 0, 1, ... in order, in place; return how many.
+
+    The distinct keys come out sorted without sorting the rows; unmarked entries stay -1.
+    """
     G = 0
-    for k in range(span):
+    for k in range(table.shape[0]):
         if table[k] == 0:
             table[k] = G
             G += 1
-    return table, G
+    return G
 
 
 @njit(**_JIT)
