@@ -401,3 +401,26 @@ def test_no_warnings_on_clean_data(data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bm.lmer(FORMULA, data[1], chunk_rows=500)
+
+
+def test_in_memory_frames_are_sliced_along_their_own_chunks():
+    """Slices inside one chunk of a polars frame reach numpy without a copy; the fit is unchanged."""
+    from bigmixed.data import _slices
+
+    a = pl.DataFrame({"x": np.arange(1000.0), "k": np.arange(1000)})
+    three = pl.concat([a, a, a], rechunk=False)
+    assert three.n_chunks() == 3
+    assert list(_slices(three, 400)) == [(0, 400), (400, 400), (800, 200), (1000, 400), (1400, 400),
+                                         (1800, 200), (2000, 400), (2400, 400), (2800, 200)]
+    assert not any(three.slice(s, n).get_column("x").to_numpy().flags["OWNDATA"] for s, n in _slices(three, 400))
+    tiny = pl.concat([a.slice(10 * i, 10) for i in range(100)], rechunk=False)  # 100 chunks of 10 rows
+    assert list(_slices(tiny, 400)) == [(0, 400), (400, 400), (800, 200)]
+    assert list(_slices(a, 400)) == [(0, 400), (400, 400), (800, 200)]
+
+    df = simulate(3000, 5, seed=4)
+    pieces = pl.concat([df.slice(0, 7000), df.slice(7000, 5000), df.slice(12000, df.height - 12000)], rechunk=False)
+    assert pieces.n_chunks() == 3
+    ref = bm.lmer(FORMULA, df.rechunk())
+    res = bm.lmer(FORMULA, pieces, chunk_rows=4096)
+    assert res.objective == pytest.approx(ref.objective, rel=1e-12)
+    np.testing.assert_allclose(res.fe_params, ref.fe_params, rtol=1e-10)
