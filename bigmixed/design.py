@@ -316,12 +316,17 @@ class Design:
         k = len(part.names)
         if part.plain is not None:
             for j, c in enumerate(part.plain):
-                if c is None:
-                    out[:, off + j] = 1.0
-                elif is_pl:
-                    out[:, off + j] = chunk.get_column(c).to_numpy()
-                else:
-                    out[:, off + j] = chunk[c].to_numpy(dtype=np.float64, na_value=np.nan)
+                try:
+                    if c is None:
+                        out[:, off + j] = 1.0
+                    elif is_pl:
+                        out[:, off + j] = chunk.get_column(c).to_numpy()
+                    else:
+                        out[:, off + j] = chunk[c].to_numpy(dtype=np.float64, na_value=np.nan)
+                except (ValueError, TypeError):  # e.g. strings in new data for predict()
+                    dtype = chunk.schema[c] if is_pl else chunk[c].dtype
+                    raise ValueError(f"column {c!r} is used as a number by the model but holds {dtype} values; "
+                                     "convert it to a numeric type") from None
             return
         mm = self._formulaic(lambda: part.spec.get_model_matrix(pdf, context={}), part.text)
         arr = np.asarray(mm, dtype=np.float64)

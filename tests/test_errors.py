@@ -691,3 +691,13 @@ def test_cli_hard_data_fits_with_warnings(tmp_path, data):
                "--out", tmp_path / "o3", "--quiet", cwd=tmp_path)
     assert out.returncode == 0 and "bigmixed: warning: the optimiser did not converge" in out.stderr, out.stderr
     assert json.loads((tmp_path / "o3" / "fit.json").read_text())["converged"] is False
+
+
+@pytest.mark.parametrize("frame", [pl.DataFrame, pd.DataFrame])
+def test_predict_with_text_in_a_numeric_column_names_the_column(frame):
+    from bigmixed.simulate import simulate
+
+    res = bm.lmer("y ~ x + x2 + (x | subject)", simulate(100, 5, seed=1))
+    new = frame({"x": ["a", "b"], "x2": [1.0, 2.0], "subject": [1, 2]})
+    with pytest.raises(ValueError, match="column 'x' is used as a number by the model"):
+        res.predict(new)
