@@ -108,10 +108,11 @@ def _single_thread() -> Iterator[None]:
 # ---------------------------------------------------------------------------
 
 
-def _inspect_files(data: Any) -> tuple[list[str], dict, pl.DataFrame]:
+def _inspect_files(data: Any) -> tuple[list[str], dict, pl.DataFrame, dict]:
     """On a worker: expand globs, validate every footer and schema, read the prototype."""
     source = open_source(data)
-    return [str(f) for f in source.files], dict(source.schema), _prototype(source, list(source.schema))
+    return ([str(f) for f in source.files], dict(source.schema), _prototype(source, list(source.schema)),
+            source.partial)
 
 
 def _part_source(part: str | pd.DataFrame | pl.DataFrame) -> Source:

@@ -162,6 +162,7 @@ def iter_predictions(results, data: Any = None, *, keys: Sequence[str] | None = 
     missing_pred = [c for c in design.predictor_columns if c not in source.schema]
     if missing_pred:
         raise ValueError(f"the data to predict lack column(s) {missing_pred} used by the model")
+    source.check_columns(needed)  # a file that lacks one of them
     if group in source.schema:
         needed.append(group)
     # the response's columns (for residuals), when they are all present

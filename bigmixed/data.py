@@ -68,6 +68,9 @@ class Source:
     in_memory: bool
     files: list[Path] = field(default_factory=list)
     frame: pl.DataFrame | None = None  # the whole data when it is in memory
+    # Columns that only some files have: column -> (a file without it, a file with it).  Fine
+    # unless the model uses them (check_columns says which file lacks what).
+    partial: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -79,7 +82,8 @@ class Source:
             return self.frame.lazy()
         if len(self.parts) == 1:
             return self.parts[0][1]
-        return pl.concat([lf for _, lf in self.parts], how="vertical_relaxed")
+        # diagonal: files may differ in columns the model does not use (missing ones read as null)
+        return pl.concat([lf for _, lf in self.parts], how="diagonal_relaxed")
 
     def check_columns(self, needed: Sequence[str]) -> None:
         missing = [c for c in needed if c not in self.schema]
@@ -91,6 +95,12 @@ class Source:
                 close = difflib.get_close_matches(m, self.columns, n=3)
                 hints.append(f"'{m}'" + (f" (close: {', '.join(repr(c) for c in close)})" if close else ""))
             raise ValueError(f"column(s) {', '.join(hints)} not found in the data")
+        lacking = [c for c in dict.fromkeys(needed) if c in self.partial]
+        if lacking:
+            file, other = self.partial[lacking[0]]
+            cols = [c for c in lacking if self.partial[c][0] == file]
+            raise ValueError(f"file '{file}' lacks column(s) {cols} that '{other}' has and the model uses; "
+                             "every file needs the columns the model uses")
 
     def batches(self, columns: Sequence[str], chunk_rows: int,
                 ordered: bool = True) -> Iterator[tuple[str, pl.DataFrame]]:
@@ -204,34 +214,38 @@ def _in_memory(frame: pl.DataFrame, groups) -> Source:
 
 
 def _from_files(files: list[Path]) -> Source:
-    """Validate every file's footer and schema up front, then scan them lazily."""
-    schema: dict[str, pl.DataType] | None = None
-    first = None
+    """Validate every file's footer and schema up front, then scan them lazily.
+
+    Files may differ in columns the model does not use (a column added to newer files);
+    a column shared by several files must have one type (numeric widths may differ).
+    """
+    schema: dict[str, pl.DataType] = {}
+    where: dict[str, Path] = {}  # the first file with each column
+    present: dict[str, int] = {}  # in how many files
+    absent: dict[str, Path] = {}  # a file without the column (the first one seen)
     parts = []
-    for f in files:
+    for k, f in enumerate(files):
         try:
             s = dict(pl.read_parquet_schema(f))
         except Exception as exc:
             raise ValueError(f"file '{f}' is not a readable parquet file ({_short(exc)})") from None
-        if schema is None:
-            schema, first = s, f
-        else:
-            _check_schema(schema, s, first, f)
+        for c, dt in s.items():
+            if c in schema:
+                ref = schema[c]
+                if dt != ref and not (dt.is_numeric() and ref.is_numeric()):
+                    raise ValueError(f"column '{c}' is {dt} in file '{f}' but {ref} in '{where[c]}'; "
+                                     "all files need one type per column")
+            else:
+                schema[c], where[c] = dt, f
+                if k:
+                    absent.setdefault(c, files[0])
+            present[c] = present.get(c, 0) + 1
+        for c in schema:
+            if c not in s:
+                absent.setdefault(c, f)
         parts.append((f"file '{f}'", pl.scan_parquet(f)))
-    assert schema is not None
-    return Source(parts, schema, in_memory=False, files=files)
-
-
-def _check_schema(ref: dict, other: dict, ref_file: Path, file: Path) -> None:
-    missing = [c for c in ref if c not in other]
-    if missing:
-        raise ValueError(f"file '{file}' lacks column(s) {missing} that '{ref_file}' has; all files need one schema")
-    for c, dt in ref.items():
-        odt = other[c]
-        if dt != odt and not (dt.is_numeric() and odt.is_numeric()):
-            raise ValueError(
-                f"column '{c}' is {odt} in file '{file}' but {dt} in '{ref_file}'; all files need one schema"
-            )
+    partial = {c: (str(absent[c]), str(where[c])) for c in schema if present[c] < len(files)}
+    return Source(parts, schema, in_memory=False, files=files, partial=partial)
 
 
 # ---------------------------------------------------------------------------

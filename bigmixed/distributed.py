@@ -231,19 +231,20 @@ class DistributedBackend:
 DistributedBuild = BuildResult
 
 
-def _open_input(client: Client, data: Any) -> tuple[list, dict, pl.DataFrame, bool]:
-    """Partitions (file paths or delayed frames), schema, prototype, whether in memory."""
+def _open_input(client: Client, data: Any) -> tuple[list, dict, pl.DataFrame, bool, dict]:
+    """Partitions (file paths or delayed frames), schema, prototype, whether in memory, and the
+    columns only some files have (``Source.partial``)."""
     if isinstance(data, dd.DataFrame):
         head = client.compute(data.partitions[0].head(SCALING_SAMPLE_ROWS, compute=False)).result()
-        return list(data.to_delayed()), dict(pl.from_pandas(data._meta).schema), pl.from_pandas(head), False
+        return list(data.to_delayed()), dict(pl.from_pandas(data._meta).schema), pl.from_pandas(head), False, {}
     if isinstance(data, (pd.DataFrame, pl.DataFrame, pl.LazyFrame)):
         frame = data.collect() if isinstance(data, pl.LazyFrame) else open_source(data).frame
         k = max(1, min(sum(client.nthreads().values()), frame.height // 10_000))
         # The graph holds the rows, so lineage is intact; the frame fits on the driver anyway.
         bounds = [(i * frame.height // k, (i + 1) * frame.height // k) for i in range(k)]
-        return [dask.delayed(frame.slice(lo, hi - lo)) for lo, hi in bounds], dict(frame.schema), frame, True
-    files, schema, proto = client.submit(_inspect_files, data, pure=False).result()
-    return files, schema, proto, False
+        return [dask.delayed(frame.slice(lo, hi - lo)) for lo, hi in bounds], dict(frame.schema), frame, True, {}
+    files, schema, proto, partial = client.submit(_inspect_files, data, pure=False).result()
+    return files, schema, proto, False, partial
 
 
 def _first_scaling(proto: pl.DataFrame, plan: _Plan) -> Scaling:
@@ -317,10 +318,10 @@ def build_distributed(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    parts, schema, proto, in_memory = _open_input(client, data)
+    parts, schema, proto, in_memory, partial = _open_input(client, data)
     if not parts:
         raise ValueError("the data has no partitions")
-    schema_only = Source([], schema, in_memory=in_memory)
+    schema_only = Source([], schema, in_memory=in_memory, partial=partial)
     schema_only.check_columns([spec.group])
     design = Design(spec, proto, levels)
     schema_only.check_columns(design.columns)

@@ -84,8 +84,13 @@ def _missing_exprs(columns, schema) -> dict[str, pl.Expr]:
 def _prototype(source: Source, columns, rows: int = 50_000) -> pl.DataFrame:
     if source.frame is not None:
         return source.frame
+    lf = source.parts[0][1]
     try:
-        return source.parts[0][1].select(columns).head(rows).collect()
+        have = set(lf.collect_schema())
+        # A column only later files have is a typed null column here: the design can be built,
+        # and check_columns names the file that lacks it if the model uses it.
+        exprs = [pl.col(c) if c in have else pl.lit(None, dtype=source.schema[c]).alias(c) for c in columns]
+        return lf.select(exprs).head(rows).collect()
     except pl.exceptions.PolarsError as exc:
         raise ValueError(f"cannot read {source.parts[0][0]}: {str(exc).splitlines()[0]}") from None
 

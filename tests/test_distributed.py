@@ -234,3 +234,14 @@ def test_warm_start_sample_is_the_same_on_the_cluster(local, resident, monkeypat
     for a in ("A", "B", "c", "n", "XtX", "Xty"):
         np.testing.assert_allclose(getattr(sub_dist.stats, a), getattr(sub_local.stats, a), rtol=1e-12, atol=1e-12)
     assert sub_dist.stats.yty == pytest.approx(sub_local.stats.yty, rel=1e-12)
+
+
+def test_files_differing_in_unused_columns(client, tmp_path):
+    df = simulate(400, 5, seed=12)
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    df.slice(0, 1000).write_parquet(a)
+    df.slice(1000).with_columns(extra=pl.lit(2.0)).write_parquet(b)
+    res = model([str(b), str(a)], client, distributed_mode="resident").fit()
+    assert res.objective == pytest.approx(model(df).fit().objective, rel=RTOL)
+    with pytest.raises(ValueError, match=r"a\.parquet' lacks column\(s\) \['extra'\]"):
+        model([str(a), str(b)], client, formula="y ~ x + extra + (x | subject)")

@@ -642,7 +642,9 @@ def _cli_cases(tmp: Path, data: pd.DataFrame) -> list[tuple[str, list, list[str]
         ("missing file", [good, tmp / "nope.parquet", "-f", f], ["nope.parquet", "does not exist"]),
         ("truncated", [good, trunc, "-f", f], ["trunc.parquet", "not a readable parquet file"]),
         ("schema", [good, other, "-f", f], ["other.parquet", "String"]),
-        ("lacks column", [good, lacks, "-f", f], ["lacks.parquet", "lacks column(s) ['dose']"]),
+        # (a file may lack a column the model does not use: test_files_may_differ_in_columns...)
+        ("lacks column", [good, lacks, "-f", "weight ~ time + dose + (1 | subject)"],
+         ["lacks.parquet", "lacks column(s) ['dose']"]),
         ("corrupt", [good, garbage, "-f", f], ["garbage.parquet", "not a readable parquet file"]),
         ("corrupt page", [good, page, "-f", f], ["page.parquet", "cannot read the group column 'subject'"]),
     ]
@@ -701,3 +703,19 @@ def test_predict_with_text_in_a_numeric_column_names_the_column(frame):
     new = frame({"x": ["a", "b"], "x2": [1.0, 2.0], "subject": [1, 2]})
     with pytest.raises(ValueError, match="column 'x' is used as a number by the model"):
         res.predict(new)
+
+
+def test_files_may_differ_in_columns_the_model_does_not_use(tmp_path):
+    """A column added to newer files is fine until the model uses it; then the lacking file is named."""
+    from bigmixed.simulate import simulate
+
+    d = simulate(300, 5, seed=3)
+    a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+    d.slice(0, 700).write_parquet(a)
+    d.slice(700, 800).with_columns(extra=pl.lit(1.0)).write_parquet(b)
+    d.slice(1500).write_parquet(c)
+    res = bm.lmer("y ~ x + x2 + (x | subject)", [str(b), str(a), str(c)])  # b first: its extra column
+    assert res.objective == pytest.approx(bm.lmer("y ~ x + x2 + (x | subject)", d).objective, rel=1e-10)
+    for order in ([a, b, c], [b, a, c]):
+        with pytest.raises(ValueError, match=r"file '.*a\.parquet' lacks column\(s\) \['extra'\] that '.*b\.parquet'"):
+            bm.lmer("y ~ x + extra + (x | subject)", [str(f) for f in order])
