@@ -161,16 +161,12 @@ class SampleSums:
         nb = _kernels.LEVEL_MAX - _kernels.LEVEL_MIN + 1
         return cls(np.zeros((nb, p, p)), np.zeros((nb, p)), np.zeros(nb), np.zeros(nb, dtype=np.int64))
 
-    def add(self, XtX, Xty, yty, N) -> None:
-        self.XtX = self.XtX + XtX
-        self.Xty = self.Xty + Xty
-        self.yty = self.yty + yty
-        self.N = self.N + N
+    def plus(self, XtX, Xty, yty, N) -> "SampleSums":
+        """New sums with these added (never in place: statistics derived from others share them)."""
+        return SampleSums(self.XtX + XtX, self.Xty + Xty, self.yty + yty, self.N + N)
 
     def merge(self, other: "SampleSums") -> "SampleSums":
-        out = SampleSums(self.XtX.copy(), self.Xty.copy(), self.yty.copy(), self.N.copy())
-        out.add(other.XtX, other.Xty, other.yty, other.N)
-        return out
+        return self.plus(other.XtX, other.Xty, other.yty, other.N)
 
     def at_least(self, level: int) -> tuple[np.ndarray, np.ndarray, float, int]:
         """``(X'X, X'y, y'y, N)`` over the rows of the groups of level >= ``level``."""
@@ -287,7 +283,7 @@ class Statistics:
             int(nthreads),
         )
         if self.sample is not None:
-            self.sample.add(sXtX.sum(axis=0), sXty.sum(axis=0), syty.sum(axis=0), sN.sum(axis=0))
+            self.sample = self.sample.plus(sXtX.sum(axis=0), sXty.sum(axis=0), syty.sum(axis=0), sN.sum(axis=0))
         self.XtX += XtX.sum(axis=0)
         self.Xty += Xty.sum(axis=0)
         self.yty += float(yty.sum())
