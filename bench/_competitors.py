@@ -2,9 +2,12 @@
 
 Two roles:
 
-* **Child** (``python bench/_competitors.py <library> <data.parquet> <out.json>``):
-  imports one library, reads the data, fits ``y ~ x + x2 + (x | subject)``
-  and writes a JSON record (fit time measured around the fit call only).
+* **Child** (``python bench/_competitors.py <library> <data.parquet> <out.json>
+  [--formula F] [--warmup small.parquet]``): imports one library, fits the
+  warm-up file, reads the data, fits the formula (default ``y ~ x + x2 + (x |
+  subject)``) and writes a JSON record (fit time measured around the fit call
+  only).  Libraries: bigmixed, statsmodels, mixedlm, mixedlm-rs (the last two
+  of which take one grouping factor only: statsmodels' API).
   Each run gets a fresh process so its peak RSS is that run's alone and
   imports/JIT caches from other libraries cannot help or hurt it.
 * **Parent helper** (:func:`run_budgeted`): launches a child command in its own
@@ -26,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,34 +53,86 @@ REPO_ROOT = BENCH_DIR.parent
 FitResult = tuple[float, dict[str, Any]]
 
 
-def _fit_bigmixed(path: Path, reml: bool, from_path: bool) -> FitResult:
+def split_single_bar(formula: str) -> tuple[str, str, str]:
+    """``"y ~ x + x2 + (x | subject)"`` -> ``("y ~ x + x2", "~x", "subject")``.
+
+    For the statsmodels-style APIs (statsmodels, mixedlm-rs), which take one
+    grouping factor as ``groups=`` and the random part as ``re_formula``.
+    Raises ``ValueError`` for formulas with other than one ``(re | g)`` term.
+    """
+    bars = re.findall(r"\(([^()|]*)\|([^()|]*)\)", formula)
+    if len(bars) != 1 or "||" in formula:
+        raise ValueError(f"needs exactly one (re | group) term: {formula!r}")
+    re_part, group = (t.strip() for t in bars[0])
+    fixed = re.sub(r"\s*\+\s*\([^()|]*\|[^()|]*\)", "", formula).strip()
+    # patsy: "~x" and "~1 + x" both mean intercept and slope, "~0 + x" slope only
+    return fixed, "~" + re_part, group
+
+
+def _json_floats(v: Any) -> list[float]:
+    import numpy as np
+
+    return [float(t) for t in np.asarray(v, dtype=float).ravel()]
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """``path`` itself, or the ``*.parquet`` files of a directory (sorted: row order)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no *.parquet files in {path}")
+        return files
+    return [path]
+
+
+def _read_pandas(path: Path) -> Any:
+    import pandas as pd
+
+    files = parquet_files(path)
+    if len(files) == 1:
+        return pd.read_parquet(files[0])
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def _fit_bigmixed(path: Path, formula: str, reml: bool, from_path: bool) -> FitResult:
     import bigmixed as bm
     import polars as pl
 
     # By default hand bigmixed an in-memory frame, like every other library,
     # so "fit s" compares fitting, not parquet reading.  --from-path lets it
-    # stream the file itself (then reading is inside its fit time).
-    data: Any = str(path) if from_path else pl.read_parquet(path)
+    # stream the file(s) itself (then reading is inside its fit time): a
+    # directory is given as its glob "DIR/*.parquet".
+    files = parquet_files(path)
+    if from_path:
+        data: Any = str(path / "*.parquet") if path.is_dir() else str(path)
+    else:
+        data = pl.read_parquet(files)
     t0 = time.perf_counter()
-    m = bm.lmer(FORMULA, data, REML=reml)
+    m = bm.lmer(formula, data, REML=reml)
     fit_s = time.perf_counter() - t0
-    return fit_s, {
+    rec: dict[str, Any] = {
         "version": getattr(bm, "__version__", "?"),
         "criterion": float(m.objective),
-        "loglik": float(m.llf),
         "converged": bool(m.converged),
         "input": "parquet path" if from_path else "polars DataFrame",
     }
+    for key, attr in (("loglik", "llf"), ("theta", "theta"), ("fixef", "fixef")):
+        try:
+            v = getattr(m, attr)
+            rec[key] = float(v) if key == "loglik" else _json_floats(v)
+        except Exception:  # noqa: BLE001 - optional extras, the engine's API is moving
+            pass
+    return fit_s, rec
 
 
-def _fit_statsmodels(path: Path, reml: bool, from_path: bool) -> FitResult:
-    import pandas as pd
+def _fit_statsmodels(path: Path, formula: str, reml: bool, from_path: bool) -> FitResult:
     import statsmodels
     import statsmodels.formula.api as smf
 
-    df = pd.read_parquet(path)
+    fixed, re_formula, group = split_single_bar(formula)
+    df = _read_pandas(path)
     t0 = time.perf_counter()
-    res = smf.mixedlm("y ~ x + x2", df, groups=df["subject"], re_formula="~x").fit(reml=reml)
+    res = smf.mixedlm(fixed, df, groups=df[group], re_formula=re_formula).fit(reml=reml)
     fit_s = time.perf_counter() - t0
     # statsmodels' REML llf includes the same constants as lme4's REML
     # log-likelihood (checked to ~1e-10 relative), so -2*llf == REMLcrit.
@@ -85,54 +141,101 @@ def _fit_statsmodels(path: Path, reml: bool, from_path: bool) -> FitResult:
         "criterion": -2.0 * float(res.llf),
         "loglik": float(res.llf),
         "converged": bool(res.converged),
-        "fixef": [float(v) for v in res.fe_params],
+        "fixef": _json_floats(res.fe_params),
     }
 
 
-def _fit_mixedlm(path: Path, reml: bool, from_path: bool) -> FitResult:
+def _fit_mixedlm(path: Path, formula: str, reml: bool, from_path: bool) -> FitResult:
     import mixedlm
-    import pandas as pd
 
-    df = pd.read_parquet(path)
+    df = _read_pandas(path)
     t0 = time.perf_counter()
-    res = mixedlm.lmer(FORMULA, df, REML=reml)
+    res = mixedlm.lmer(formula, df, REML=reml)
     fit_s = time.perf_counter() - t0
     # res.deviance is lme4's REMLcrit for REML fits (mixedlm.REMLcrit(res)
-    # just returns it) and the ML deviance otherwise.
+    # just returns it) and the ML deviance otherwise (checked with 1.3).
     return fit_s, {
         "version": mixedlm.__version__,
         "criterion": float(res.deviance),
         "loglik": float(res.logLik().value),
         "converged": bool(res.converged),
         "optimizer": str(res.optimizer),
-        "theta": [float(v) for v in res.theta],
-        "fixef": [float(v) for v in res.beta],
+        "theta": _json_floats(res.theta),
+        "fixef": _json_floats(res.beta),
     }
 
 
-def _warm_up(library: str, data_dir: Path, reml: bool) -> float:
-    """Fit a 200-group problem first, so "fit s" is the steady-state cost.
+def _fit_mixedlm_rs(path: Path, formula: str, reml: bool, from_path: bool) -> FitResult:
+    """mixedlm-rs: statsmodels' formula API (one grouping factor), Rust core.
+
+    Timed like the others: formula + data to fitted model
+    (``mixedlm_rs.mixedlm(...)`` builds the design with patsy, ``.fit()``
+    optimises).  ``-2 * res.llf`` is lme4's REMLcrit / ML deviance (the
+    package restores the constant its column scaling removes, so it matches
+    lme4 to rounding; checked on the benchmark's data).  lme4's theta (the
+    relative Cholesky factor, column-major lower triangle) is recovered from
+    ``cov_re / scale``.
+    """
+    import mixedlm_rs
+    import numpy as np
+
+    fixed, re_formula, group = split_single_bar(formula)
+    df = _read_pandas(path)
+    t0 = time.perf_counter()
+    res = mixedlm_rs.mixedlm(fixed, df, groups=group, re_formula=re_formula).fit(reml=reml)
+    fit_s = time.perf_counter() - t0
+    rec: dict[str, Any] = {
+        "version": mixedlm_rs.__version__,
+        "criterion": -2.0 * float(res.llf),
+        "loglik": float(res.llf),
+        "converged": bool(res.converged),
+        "singular": bool(res.singular),
+        "fixef": _json_floats(res.fe_params),
+    }
+    try:
+        lam = np.linalg.cholesky(np.atleast_2d(res.cov_re_unscaled))
+        q = lam.shape[0]
+        rec["theta"] = [float(lam[r, c]) for c in range(q) for r in range(c, q)]
+    except np.linalg.LinAlgError:  # singular fit: no Cholesky factor
+        rec["theta"] = None
+    diag = res.diagnostics
+    rec["optimizer"] = diag.get("method")
+    rec["n_evaluations"] = diag.get("n_objective_evaluations")
+    rec["max_abs_projected_gradient"] = diag.get("max_abs_projected_gradient")
+    rec["gradient_tolerance"] = diag.get("gradient_tolerance")
+    return fit_s, rec
+
+
+def _warm_up(library: str, warmup: Path | None, formula: str, data_dir: Path, reml: bool,
+             from_path: bool = False) -> float:
+    """Fit a small problem first, so "fit s" is the steady-state cost.
 
     Every Python library gets the same treatment.  For bigmixed this loads the
     compiled kernels from numba's on-disk cache (~0.5 s once per process);
-    that start-up cost is measured separately by bench/firstcall.py.
+    that start-up cost is measured separately by bench/firstcall.py.  The
+    parent passes a small file of the same layout and model (``--warmup``, read
+    the same way as the data: ``--from-path`` too); without one, a 200-group
+    file of the default model is made here.
     """
-    from bigmixed.simulate import simulate, write_parquet
+    if warmup is None:
+        from bigmixed.simulate import simulate, write_parquet
 
-    small = data_dir / "warmup_200.parquet"
-    if not small.exists():
-        write_parquet(simulate(200, 10, seed=99), small)
+        warmup = data_dir / "warmup_200.parquet"
+        formula = FORMULA
+        if not warmup.exists():
+            write_parquet(simulate(200, 10, seed=99), warmup)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        PY_RUNNERS[library](small, reml, False)
+        PY_RUNNERS[library](warmup, formula, reml, from_path)
     return time.perf_counter() - t0
 
 
-PY_RUNNERS: dict[str, Callable[[Path, bool, bool], FitResult]] = {
+PY_RUNNERS: dict[str, Callable[[Path, str, bool, bool], FitResult]] = {
     "bigmixed": _fit_bigmixed,
     "statsmodels": _fit_statsmodels,
     "mixedlm": _fit_mixedlm,
+    "mixedlm-rs": _fit_mixedlm_rs,
 }
 
 
@@ -144,17 +247,31 @@ def child_main(argv: list[str]) -> int:
     ap.add_argument("library", choices=sorted(PY_RUNNERS))
     ap.add_argument("data", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--formula", default=FORMULA, help="lme4-style formula")
+    ap.add_argument("--warmup", type=Path, help="small data file fitted first (same formula)")
+    ap.add_argument("--warmup-formula", help="formula of the warm-up fit (default: --formula)")
+    ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--ml", action="store_true", help="ML instead of REML")
     ap.add_argument("--from-path", action="store_true", help="bigmixed: pass the parquet path")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    warm_s = _warm_up(a.library, a.data.parent, not a.ml)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit_s, rec = PY_RUNNERS[a.library](a.data, not a.ml, a.from_path)
+    warm_s = None
+    try:
+        if not a.no_warmup:
+            warm_s = _warm_up(a.library, a.warmup, a.warmup_formula or a.formula, a.data.parent, not a.ml,
+                              a.from_path and a.warmup is not None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit_s, rec = PY_RUNNERS[a.library](a.data, a.formula, not a.ml, a.from_path)
+    except Exception as exc:  # noqa: BLE001 - reported, e.g. a model the library cannot fit
+        _write_json(a.out, {"library": a.library, "formula": a.formula, "status": "error",
+                            "error": f"{type(exc).__name__}: {exc}"[:500],
+                            "stage": "fit" if warm_s is not None or a.no_warmup else "warm-up"})
+        return 3
     rec["warmup_s"] = warm_s
     rec.update(
         library=a.library,
+        formula=a.formula,
         fit_s=fit_s,
         # read + fit (+ imports of the library itself); the parent adds
         # interpreter start-up by timing the whole process.
@@ -163,10 +280,14 @@ def child_main(argv: list[str]) -> int:
         # keep warnings (convergence, singular fit, ...) for the report, deduplicated
         warnings=sorted({f"{w.category.__name__}: {w.message}"[:300] for w in caught})[:10],
     )
-    tmp = a.out.with_name(a.out.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, a.out)
+    _write_json(a.out, rec)
     return 0
+
+
+def _write_json(out: Path, rec: dict[str, Any]) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------
@@ -279,10 +400,17 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def python_cmd(library: str, data: Path, out: Path, reml: bool = True,
-               from_path: bool = False) -> list[str]:
+def python_cmd(library: str, data: Path, out: Path, reml: bool = True, from_path: bool = False,
+               formula: str | None = None, warmup: Path | None = None,
+               warmup_formula: str | None = None) -> list[str]:
     """Command line of a Python child run."""
     cmd = [sys.executable, str(Path(__file__).resolve()), library, str(data), str(out)]
+    if formula:
+        cmd += ["--formula", formula]
+    if warmup is not None:
+        cmd += ["--warmup", str(warmup)]
+    if warmup_formula:
+        cmd += ["--warmup-formula", warmup_formula]
     if not reml:
         cmd.append("--ml")
     if from_path:
@@ -290,9 +418,49 @@ def python_cmd(library: str, data: Path, out: Path, reml: bool = True,
     return cmd
 
 
-def lme4_cmd(csv: Path, out: Path, reml: bool = True) -> list[str]:
-    """Command line of an lme4 child run."""
-    return ["Rscript", str(BENCH_DIR / "_lme4.R"), str(csv), str(out), "TRUE" if reml else "FALSE"]
+def lme4_cmd(csv: Path, out: Path, reml: bool = True, formula: str = FORMULA,
+             factors: tuple[str, ...] = ("subject",)) -> list[str]:
+    """Command line of an lme4 child run (``factors``: columns made factors in R)."""
+    return ["Rscript", str(BENCH_DIR / "_lme4.R"), str(csv), str(out), "TRUE" if reml else "FALSE",
+            formula, ",".join(factors)]
+
+
+def bigmixed_cli() -> list[str]:
+    """The ``bigmixed`` command of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "bigmixed"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from bigmixed.cli import main; sys.exit(main())"]
+
+
+def bigmixed_cli_cmd(data: Path | list[Path], out_dir: Path, formula: str = FORMULA,
+                     reml: bool = True) -> list[str]:
+    """``bigmixed fit DATA... -f FORMULA --out DIR --quiet`` (the end-to-end batch job)."""
+    paths = [data] if isinstance(data, Path) else list(data)
+    cmd = [*bigmixed_cli(), "fit", *map(str, paths), "-f", formula, "--out", str(out_dir), "--quiet"]
+    if not reml:
+        cmd.append("--ml")
+    return cmd
+
+
+def read_cli_record(out_dir: Path) -> dict[str, Any]:
+    """Criterion, convergence and phase timings from the ``fit.json`` of a CLI run."""
+    rec = json.loads((out_dir / "fit.json").read_text())
+    crit = rec.get("objective", rec.get("criterion"))
+    out: dict[str, Any] = {
+        "criterion": None if crit is None else float(crit),
+        "converged": rec.get("converged"),
+        "theta": rec.get("theta"),
+        "timings": rec.get("timings"),
+        "version": rec.get("version") or rec.get("bigmixed_version"),
+    }
+    fe = rec.get("fe_params")
+    if isinstance(fe, dict):
+        out["fixef"] = [float(v) for v in fe.values()]
+    warn = rec.get("warnings")
+    if isinstance(warn, list):
+        out["warnings"] = [str(w)[:300] for w in warn][:10]
+    return out
 
 
 def lme4_available() -> tuple[bool, str]:

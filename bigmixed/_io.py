@@ -149,13 +149,15 @@ def iter_predictions(results, data: Any = None, *, keys: Sequence[str] | None = 
                      chunk_rows: int | None = None, include_random: bool = True,
                      progress: bool | None = False) -> Iterator[pl.DataFrame]:
     """Chunks of ``keys`` columns + ``fitted`` (+ ``resid`` when the response is in the data), in row order."""
-    from .pipeline import DEFAULT_CHUNK_ROWS, _Progress
+    from ._progress import Progress
+    from .blups import predict_chunk
+    from .pipeline import DEFAULT_CHUNK_ROWS
 
     source = _predictions_of(results, data)
     design = results.model.built.design
-    group = design.group_column
+    key_cols = [c for c in design.key_columns if c in source.schema]
     if keys is None:
-        keys = [group] if group in source.schema else []
+        keys = key_cols
     keys = list(dict.fromkeys(keys))
     source.check_columns(keys)
     needed = [c for c in design.predictor_columns if c in source.schema]
@@ -163,17 +165,16 @@ def iter_predictions(results, data: Any = None, *, keys: Sequence[str] | None = 
     if missing_pred:
         raise ValueError(f"the data to predict lack column(s) {missing_pred} used by the model")
     source.check_columns(needed)  # a file that lacks one of them
-    if group in source.schema:
-        needed.append(group)
+    needed += [c for c in key_cols if c not in needed]
     # the response's columns (for residuals), when they are all present
-    resp_cols = [c for c in design.columns if c != group and c not in design.predictor_columns]
+    resp_cols = list(design.response_columns)
     with_resid = bool(resp_cols) and all(c in source.schema for c in resp_cols)
     cols = list(dict.fromkeys(keys + needed + (resp_cols if with_resid else [])))
-    bar = _Progress(progress, len(source.parts), "predicting", source.files)
+    bar = Progress(progress, len(source.parts), "predicting", source.files)
     last = None
     try:
         for label, chunk in source.batches(cols, int(chunk_rows or DEFAULT_CHUNK_ROWS), ordered=True):
-            fitted = results._predict_chunk(chunk, include_random)
+            fitted = predict_chunk(results, chunk, include_random)
             out = chunk.select(keys).with_columns(pl.Series("fitted", fitted))
             if with_resid:
                 y = np.asarray(design.response(chunk), dtype=np.float64)

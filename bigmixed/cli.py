@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a linear mixed model to parquet files (paths or globs), streaming them in chunks: "
                     "memory grows with the number of groups, not rows. Prints the summary; with --out writes "
                     "fit.json (estimates, standard errors, variance components, log-likelihood, convergence, "
-                    "dropped rows, timings) and ranef.parquet (one row per group: key and BLUPs).",
+                    "dropped rows, timings) and ranef.parquet (one row per group: key and BLUPs; with several "
+                    "grouping factors one ranef-<factor>.parquet per factor).",
         epilog='examples:\n  bigmixed fit data/*.parquet -f "y ~ x + x2 + (x | subject)" --ml --out results/\n'
                '  bigmixed fit data/ -f "y ~ x" --groups subject --re-formula "~x" --out results/',
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--re-formula", metavar="FORMULA",
                      help="random-effects formula with --groups, e.g. '~x' (default: random intercept)")
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
+    fit.add_argument("--weights", metavar="COLUMN",
+                     help="column of observation (precision) weights, as lme4's weights=")
     fit.add_argument("--out", metavar="DIR", help="write fit.json and ranef.parquet (and pred.parquet) here")
     fit.add_argument("--predictions", action="store_true",
                      help="also write DIR/pred.parquet: key columns, fitted and resid for every input row")
@@ -248,9 +251,9 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
     data: Any = args.data if len(args.data) > 1 else args.data[0]
     try:
         kw = dict(missing=args.missing, chunk_rows=args.chunk_rows, progress=progress,
-                  nthreads=args.threads)
+                  nthreads=args.threads, weights=args.weights)
         if client is not None:
-            kw = dict(missing=args.missing, chunk_rows=args.chunk_rows, client=client)
+            kw = dict(missing=args.missing, chunk_rows=args.chunk_rows, client=client, weights=args.weights)
         if args.groups:
             model = bm.mixedlm(args.formula, data, groups=args.groups, re_formula=args.re_formula, **kw)
         else:
@@ -267,8 +270,11 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
         t2 = time.perf_counter()
         record = res.to_dict()  # standard errors of the variance components: the Hessian
         summary = str(res.summary())
-        need_ranef = out_dir is not None
-        ranef = res.random_effects_frame("polars") if need_ranef else None
+        ranefs = {}
+        if out_dir is not None:  # one file per term: ranef.parquet, or ranef-<term>.parquet for several
+            for k, name in enumerate(res.terms):
+                fname = "ranef.parquet" if len(res.terms) == 1 else f"ranef-{_file_name(name)}.parquet"
+                ranefs[fname] = res.random_effects_frame("polars", term=k)
         timings["inference"] = time.perf_counter() - t2
         _say(args.quiet, summary.rstrip("\n"))
 
@@ -276,13 +282,15 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
         if out_dir is not None:
             t3 = time.perf_counter()
             with OutputSet() as outs:
-                ranef_path = out_dir / "ranef.parquet"
-                ranef.write_parquet(outs.path(ranef_path))
-                written.append(str(ranef_path))
+                for fname, frame in ranefs.items():
+                    ranef_path = out_dir / fname
+                    frame.write_parquet(outs.path(ranef_path))
+                    written.append(str(ranef_path))
                 if args.predictions:
                     pred_path = out_dir / "pred.parquet"
                     src = None if getattr(model, "data", None) is not None else data
-                    keys = [model.spec.group] + [k for k in keep if k != model.spec.group]
+                    key_cols = list(model.spec.key_columns)
+                    keys = key_cols + [k for k in keep if k not in key_cols]
                     write_predictions(res, src, pred_path, keys=keys, chunk_rows=args.chunk_rows,
                                       progress=progress, _tmp=outs.path(pred_path))
                     written.append(str(pred_path))
@@ -301,6 +309,13 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
         if client is not None:
             client.close()
     return 0
+
+
+def _file_name(term: str) -> str:
+    """A term's name as part of a file name: ``cask:batch`` -> ``cask_batch``."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", term).strip("_") or "term"
 
 
 def _write_json_to(record: dict, tmp: Path) -> None:

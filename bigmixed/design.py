@@ -23,6 +23,7 @@ from formulaic.formula import SimpleFormula
 from formulaic.transforms import TRANSFORMS
 
 from .formula import ModelSpec
+from .terms import ReTerm
 
 __all__ = ["Design"]
 
@@ -193,15 +194,27 @@ class Design:
             raise ValueError(f"response {spec.response!r} must be one column or expression, e.g. 'y' or 'np.log(y)'")
         parts = [_Part(f"0 + {spec.response}", resp_f, [])]
         parts.append(_Part(spec.fixed, _parse_rhs(spec.fixed, "fixed effects"), []))
-        parts += [_Part(r, _parse_rhs(r, f"random effects '({r} | {spec.group})'"), []) for r in spec.random]
+        bar_terms = []  # (term index, bar index) of each random part
+        for k, term in enumerate(spec.terms):
+            grp = ":".join(term.factors)
+            for b, r in enumerate(term.exprs):
+                parts.append(_Part(r, _parse_rhs(r, f"random effects '({r} | {grp})'"), []))
+                bar_terms.append((k, b))
+        n_random = len(bar_terms)
+        parts += [_Part(f"0 + {o}", _parse_rhs(f"0 + {o}", f"offset '{o}'"), []) for o in spec.offset]
         cwrapped: set[str] = set()
         for p in parts:
             p.used, cw = _variables(p.formula, columns)
             cwrapped |= cw
-        if spec.group not in set(columns):
-            raise ValueError(_missing(spec.group, columns).replace("formula term", "grouping column", 1))
+        for key in spec.key_columns:
+            if key not in set(columns):
+                raise ValueError(_missing(key, columns).replace("formula term", "grouping column", 1))
+        extra = [spec.weights] if spec.weights else []
+        for w in extra:
+            if w not in set(columns):
+                raise ValueError(_missing(w, columns).replace("formula term", "weights column", 1))
         used = list(dict.fromkeys(c for p in parts for c in p.used))
-        self.columns: tuple[str, ...] = tuple(dict.fromkeys(used + [spec.group]))
+        self.columns: tuple[str, ...] = tuple(dict.fromkeys(used + list(spec.key_columns) + extra))
         nested = [f"{c!r} ({prototype.schema[c]})" for c in self.columns
                   if is_pl and prototype.schema[c].is_nested()]
         if nested:
@@ -235,21 +248,37 @@ class Design:
                     p.spec, p.names = mm.model_spec, tuple(mm.model_spec.column_names)
         if len(parts[0].names) != 1:
             raise ValueError(f"response {spec.response!r} must give one numeric column, not {list(parts[0].names)}")
-        self._resp, self._fixed, self._random = parts[0], parts[1], parts[2:]
+        self._resp, self._fixed = parts[0], parts[1]
+        self._random = parts[2:2 + n_random]
+        self._offsets = parts[2 + n_random:]
+        for o, p in zip(spec.offset, self._offsets):
+            if len(p.names) != 1:
+                raise ValueError(f"offset({o}) must give one numeric column, not {list(p.names)}")
         self.fe_names: list[str] = list(self._fixed.names)
-        self.re_names: list[str] = []
-        blocks: list[tuple[int, ...]] = []
-        for p, ind in zip(self._random, spec.independent):
-            if not p.names:
-                raise ValueError(f"random-effect term '({p.text} | {spec.group})' has no columns; use '1' for "
-                                 "a random intercept")
-            idx = tuple(range(len(self.re_names), len(self.re_names) + len(p.names)))
-            blocks += [(i,) for i in idx] if ind else [idx]
-            self.re_names += p.names
-        dup = [n for n, k in Counter(self.re_names).items() if k > 1]
-        if dup:
-            raise ValueError(f"random-effect column(s) {dup} appear in more than one '(... | {spec.group})' term")
-        self.blocks: tuple[tuple[int, ...], ...] = tuple(blocks)
+        self.terms: list[ReTerm] = []
+        offset = 0
+        for k, term in enumerate(spec.terms):
+            grp = ":".join(term.factors)
+            names: list[str] = []
+            blocks: list[tuple[int, ...]] = []
+            bar_of: list[int] = []
+            for (kk, b), p in zip(bar_terms, self._random):
+                if kk != k:
+                    continue
+                if not p.names:
+                    raise ValueError(f"random-effect term '({p.text} | {grp})' has no columns; use '1' for "
+                                     "a random intercept")
+                idx = tuple(range(len(names), len(names) + len(p.names)))
+                blocks += [(i,) for i in idx] if term.independent[b] else [idx]
+                names += p.names
+                bar_of += [b] * len(p.names)
+            dup = [n for n, c in Counter(names).items() if c > 1]
+            if dup:
+                raise ValueError(f"random-effect column(s) {dup} appear in more than one '(... | {grp})' term")
+            self.terms.append(ReTerm(term, names, tuple(blocks), tuple(bar_of), offset))
+            offset += len(names)
+        self.re_names: list[str] = [n for t in self.terms for n in t.re_names]
+        self.blocks: tuple[tuple[int, ...], ...] = self.terms[0].blocks
         self.fast_path: bool = all(p.plain is not None for p in parts)
 
     @property
@@ -259,12 +288,12 @@ class Design:
 
     @property
     def q(self) -> int:
-        """Number of random-effect columns per group."""
+        """Number of random-effect columns (all terms together; per term: ``terms[k].q``)."""
         return len(self.re_names)
 
     def __repr__(self) -> str:
         return (f"Design({self.spec.lmer_formula()!r}, fe_names={self.fe_names}, re_names={self.re_names}, "
-                f"blocks={self.blocks}, fast_path={self.fast_path})")
+                f"terms={[t.name for t in self.terms]}, fast_path={self.fast_path})")
 
     def _plain(self, terms: list, columns: list) -> list[str | None] | None:
         """Columns of a part made only of the intercept and numeric columns, else None."""
@@ -358,13 +387,18 @@ class Design:
 
     @property
     def group_column(self) -> str:
-        """Name of the grouping column."""
+        """Name of the grouping column (one-term models on a plain column)."""
         return self.spec.group
 
     @property
+    def key_columns(self) -> tuple[str, ...]:
+        """Columns the grouping factors use."""
+        return self.spec.key_columns
+
+    @property
     def predictor_columns(self) -> tuple[str, ...]:
-        """Data columns the fixed and random parts use (no response, no group key): what predict needs."""
-        used = [c for p in [self._fixed, *self._random] for c in p.used]
+        """Data columns the fixed, random and offset parts use (no response, no keys): what predict needs."""
+        used = [c for p in [self._fixed, *self._random, *self._offsets] for c in p.used]
         return tuple(dict.fromkeys(used))
 
     def _prepare(self, chunk: Any, needed: tuple[str, ...]) -> tuple[bool, int, Any, dict]:
@@ -405,8 +439,39 @@ class Design:
             off += len(part.names)
         return X, Z
 
-    def group_values(self, chunk: Any) -> np.ndarray | pl.Series:
-        """The raw grouping column of ``chunk`` (numpy array for pandas, Series for polars)."""
-        if _frame(chunk):
-            return chunk.get_column(self.spec.group)
-        return chunk[self.spec.group].to_numpy()
+    def term_matrices(self, Z: np.ndarray) -> list[np.ndarray]:
+        """The columns of each term in ``Z`` (views)."""
+        return [Z[:, t.offset:t.offset + t.q] for t in self.terms]
+
+    def offset(self, chunk: Any) -> np.ndarray | None:
+        """The sum of the ``offset(...)`` terms (n,) of one chunk, or None without offsets."""
+        if not self._offsets:
+            return None
+        is_pl, n, pdf, nulls = self._prepare(chunk, self.offset_columns)
+        out = np.zeros(n)
+        col = np.empty((n, 1))
+        for part in self._offsets:
+            self._fill(part, col, 0, chunk, is_pl, pdf, nulls)
+            out += col[:, 0]
+        return out
+
+    def weights(self, chunk: Any) -> np.ndarray | None:
+        """The observation weights (n,) of one chunk, or None without weights."""
+        w = self.spec.weights
+        if w is None:
+            return None
+        try:
+            if _frame(chunk):
+                return chunk.get_column(w).cast(pl.Float64).to_numpy()
+            return chunk[w].to_numpy(dtype=np.float64, na_value=np.nan)
+        except (ValueError, TypeError, pl.exceptions.PolarsError):
+            raise ValueError(f"weights column {w!r} must be numeric") from None
+
+    @property
+    def response_columns(self) -> tuple[str, ...]:
+        """Data columns the response uses."""
+        return tuple(self._resp.used)
+
+    @property
+    def offset_columns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c for p in self._offsets for c in p.used))

@@ -11,12 +11,18 @@ from dataclasses import dataclass
 
 _CLOSERS = {")": "(", "]": "[", "}": "{"}
 _QUOTED = re.compile(r"""('(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|`[^`]*`)""")
-_GROUP_NAME = re.compile(r"[^\W\d][\w.]*|`[^`]+`")
+_GROUP_NAME = r"(?:[^\W\d][\w.]*|`[^`]+`)"
+_GROUPING = re.compile(rf"{_GROUP_NAME}(?:\s*:\s*{_GROUP_NAME})*|{_GROUP_NAME}(?:\s*/\s*{_GROUP_NAME})+")
+_OFFSET = re.compile(r"offset\((.*)\)")
 
 
 @dataclass(frozen=True)
 class RandomTerm:
-    """One lme4 random-effect term ``(expr | group)`` or ``(expr || group)``."""
+    """One lme4 random-effect bar as written: ``(expr | group)`` or ``(expr || group)``.
+
+    ``group`` is the grouping side as written: a column, ``a:b`` (the interaction of
+    columns) or ``a/b`` (nested: expands to ``a`` and ``b:a``, see :func:`expand_group`).
+    """
 
     expr: str
     group: str
@@ -24,27 +30,77 @@ class RandomTerm:
 
 
 @dataclass(frozen=True)
+class TermSpec:
+    """One grouping factor and the random effects it carries (the bars that name it, merged).
+
+    ``factors`` are the data columns whose interaction is the grouping factor (one for a
+    plain column); ``name`` is lme4's name for it (``"Pig"``, ``"cask:batch"``); ``exprs`` /
+    ``independent`` are the bars' left-hand sides and whether each is ``||``.
+    """
+
+    factors: tuple[str, ...]
+    exprs: tuple[str, ...]
+    independent: tuple[bool, ...]
+    name: str
+
+    def __post_init__(self) -> None:
+        if not self.factors or not all(isinstance(f, str) and f for f in self.factors):
+            raise ValueError("TermSpec.factors must be one or more column names")
+        if not self.exprs or len(self.independent) != len(self.exprs):
+            raise ValueError("TermSpec needs one independent flag per random-effect expression")
+
+    def bars(self) -> str:
+        """The term in lme4 syntax, e.g. ``'(Time | Pig)'`` (several bars joined by ``+``)."""
+        grp = ":".join(self.factors)
+        return " + ".join(f"({r} {'||' if ind else '|'} {grp})" for r, ind in zip(self.exprs, self.independent))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """Spelling-independent description of a one-grouping-factor linear mixed model."""
+    """Spelling-independent description of a linear mixed model.
+
+    ``terms`` holds one :class:`TermSpec` per grouping factor, in the order they first
+    appear; ``offset`` the expressions of ``offset(...)`` terms; ``weights`` a column name.
+    """
 
     response: str
     fixed: str
-    random: tuple[str, ...]
-    group: str
-    independent: tuple[bool, ...]
+    terms: tuple[TermSpec, ...]
+    offset: tuple[str, ...] = ()
+    weights: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.random:
-            raise ValueError("a mixed model needs at least one random-effect block, e.g. random=('1',)")
-        if len(self.independent) != len(self.random):
-            raise ValueError("ModelSpec.independent needs one flag per entry of ModelSpec.random")
-        if not isinstance(self.group, str) or not self.group:
-            raise ValueError("ModelSpec.group must be a non-empty column name")
+        if not self.terms:
+            raise ValueError("a mixed model needs at least one random-effect term, e.g. '(1 | g)'")
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ModelSpec.terms name a grouping factor twice: {names}")
+
+    @property
+    def group(self) -> str:
+        """The grouping column of a one-term model on a plain column (statsmodels' ``groups``)."""
+        if len(self.terms) != 1 or len(self.terms[0].factors) != 1:
+            raise AttributeError("this model has no single grouping column; see ModelSpec.terms")
+        return self.terms[0].factors[0]
+
+    @property
+    def random(self) -> tuple[str, ...]:
+        """The random-effect expressions of the first term."""
+        return self.terms[0].exprs
+
+    @property
+    def independent(self) -> tuple[bool, ...]:
+        return self.terms[0].independent
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        """Every column a grouping factor uses, in order of first use."""
+        return tuple(dict.fromkeys(f for t in self.terms for f in t.factors))
 
     def lmer_formula(self) -> str:
         """The model written in lme4 syntax, e.g. ``'Weight ~ Time + (Time | Pig)'`` (for display)."""
-        bars = [f"({r} {'||' if ind else '|'} {self.group})" for r, ind in zip(self.random, self.independent)]
-        return f"{self.response} ~ {self.fixed} + " + " + ".join(bars)
+        parts = [self.fixed] + [f"offset({o})" for o in self.offset] + [t.bars() for t in self.terms]
+        return f"{self.response} ~ " + " + ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -124,11 +180,14 @@ def _bar_term(piece: str, chars: list[tuple[int, str, int]], op: str) -> RandomT
     if not grp:
         raise ValueError(f"random-effect term {shown!r} has no grouping column right of the bar; "
                          f"write e.g. '({lhs} | g)'")
-    if not _GROUP_NAME.fullmatch(grp):
-        raise ValueError(f"random-effect term {shown!r}: the grouping side {grp!r} is not a plain column name; "
-                         "interactions like (1|a:b) and nested groupings like (1|a/b) are not supported yet: "
-                         "build a combined grouping column in the data and use (1 | that_column)")
-    return RandomTerm(lhs, grp.strip("`"), len(runs[0]) == 2)
+    if not _GROUPING.fullmatch(grp):
+        raise ValueError(f"random-effect term {shown!r}: the grouping side {grp!r} is not a column name, an "
+                         "interaction of columns ('a:b') or a nesting ('a/b'); write e.g. '(1 | school/class)'")
+    if re.fullmatch(_GROUP_NAME, grp):
+        grp = grp.strip("`")  # one column: its name
+    elif "`" not in grp:
+        grp = re.sub(r"\s+", "", grp)
+    return RandomTerm(lhs, grp, len(runs[0]) == 2)
 
 
 def _split_tilde(formula: str, chars: list[tuple[int, str, int]]) -> tuple[str, int]:
@@ -193,30 +252,118 @@ def parse_lmer(formula: str) -> tuple[str, str, tuple[RandomTerm, ...]]:
     return response, " ".join(tokens) or "1", tuple(terms)
 
 
-def spec_from_lmer(formula: str) -> ModelSpec:
-    """Build a :class:`ModelSpec` from an lme4 formula with exactly one grouping column.
+def _names(group: str, sep: str) -> list[str]:
+    """Split a grouping side at ``sep`` outside backticks, unquoting the names."""
+    out, cur, quoted = [], "", False
+    for ch in group:
+        if ch == "`":
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    out.append(cur.strip())
+    return [n.strip("`") for n in out]
+
+
+def expand_group(group: str) -> list[tuple[tuple[str, ...], str]]:
+    """The grouping factors a bar's right side stands for, as ``(columns, lme4 name)`` pairs.
+
+    ``g`` -> ``[(("g",), "g")]``; ``a:b`` -> ``[(("a", "b"), "a:b")]``; ``a/b`` ->
+    ``[(("a",), "a"), (("b", "a"), "b:a")]`` (lme4 expands ``(1 | a/b)`` to ``(1 | a) + (1 | b:a)``
+    and names the inner factor ``b:a``, its levels ``"b_level:a_level"``); ``a/b/c`` adds ``c:b:a``.
+    """
+    if "/" in group:
+        levels = _names(group, "/")
+        if len(levels) > 1:
+            out = []
+            for k in range(len(levels)):
+                cols = tuple(reversed(levels[: k + 1]))
+                out.append((cols, ":".join(cols)))
+            return out
+    cols = tuple(_names(group, ":"))
+    return [(cols, ":".join(cols))]
+
+
+def r_spelling(text: str) -> str:
+    """lme4 / R spellings as formulaic reads them.
+
+    ``^`` inside a function call (``I(x^2)``, ``log(x^2)``) is R's power, not Python's
+    xor: it becomes ``**``; at the top level ``(a + b)^2`` keeps formulaic's (and R's)
+    meaning, interactions up to order 2.  ``factor(x)`` becomes ``C(x)``.
+    """
+    chars = _scan(text)
+    out = list(text)
+    for i, ch, d in chars:
+        if ch == "^" and d > 0:
+            out[i] = "**"
+    res = "".join(out)
+    return re.sub(r"(?<![\w.])factor\(", "C(", res)
+
+
+def _split_offsets(fixed: str) -> tuple[str, tuple[str, ...]]:
+    """Take ``offset(expr)`` terms out of a fixed-effects right-hand side."""
+    chars = _scan(fixed)
+    cuts = [(i, ch) for i, ch, d in chars if d == 0 and ch in "+-"]
+    bounds = [("", 0)] + [(ch, i + 1) for i, ch in cuts]
+    ends = [i for i, _ in cuts] + [len(fixed)]
+    keep: list[str] = []
+    offsets: list[str] = []
+    for (op, start), end in zip(bounds, ends):
+        piece = _squash(fixed[start:end])
+        m = _OFFSET.fullmatch(piece)
+        if m is not None:
+            if op == "-":
+                raise ValueError(f"offset term {piece!r} is subtracted; write 'offset(-{m.group(1)})' instead")
+            offsets.append(_squash(m.group(1)))
+            continue
+        keep += [x for x in (op, piece) if x]
+    if keep and keep[0] == "+":
+        keep = keep[1:]
+    rest = " ".join(keep)
+    if not rest or rest in ("-", "+"):
+        rest = "1"
+    elif rest.startswith("- "):
+        rest = "1 " + rest
+    return rest, tuple(offsets)
+
+
+def terms_from_bars(bars: tuple[RandomTerm, ...]) -> tuple[TermSpec, ...]:
+    """Merge bars by grouping factor (after expanding ``a/b``), in order of first appearance."""
+    merged: dict[tuple[str, ...], list] = {}
+    names: dict[tuple[str, ...], str] = {}
+    for bar in bars:
+        for cols, name in expand_group(bar.group):
+            merged.setdefault(cols, []).append((r_spelling(bar.expr), bar.independent))
+            names[cols] = name
+    return tuple(TermSpec(cols, tuple(e for e, _ in v), tuple(i for _, i in v), names[cols])
+                 for cols, v in merged.items())
+
+
+def spec_from_lmer(formula: str, weights: str | None = None) -> ModelSpec:
+    """Build a :class:`ModelSpec` from an lme4 formula.
+
+    Bars ``(expr | g)``, ``(expr || g)``, ``(expr | a:b)`` and ``(expr | a/b)``; bars naming the
+    same grouping factor are merged into one term; ``offset(expr)`` terms become ``offset``.
 
     Raises
     ------
     ValueError
         If the formula is malformed or has no ``(expr | group)`` term.
-    NotImplementedError
-        If the random terms name two or more distinct grouping columns.
     """
-    response, fixed, terms = parse_lmer(formula)
-    if not terms:
+    response, fixed, bars = parse_lmer(formula)
+    if not bars:
         raise ValueError(f"an lmer formula needs a random-effect term '(expr | group)', e.g. "
                          f"'{response} ~ {fixed} + (1 | g)'; {formula!r} has none")
-    groups = list(dict.fromkeys(t.group for t in terms))
-    if len(groups) > 1:
-        raise NotImplementedError(
-            f"crossed/nested random effects with several grouping factors ({', '.join(groups)}) are not "
-            f"supported yet; fit one grouping factor, e.g. keep only the '(... | {groups[0]})' terms")
-    return ModelSpec(response, fixed, tuple(t.expr for t in terms), groups[0],
-                     tuple(t.independent for t in terms))
+    fixed, offsets = _split_offsets(fixed)
+    return ModelSpec(r_spelling(response), r_spelling(fixed), terms_from_bars(bars),
+                     tuple(r_spelling(o) for o in offsets), weights)
 
 
-def spec_from_statsmodels(formula: str, re_formula: str | None, group: str) -> ModelSpec:
+def spec_from_statsmodels(formula: str, re_formula: str | None, group: str,
+                          vc_formula: dict[str, str] | None = None, weights: str | None = None,
+                          offset: str | None = None) -> ModelSpec:
     """Build a :class:`ModelSpec` from statsmodels ``MixedLM.from_formula`` arguments.
 
     Parameters
@@ -228,6 +375,12 @@ def spec_from_statsmodels(formula: str, re_formula: str | None, group: str) -> M
         Like statsmodels, an intercept is included unless ``'0 +'`` / ``'- 1'`` removes it.
     group : str
         Grouping column name.
+    vc_formula : dict, optional
+        statsmodels' variance components: ``{"name": "0 + C(col)"}`` is a random intercept per
+        level of ``col`` within each group, with its own variance (lme4's ``(1 | group:col)``);
+        ``"0 + C(col):x"`` a random slope of ``x`` per level (``(0 + x | group:col)``).
+    weights, offset : str, optional
+        Columns of observation weights and of a known offset.
     """
     if not isinstance(formula, str):
         raise TypeError(f"formula must be a string, not {type(formula).__name__}")
@@ -235,6 +388,9 @@ def spec_from_statsmodels(formula: str, re_formula: str | None, group: str) -> M
         raise ValueError(f"formula {formula!r} contains a '|' random-effect term; with the statsmodels spelling "
                          "give random effects via re_formula= and groups=, or use bm.lmer for lme4 formulas")
     response, fixed, _ = parse_lmer(formula)
+    fixed, offsets = _split_offsets(fixed)
+    if offset is not None:
+        offsets = offsets + (offset,)
     re_text = "1" if re_formula is None else re_formula
     if not isinstance(re_text, str):
         raise TypeError(f"re_formula must be a string or None, not {type(re_formula).__name__}")
@@ -244,6 +400,29 @@ def spec_from_statsmodels(formula: str, re_formula: str | None, group: str) -> M
         raise ValueError(f"re_formula {re_formula!r} must be a right-hand side such as '~Time' or '~0 + Time'")
     if not isinstance(group, str) or not group:
         raise ValueError("group must be the name of the grouping column")
-    return ModelSpec(response, fixed, (re_text,), group, (False,))
+    terms = [TermSpec((group,), (r_spelling(re_text),), (False,), group)]
+    for name, text in (vc_formula or {}).items():
+        terms.append(_vc_term(name, text, group))
+    return ModelSpec(r_spelling(response), r_spelling(fixed), tuple(terms), tuple(r_spelling(o) for o in offsets),
+                     weights)
 
 
+_VC = re.compile(r"(?:0\s*\+\s*)?C\((\w+)\)(?:\s*:\s*(.+))?|(?:0\s*\+\s*)?(.+?)\s*:\s*C\((\w+)\)")
+
+
+def _vc_term(name: str, text: str, group: str) -> TermSpec:
+    """One statsmodels variance component as a nested term ``(1 | group:col)`` or ``(0 + x | group:col)``."""
+    if not isinstance(text, str):
+        raise TypeError(f"vc_formula[{name!r}] must be a string such as '0 + C(class)'")
+    t = _squash(text)
+    t = t[1:].strip() if t.startswith("~") else t
+    m = _VC.fullmatch(t)
+    if m is None:
+        raise NotImplementedError(
+            f"vc_formula[{name!r}] = {text!r}: bigmixed fits variance components of the forms '0 + C(col)' "
+            "(a random intercept per level of col within each group) and '0 + C(col):x' (a random slope); "
+            "write other ones as lme4 terms with bm.lmer")
+    col = m.group(1) or m.group(4)
+    slope = m.group(2) or m.group(3)
+    expr = "1" if slope is None else f"0 + {slope}"
+    return TermSpec((group, col), (r_spelling(expr),), (False,), name)

@@ -1,29 +1,28 @@
 """Profiled REML/ML deviance and its analytic gradient, from statistics only.
 
-For a relative covariance factor Lambda(theta) (Psi = sigma^2 Lambda Lambda')
-every evaluation is two passes over the groups (:mod:`bigmixed._kernels`):
-pass 1 gives logdet and the Woodbury-corrected ``F = sigma^2 X'V^-1 X``,
-``g`` and ``h``, hence beta-hat and r^2; pass 2 (which needs beta-hat and
-F^-1) gives d(deviance)/d(Lambda).  See DESIGN.md sections 2-3.
-
-A :class:`StatsBackend` hides where the statistics live: the in-process
-arrays here, or partitions resident on Dask workers
-(:mod:`bigmixed.distributed`).  The objective itself is the same code.
+For relative covariance factors Lambda_k(theta) (Psi_k = sigma^2 Lambda_k Lambda_k') a
+backend (:mod:`bigmixed.backends`) returns logdet and the corrections that turn X'X, X'y
+and y'y into ``F = sigma^2 X'V^-1 X``, ``g`` and ``h``, hence beta-hat and r^2, and the
+gradient pieces of every term: either tensors that this module contracts with beta-hat and
+F^-1 (one pass, few fixed effects) or, in a second call, the contracted gradient.  See
+DESIGN.md sections 2-3 and 7-8.  Where the statistics live (this process, Dask workers)
+and how the factor is computed (one term, nested, crossed) is the backend's business; the
+objective is the same code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from scipy import linalg
 
-from . import _kernels
 from ._kernels import LEVEL_MAX, LEVEL_MIN
-from .stats import Statistics, default_threads
+from .backends import LocalBackend, NumericalError, subsample_backend  # noqa: F401  (re-exported)
+from .terms import ThetaMap
 
-__all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1", "NumericalError", "subsample_backend"]
+__all__ = ["ThetaMap", "Objective", "LocalBackend", "Pass1", "NumericalError", "subsample_backend",
+           "gradient_from_fused"]
 
 _LOG2PI = float(np.log(2.0 * np.pi))
 # r^2 = h - g'beta is a difference of numbers of the size of y'y.  Below this fraction of y'y
@@ -31,139 +30,6 @@ _LOG2PI = float(np.log(2.0 * np.pi))
 # stops falling: on the way there theta^2 ~ psi/sigma^2 grows like 1/R2_FLOOR and F = X'V^-1X
 # loses digits like 1e-16/R2_FLOOR (1e-10: beta still good to ~1e-6 in a degenerate fit).
 R2_FLOOR = 1e-10
-
-
-class NumericalError(ArithmeticError):
-    """The deviance cannot be evaluated at this theta (non-finite or indefinite linear algebra)."""
-
-
-class StatsBackend(Protocol):
-    """Where the per-group statistics live; returns only small partial sums."""
-
-    p: int
-    q: int
-    n_groups: int
-    XtX: np.ndarray
-    Xty: np.ndarray
-    yty: float
-    N: int
-
-    def pass1(self, lam: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]: ...
-
-    def pass2(
-        self, lam: np.ndarray, beta: np.ndarray, Finv: np.ndarray, kappa: float, reml: bool
-    ) -> np.ndarray: ...
-
-
-class LocalBackend:
-    """Statistics held in this process as contiguous numpy arrays."""
-
-    def __init__(self, stats: Statistics, nthreads: int | None = None) -> None:
-        self.stats = stats
-        self.p, self.q, self.n_groups = stats.p, stats.q, stats.n_groups
-        self.XtX, self.Xty, self.yty, self.N = stats.XtX, stats.Xty, stats.yty, stats.N
-        nthreads = nthreads or default_threads()
-        self.nthreads = nthreads
-        # A few chunks per thread balance uneven ranges; never more chunks than groups.
-        self.nchunks = max(1, min(self.n_groups, 4 * nthreads))
-
-    def pass1(self, lam):
-        s = self.stats
-        ld, SF, Sg, Sh = _kernels.objective_pass1(s.A, s.B, s.c, lam, self.nchunks)
-        return float(ld.sum()), SF.sum(axis=0), Sg.sum(axis=0), float(Sh.sum())
-
-    def fused(self, lam):
-        """One pass: the pass-1 sums plus the gradient tensors (see :func:`gradient_from_fused`)."""
-        s = self.stats
-        ld, SF, Sg, Sh, GA, S = _kernels.objective_fused(s.A, s.B, s.c, lam, self.nchunks, True)
-        return float(ld.sum()), SF.sum(axis=0), Sg.sum(axis=0), float(Sh.sum()), GA.sum(axis=0), S.sum(axis=0)
-
-    def pass2(self, lam, beta, Finv, kappa, reml):
-        s = self.stats
-        out = _kernels.objective_pass2(
-            s.A, s.B, s.c, lam, beta, Finv, float(kappa), bool(reml), self.nchunks
-        )
-        return out.sum(axis=0)
-
-    def subsample(self, level: int) -> "LocalBackend | None":
-        """The groups of sampling level >= ``level`` (~G / 2^level), or None if not kept.
-
-        See :class:`bigmixed.stats.SampleSums`: their per-group and global sums are exact.
-        """
-        s = self.stats
-        if s.levels is None or s.sample is None:
-            return None
-        return subsample_backend(s.subset_groups(np.flatnonzero(s.levels >= level)), s.sample, level,
-                                 self.nthreads)
-
-    def transform_z(self, M: np.ndarray) -> "LocalBackend":
-        """Backend for the random-effects design Z M (statistics transformed exactly)."""
-        return LocalBackend(self.stats.transform_z(M), self.nthreads)
-
-    def conditional_modes(self, lam, beta):
-        s = self.stats
-        return _kernels.conditional_modes(s.A, s.B, s.c, lam, beta, self.nchunks)
-
-
-def subsample_backend(sub: Statistics, sample, level: int, nthreads: int | None) -> LocalBackend:
-    """A backend for the groups of sampling level >= ``level``: per-group statistics ``sub``
-    (those groups) and their rows' global sums from ``sample`` (a :class:`~bigmixed.stats.SampleSums`).
-    """
-    XtX, Xty, yty, N = sample.at_least(level)
-    return LocalBackend(Statistics(sub.A, sub.B, sub.c, sub.n, XtX, Xty, yty, N), nthreads)
-
-
-class ThetaMap:
-    """Which entries of the lower-triangular Lambda are free parameters.
-
-    ``blocks`` partitions the q random-effect columns into independent
-    blocks (block-diagonal Psi, e.g. lme4's ``||``); ``zero`` lists columns
-    whose random effect is held at zero variance (statsmodels ``free`` with
-    a zero start).  theta lists the free entries column by column, like lme4.
-    """
-
-    def __init__(self, q: int, blocks=None, zero=()) -> None:
-        self.q = q
-        blocks = blocks if blocks is not None else (tuple(range(q)),)
-        zero = set(int(z) for z in zero)
-        block_of = np.empty(q, dtype=np.int64)
-        for k, blk in enumerate(blocks):
-            for j in blk:
-                block_of[j] = k
-        rows, cols = [], []
-        for b in range(q):  # column-major order, as lme4 orders theta
-            for a in range(b, q):
-                if block_of[a] != block_of[b] or a in zero or b in zero:
-                    continue
-                rows.append(a)
-                cols.append(b)
-        self.blocks = tuple(tuple(int(j) for j in blk) for blk in blocks)
-        self.zero = tuple(sorted(zero))
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.cols = np.asarray(cols, dtype=np.int64)
-        self.is_diag = self.rows == self.cols
-
-    @property
-    def size(self) -> int:
-        return int(self.rows.size)
-
-    def lam(self, theta: np.ndarray) -> np.ndarray:
-        L = np.zeros((self.q, self.q))
-        L[self.rows, self.cols] = theta
-        return L
-
-    def theta(self, lam: np.ndarray) -> np.ndarray:
-        return np.asarray(lam)[self.rows, self.cols].copy()
-
-    def start(self) -> np.ndarray:
-        """lme4's default start: Lambda = identity."""
-        return self.is_diag.astype(float)
-
-    def bounds(self) -> list[tuple[float | None, float | None]]:
-        return [(0.0, None) if d else (None, None) for d in self.is_diag]
-
-    def grad(self, Glam: np.ndarray) -> np.ndarray:
-        return Glam[self.rows, self.cols].copy()
 
 
 # One fused pass costs q^2 (p+1)^2 extra multiply-adds per group; a second
@@ -192,7 +58,7 @@ class Pass1:
     """Everything pass 1 determines at one theta."""
 
     theta: np.ndarray
-    lam: np.ndarray
+    lams: list
     logdet: float
     F: np.ndarray
     Fchol: np.ndarray
@@ -202,8 +68,13 @@ class Pass1:
     deviance: float
     sigma2: float
     exact: bool = False  # r^2 at its round-off floor: residual variance 0 to working precision
-    GA: np.ndarray | None = None  # fused-pass gradient tensors, when the backend has them
-    S: np.ndarray | None = None
+    GA: list | None = None  # per-term gradient tensors of the fused pass
+    S: list | None = None
+
+    @property
+    def lam(self) -> np.ndarray:
+        """Lambda of a one-term model."""
+        return self.lams[0]
 
 
 class Objective:
@@ -224,8 +95,8 @@ class Objective:
         self.dof = self.N - self.p if self.reml else self.N
         self.n_evals = 0
         self._last: Pass1 | None = None
-        # One pass per evaluation when the backend can and p is small (see FUSED_MAX_P).
-        self._fused = hasattr(backend, "fused") and self.p <= FUSED_MAX_P
+        # One pass per evaluation when p is small (see FUSED_MAX_P).
+        self._fused = self.p <= FUSED_MAX_P
 
     # -- pass 1 -------------------------------------------------------------
 
@@ -235,12 +106,9 @@ class Objective:
         if self._last is not None and np.array_equal(theta, self._last.theta):
             return self._last
         be = self.backend
-        lam = self.map.lam(theta)
-        if self._fused:
-            logdet, SF, Sg, Sh, GA, S = be.fused(lam)
-        else:
-            logdet, SF, Sg, Sh = be.pass1(lam)
-            GA = S = None
+        lams = self.map.lams(theta)
+        ev = be.evaluate(lams, self._fused)
+        logdet, SF, Sg, Sh, GA, S = ev.logdet, ev.SF, ev.Sg, ev.Sh, ev.GA, ev.S
         F = be.XtX - SF
         g = be.Xty - Sg
         h = be.yty - Sh
@@ -273,7 +141,7 @@ class Objective:
             dev = logdet + logdetF + self.dof * (1.0 + _LOG2PI + np.log(r2 / self.dof))
         else:
             dev = logdet + self.N * (1.0 + _LOG2PI + np.log(r2 / self.N))
-        res = Pass1(theta.copy(), lam, logdet, F, Fchol, logdetF, beta, r2, float(dev), r2 / self.dof, exact, GA, S)
+        res = Pass1(theta.copy(), lams, logdet, F, Fchol, logdetF, beta, r2, float(dev), r2 / self.dof, exact, GA, S)
         self._last = res
         return res
 
@@ -306,11 +174,11 @@ class Objective:
         dsig = self.dof / sigma2 - s.r2 / sigma2**2
         return float(dev), np.append(self.map.grad(Glam), dsig)
 
-    def _grad_lambda(self, s: Pass1, Finv: np.ndarray, kappa: float) -> np.ndarray:
-        """d(deviance)/d(Lambda): from the fused pass's tensors, or by a second pass."""
+    def _grad_lambda(self, s: Pass1, Finv: np.ndarray, kappa: float) -> list:
+        """d(deviance)/d(Lambda_k) per term: from the fused pass's tensors, or by a second pass."""
         if s.S is not None:
-            return gradient_from_fused(s.GA, s.S, s.beta, Finv, kappa, self.reml)
-        return self.backend.pass2(s.lam, s.beta, Finv, kappa, self.reml)
+            return [gradient_from_fused(GA, S, s.beta, Finv, kappa, self.reml) for GA, S in zip(s.GA, s.S)]
+        return self.backend.gradient(s.lams, s.beta, Finv, kappa, self.reml)
 
     def subsample(self, min_groups: int) -> "Objective | None":
         """The same objective on a hash sample of at least ``min_groups`` groups (None if unavailable).
@@ -322,7 +190,7 @@ class Objective:
         """
         be = self.backend
         ratio = int(be.n_groups) // max(int(min_groups), 1)
-        if ratio < 2 ** LEVEL_MIN or not hasattr(be, "subsample"):
+        if ratio < 2 ** LEVEL_MIN:
             return None
         level = min(int(np.log2(ratio)), LEVEL_MAX)
         sub = be.subsample(level)

@@ -43,6 +43,13 @@ WARM_GROUPS_MIN = 5_000
 # make the starting point noticeably better).
 WARM_GROUPS_MAX = 200_000
 NEWTON_MAXITER = 20
+# Diagonal theta entries below this are tried at exactly 0 after the fit (kept if no worse);
+# lme4 calls a fit singular below 1e-4.
+SNAP_TOL = 1e-4
+# One-sided probes off a zero diagonal (the optimiser's scaled units, where theta ~ 1).
+PROBE_STEPS = (1e-3, 1e-2, 1e-1)
+# How often the optimiser may restart off a false boundary point.
+MAX_RESTARTS = 3
 # Same relative decrease that ends L-BFGS-B (its ftol, see minimize).
 FTOL = 1e-12
 
@@ -150,7 +157,7 @@ def minimize(
     if warm_start and hasattr(objective, "subsample"):
         want = min(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)), WARM_GROUPS_MAX)
         sub = objective.subsample(want)
-        guess = _subsample_guess(sub, theta0, lower, objective.N, gtol) if sub is not None else None
+        guess = _subsample_guess(sub, theta0, objective.map, objective.N, gtol) if sub is not None else None
         if guess is not None:
             done, start, n_iter = _newton(fg, guess[0], guess[1], lower, min(NEWTON_MAXITER, maxiter))
             message = "Newton steps from a subsample fit converged" if done else ""
@@ -158,35 +165,46 @@ def minimize(
         th = min(seen, key=lambda s: s[0])[1]
         fun, grad = objective(th)
         done = converged_at(fun, th, _projected(grad, th, lower))
-    if not done:
-        if seen:  # continue from the best point of the Newton route
-            start = min(seen, key=lambda s: s[0])[1]
-        res = optimize.minimize(
-            fg,
-            start,
-            jac=True,
-            method="L-BFGS-B",
-            bounds=bounds,
-            # ftol is relative in scipy.  The deviance is a sum over N rows, so its
-            # round-off is ~1e-16 N; asking for less than ~1e-12 relative makes
-            # L-BFGS-B thrash in that noise (seen: 80 evaluations instead of 12 at
-            # 1e6 groups).  1e-12 still pins theta to ~1e-6 relative.  The gradient
-            # test below decides convergence.
-            options={"maxiter": max(1, int(maxiter) - n_iter), "ftol": FTOL, "gtol": 1e-9, "maxcor": 20,
-                     "maxls": 50},
-        )
-        n_iter += int(res.nit)
-        message = str(res.message)
-    if not seen:
-        raise ValueError("the deviance cannot be evaluated at the start values (non-finite linear algebra); "
-                         "check the data for extreme values, or give other start_params")
-    # Near the optimum a step may be accepted whose "decrease" is round-off; of the points
-    # whose deviance ties with the best one to round-off take the one with the smallest
-    # gradient, so the answer does not hinge on the order rows were summed in (chunking,
-    # row order, group labels).
-    fbest = min(s[0] for s in seen)
-    tied = [s for s in seen if s[0] <= fbest + 1e-11 * max(1.0, abs(fbest))]
-    theta = np.maximum(min(tied, key=lambda s: s[2])[1], lower)
+    escape = None
+    for _round in range(MAX_RESTARTS + 1):
+        if not done:
+            if escape is not None:
+                start = escape
+            elif seen:  # continue from the best point of the Newton route
+                start = min(seen, key=lambda s: s[0])[1]
+            res = optimize.minimize(
+                fg,
+                start,
+                jac=True,
+                method="L-BFGS-B",
+                bounds=bounds,
+                # ftol is relative in scipy.  The deviance is a sum over N rows, so its
+                # round-off is ~1e-16 N; asking for less than ~1e-12 relative makes
+                # L-BFGS-B thrash in that noise (seen: 80 evaluations instead of 12 at
+                # 1e6 groups).  1e-12 still pins theta to ~1e-6 relative.  The gradient
+                # test below decides convergence.
+                options={"maxiter": max(1, int(maxiter) - n_iter), "ftol": FTOL, "gtol": 1e-9, "maxcor": 20,
+                         "maxls": 50},
+            )
+            n_iter += int(res.nit)
+            message = str(res.message)
+        if not seen:
+            raise ValueError("the deviance cannot be evaluated at the start values (non-finite linear algebra); "
+                             "check the data for extreme values, or give other start_params")
+        # Near the optimum a step may be accepted whose "decrease" is round-off; of the points
+        # whose deviance ties with the best one to round-off take the one with the smallest
+        # gradient, so the answer does not hinge on the order rows were summed in (chunking,
+        # row order, group labels).
+        fbest = min(s[0] for s in seen)
+        tied = [s for s in seen if s[0] <= fbest + 1e-11 * max(1.0, abs(fbest))]
+        theta = objective.map.rectify(min(tied, key=lambda s: s[2])[1])
+        theta, escape = _settle_boundary(fg, seen, objective.map, theta)
+        if escape is None:
+            break
+        # Moving a zero diagonal into the interior lowers the deviance: the optimiser stopped at
+        # a stationary point of the even function (DESIGN.md section 9), not at the optimum.
+        done = False
+        message = "restarted off a false boundary point; " + message
     fun, grad = objective(theta)
     pg = _projected(grad, theta, lower)
     converged = converged_at(fun, theta, pg)
@@ -206,7 +224,49 @@ def minimize(
     )
 
 
-def _subsample_guess(sub: Objective, theta0: np.ndarray, lower: np.ndarray, n_full: int,
+def _settle_boundary(fg, seen: list, tmap, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Snap near-zero diagonals to 0 where that costs nothing; probe every zero diagonal.
+
+    Returns ``(theta, escape)``: ``escape`` is a point to restart from when moving a zero
+    diagonal into the interior lowers the deviance, else None.  The deviance is even in each
+    column of Lambda, so its derivative along a diagonal is 0 wherever the column is 0: only a
+    probe off that point tells a boundary optimum from a saddle or a maximum.  Nothing is
+    evaluated when no diagonal is near 0.
+    """
+    diag = np.flatnonzero(tmap.is_diag)
+    small = [k for k in diag if abs(theta[k]) < SNAP_TOL]
+    if not small:
+        return theta, None
+    f = _value_at(fg, seen, theta)
+    for k in small:  # lme4's check.boundary: keep the exact 0 when it is no worse (to round-off)
+        if theta[k] == 0.0:
+            continue
+        t = theta.copy()
+        t[k] = 0.0
+        ft, _ = fg(t)
+        if ft <= f + 1e-12 * max(1.0, abs(f)):
+            theta, f = t, min(f, ft)
+    for k in small:
+        if theta[k] != 0.0:
+            continue
+        for step in PROBE_STEPS:  # a one-sided ladder, as lme4's restart_edge and mixedlm-rs
+            t = theta.copy()
+            t[k] = step
+            ft, gt = fg(t)
+            if ft < f - 1e-12 * max(1.0, abs(f)) or (gt[k] < 0.0 and abs(gt[k]) * step > 1e-9 * max(1.0, abs(f))):
+                return theta, t
+    return theta, None
+
+
+def _value_at(fg, seen: list, theta: np.ndarray) -> float:
+    """The (shifted) deviance at ``theta``: from the evaluations so far, or one more."""
+    for f, th, _ in reversed(seen):
+        if np.array_equal(th, theta):
+            return f
+    return fg(theta)[0]
+
+
+def _subsample_guess(sub: Objective, theta0: np.ndarray, tmap, n_full: int,
                      gtol: float) -> tuple[np.ndarray, np.ndarray] | None:
     """Optimum and Hessian (scaled to the full data) of the subsample fit, or None if unsuitable."""
     try:
@@ -215,9 +275,9 @@ def _subsample_guess(sub: Objective, theta0: np.ndarray, lower: np.ndarray, n_fu
             if not st.converged:
                 return None
             th = st.theta
-            # Near a bound (a variance ~0) the full optimum may lie on it: Newton steps
-            # know nothing of bounds, so leave that case to L-BFGS-B.
-            if np.any(np.isfinite(lower) & (th - lower < 1e-2 * np.maximum(1.0, np.abs(th)))):
+            # Near zero (a variance ~0) the full optimum may be a boundary point, where the
+            # deviance is flat to second order: leave that case to L-BFGS-B and the probes.
+            if np.any(tmap.is_diag & (np.abs(th) < 1e-2)):
                 return None
             H = hessian(sub, th) * (n_full / sub.N)
             np.linalg.cholesky(H)  # positive definite, or LinAlgError

@@ -1,36 +1,44 @@
-"""The one streaming pass: source -> design -> per-group statistics.
+"""The one streaming pass: source -> design -> per-level statistics, in three steps.
 
-This is the data flow of DESIGN.md section 5 up to the statistics:
+This is the data flow of DESIGN.md section 5 up to the statistics, shared by the local and
+the Dask paths:
 
-1. a prototype (the in-memory frame, or the first rows of the files) fixes
-   the design: column names, categorical levels (found over *all* rows by a
-   cheap pass over the categorical columns only when streaming);
-2. one pass over the key column builds the group index;
-3. one pass over the rows, chunk by chunk: drop (and count) incomplete rows,
-   build (y, X, Z), code the groups, transform (:class:`~bigmixed.stats.Scaling`)
-   and reduce into the statistics with the numba kernel.
+1. :func:`prepare` - a prototype (the in-memory frame, or the first rows of the files)
+   fixes the design: column names, categorical levels (found over *all* rows by a cheap
+   pass over the categorical columns when streaming); one pass over the key columns builds
+   each term's level index; the first row transform is chosen.
+2. :class:`Reducer` - chunk by chunk: build (y, X, Z), code the levels of every term, drop
+   (and count) incomplete rows, transform (:class:`~bigmixed.scaling.Scaling`) and reduce
+   into the statistics with the numba kernels; several terms also get their pair statistics
+   (nested terms one block per level of the finer term, crossed terms sorted pair lists).
+3. :func:`finalise` - the canonical transform, empty levels dropped, aliased fixed effects
+   dropped (as lme4), the checks that need all rows.
 
-Memory is the statistics (O(G)) plus one chunk, whatever the number of rows.
+Memory is the statistics (O(levels)) plus one chunk, whatever the number of rows.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from .data import GroupIndex, Source, failing_part, group_levels
+from . import _kernels
+from ._progress import Progress, blocking
+from .data import Source, failing_part
 from .design import Design
 from .formula import ModelSpec
-from .scaling import canonical_scaling, same_scaling, scaling_from_sample, transform_statistics  # noqa: F401
-from .stats import Scaling, Statistics, aliased_columns
+from .keys import TermIndex
+from .scaling import Scaling, canonical_scaling, same_scaling, scaling_from_sample, transform_statistics, z_may_centre
+from .stats import PairStats, Statistics, aliased_columns, default_threads
+from .terms import ReTerm
 
-__all__ = ["BuildResult", "build_statistics", "DEFAULT_CHUNK_ROWS"]
+__all__ = ["BuildResult", "Plan", "prepare", "Reducer", "finalise", "build_statistics", "DEFAULT_CHUNK_ROWS",
+           "DroppedRowsWarning"]
 
 DEFAULT_CHUNK_ROWS = 1_000_000
 # Data already in memory are sliced (no copy) into smaller chunks: the design arrays of a
@@ -41,6 +49,11 @@ IN_MEMORY_CHUNK_ROWS = 1 << 17
 # Only the accuracy of the sums depends on it (the statistics are mapped exactly to the canonical
 # transform of all rows afterwards); 10k rows centre to ~1% of a standard deviation.
 SCALING_SAMPLE_ROWS = 10_000
+# Formula functions whose state is learnt from the data (formulaic's stateful transforms).
+_STATEFUL = ("scale(", "center(", "poly(", "standardize(", "bs(", "cr(", "cs(", "cc(", "te(", "hashed(")
+NON_FINITE = "(non-finite after transformation)"
+ZERO_WEIGHT = "(zero weight)"
+NEGATIVE_WEIGHT = "(negative weight)"
 
 
 class DroppedRowsWarning(UserWarning):
@@ -51,14 +64,16 @@ class DroppedRowsWarning(UserWarning):
 class BuildResult:
     """Statistics and everything needed to interpret them.
 
-    On a Dask cluster (:func:`bigmixed.distributed.build_distributed`) ``mode`` is
-    ``"gathered"`` (``stats`` merged on the driver) or ``"resident"`` (``stats`` None, the
-    statistics stay on the workers behind ``backend``, and ``groups`` gathers keys on demand).
+    ``terms`` are the model's random-effects terms (with their level indexes), ``layout``
+    how they are factored: ``"single"`` (one term), ``"nested"`` or ``"crossed"``.  On a Dask
+    cluster (:func:`bigmixed.distributed.build_distributed`) ``mode`` is ``"gathered"``
+    (``stats`` merged on the driver) or ``"resident"`` (``stats`` None, the statistics stay on
+    the workers behind ``backend``).
     """
 
     stats: Statistics | None
     design: Design
-    groups: GroupIndex
+    terms: list[ReTerm]
     scaling: Scaling
     n_rows_read: int
     n_dropped: int
@@ -68,6 +83,13 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
     backend: Any = None
     mode: str = "local"
+    layout: str = "single"
+    chain: list = field(default_factory=lambda: [0])
+
+    @property
+    def groups(self):
+        """The level index of the first term (one-term models: the groups)."""
+        return self.terms[0].index
 
 
 def _missing_exprs(columns, schema) -> dict[str, pl.Expr]:
@@ -81,9 +103,16 @@ def _missing_exprs(columns, schema) -> dict[str, pl.Expr]:
     return exprs
 
 
-def _prototype(source: Source, columns, rows: int = 50_000) -> pl.DataFrame:
+def _prototype(source: Source, columns, rows: int | None = 50_000) -> pl.DataFrame:
+    """The in-memory frame, or the first ``rows`` rows of the first part (all rows of all parts: None)."""
     if source.frame is not None:
         return source.frame
+    if rows is None:
+        try:
+            return source.lazy().select(list(columns)).collect(engine="streaming")
+        except pl.exceptions.PolarsError as exc:
+            where = failing_part(source, list(columns))
+            raise ValueError(f"cannot read the data{where}: {str(exc).splitlines()[0]}") from None
     lf = source.parts[0][1]
     try:
         have = set(lf.collect_schema())
@@ -98,34 +127,36 @@ def _prototype(source: Source, columns, rows: int = 50_000) -> pl.DataFrame:
 def _check_finite(stats: Statistics, design: Design) -> None:
     """Finite values too large to square in float64 (|v| > ~1e154) overflow the sums: name them."""
     with np.errstate(all="ignore"):
-        parts = [stats.XtX, stats.Xty, np.asarray(stats.yty), stats.A, stats.B, stats.c]
+        parts = [stats.XtX, stats.Xty, np.asarray(stats.yty)] + [a for t in stats.terms for a in (t.A, t.B, t.c)]
         if all(np.all(np.isfinite(a)) for a in parts):
             return
-        bad = [design.response_name] * int(not (np.isfinite(stats.yty) and np.all(np.isfinite(stats.c))))
+        bad = [design.response_name] * int(not (np.isfinite(stats.yty) and all(np.all(np.isfinite(t.c))
+                                                                               for t in stats.terms)))
         bad += [n for n, v in zip(design.fe_names, np.diag(stats.XtX)) if not np.isfinite(v)]
-        bad += [n for n, v in zip(design.re_names, np.einsum("gjj->j", stats.A)) if not np.isfinite(v)]
+        diagZ = np.concatenate([np.einsum("gjj->j", t.A) for t in stats.terms])
+        bad += [n for n, v in zip(design.re_names, diagZ) if not np.isfinite(v)]
     what = ", ".join(repr(b) for b in dict.fromkeys(bad)) or "?"
     raise ValueError(f"model column(s) {what} hold values too large for float64 sums of squares (|value| above ~1e150 even "
                      "after centring and scaling); check the data for corrupt values or rescale them")
 
 
-def _sample_scaling(proto: pl.DataFrame, design: Design, groups: GroupIndex, group: str,
-                    z_may_centre: bool) -> Scaling | None:
+def _sample_scaling(proto: pl.DataFrame, design: Design, indexes: list) -> Scaling | None:
     """The row transform, from the complete rows among the first ``SCALING_SAMPLE_ROWS`` of the data."""
     sample = proto.head(SCALING_SAMPLE_ROWS)
     if sample.height == 0:
         return None
     y, X, Z = design.matrices(sample)
-    codes = groups.codes(sample.get_column(group))
-    ok = _complete(codes, y, X, Z)
+    ok = _complete([ix.codes(sample) for ix in indexes], y, X, Z)
     if not ok.any():
         return None
     return scaling_from_sample(X[ok], Z[ok], y[ok], design)
 
 
-def _complete(codes: np.ndarray, y: np.ndarray, X: np.ndarray, Z: np.ndarray) -> np.ndarray:
-    """Rows with a known group and finite values (column by column: X and Z are Fortran-ordered)."""
-    ok = (codes >= 0) & np.isfinite(y)
+def _complete(codes: list, y: np.ndarray, X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Rows with known levels of every term and finite values (column by column: X and Z are Fortran-ordered)."""
+    ok = np.isfinite(y)
+    for c in codes:
+        ok &= c >= 0
     for M in (X, Z):
         for j in range(M.shape[1]):
             ok &= np.isfinite(M[:, j])
@@ -151,160 +182,343 @@ def _discover_levels(source: Source, design: Design) -> dict[str, list]:
     return {col: sorted(out[col][0].to_list(), key=lambda v: (str(type(v)), v)) for col in cols}
 
 
-class _Warmup:
-    """Load the numba kernels of a fit from the on-disk cache (~0.3 s) in a background thread.
+class NotNested(Exception):
+    """Raised by the reducer when terms assumed nested share a level across two outer levels."""
 
-    The statistics kernel first, while polars reads the prototype and indexes the
-    keys (``wait_statistics`` before its first real call); then the objective's
-    kernels, during the pass over the rows, but only under a thread-safe numba
-    threading layer (omp, tbb): under ``workqueue`` two threads must never run
-    parallel kernels at once, so the thread stops there.  ``join`` before the fit.
+
+@dataclass
+class Plan:
+    """What the pass over the rows needs, decided before reading them.
+
+    ``chain`` lists the terms from finest to coarsest when they are (assumed) nested - the
+    reducer checks it on every row - and ``layout`` is then ``"nested"``; ``"crossed"``
+    keeps sorted pair lists for every pair of terms; ``"single"`` is one term.
     """
 
-    def __init__(self, nthreads: int | None) -> None:
-        import threading
+    design: Design
+    terms: list[ReTerm]
+    scaling: Scaling | None
+    layout: str
+    chain: list[int]
+    sample_term: int | None
+    missing: str
+    chunk_rows: int
+    proto: pl.DataFrame | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
-        self.nthreads = nthreads
-        self._stats_ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bigmixed-warm")
-        self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            st = Statistics.empty(2, 1, 1)
-            ones = np.ones((4, 1), order="F")
-            st.add_rows(np.array([0, 0, 1, 1]), ones, ones.copy(order="F"), np.array([1.0, 2.0, 4.0, 3.5]),
-                        self.nthreads)
-        except Exception:  # only a warm-up: the real call reports any problem
-            return
-        finally:
-            self._stats_ready.set()
-        try:
-            import numba
+def _chain(terms: list[ReTerm]) -> list[int]:
+    """Terms from finest to coarsest: by levels (most first), then columns of the grouping factor."""
+    return sorted(range(len(terms)), key=lambda k: (-terms[k].n_levels, -len(terms[k].factors), k))
 
-            if numba.threading_layer() not in ("omp", "tbb"):
+
+def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, missing: str = "drop",
+            chunk_rows: int | None = None, progress: bool | None = None, layout: str | None = None) -> Plan:
+    """Design, level indexes and the first row transform; no pass over the rows yet."""
+    if missing not in ("drop", "raise"):
+        raise ValueError(f"missing must be 'drop' or 'raise', not {missing!r}")
+    chunk_rows = int(chunk_rows or (IN_MEMORY_CHUNK_ROWS if source.in_memory else DEFAULT_CHUNK_ROWS))
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be a positive number of rows")
+    t0 = time.perf_counter()
+    proto = _prototype(source, list(source.schema))
+    design = Design(spec, proto, levels)
+    source.check_columns(design.columns)
+    what = f"{len(source.files)} files" if source.files else "the data"
+    if not source.in_memory and design.categorical and levels is None:
+        found = blocking(progress, f"finding the levels of {', '.join(design.categorical)} in {what}",
+                         lambda: _discover_levels(source, design))
+        design = Design(spec, proto, found)
+    if not source.in_memory and _stateful(design):
+        # scale(x), poly(x, 2), ...: their state must come from every row, as in R
+        proto = blocking(progress, f"reading the columns of the stateful transforms in {what}",
+                         lambda: _prototype(source, design.columns, rows=None))
+        design = Design(spec, proto, design.categorical)
+    terms = design.terms
+    for t in terms:
+        label = ":".join(t.factors)
+        if source.in_memory:
+            t.index = TermIndex.from_source(source, t.factors)
+        else:
+            t.index = blocking(progress, f"indexing the levels of '{label}' in {what}",
+                               lambda t=t: TermIndex.from_source(source, t.factors))
+    if len(terms) == 1:
+        chosen, chain = "single", [0]
+    else:
+        chain = _chain(terms)
+        chosen = layout or "nested"
+    sample_term = chain[-1] if chosen in ("single", "nested") else None
+    scaling = _sample_scaling(proto, design, [t.index for t in terms])
+    plan = Plan(design, terms, scaling, chosen, chain, sample_term, missing, chunk_rows, proto)
+    plan.timings["prepare"] = time.perf_counter() - t0
+    return plan
+
+
+def _stateful(design: Design) -> bool:
+    texts = [design.spec.fixed] + [e for t in design.spec.terms for e in t.exprs]
+    return any(f in t.replace(" ", "") for t in texts for f in _STATEFUL)
+
+
+class Reducer:
+    """Adds chunks of rows to the statistics of a :class:`Plan`.
+
+    ``add`` may raise :class:`NotNested` (terms assumed nested are not): the caller starts
+    again with ``layout="crossed"``.
+    """
+
+    def __init__(self, plan: Plan, nthreads: int | None = None) -> None:
+        self.plan = plan
+        self.nthreads = int(nthreads or default_threads())
+        d, terms = plan.design, plan.terms
+        lv = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
+        self.stats = Statistics.empty([t.n_levels for t in terms], d.p, [t.q for t in terms], lv,
+                                      sample_term=plan.sample_term if plan.sample_term is not None else 0)
+        if plan.sample_term is None:
+            self.stats.sample = None
+        ch = plan.chain
+        if plan.layout == "nested":
+            self._pairs = [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
+            self._up = {pr: np.zeros((terms[pr[0]].n_levels, terms[pr[1]].q, terms[pr[0]].q)) for pr in self._pairs}
+            self._parent = {pr: np.full(terms[pr[0]].n_levels, -1, dtype=np.int64) for pr in self._pairs}
+        elif plan.layout == "crossed":
+            self._pairs = [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
+            self._lists: dict = {pr: [] for pr in self._pairs}
+        else:
+            self._pairs = []
+        self.dropped = dict.fromkeys(d.columns, 0)
+        self.dropped[NON_FINITE] = 0
+        self.n_read = 0
+        self.n_dropped = 0
+        self.t_reduce = 0.0
+        self.scaling = plan.scaling
+
+    def add(self, chunk: pl.DataFrame, label: str, warm=None) -> None:
+        """Reduce one chunk (a polars frame holding the design's columns)."""
+        plan, d = self.plan, self.plan.design
+        self.n_read += chunk.height
+        y, X, Z = d.matrices(chunk)
+        off = d.offset(chunk)
+        if off is not None:  # a known part of the mean: the model is fitted to y - offset
+            y = y - off
+        codes = [t.index.codes(chunk) for t in plan.terms]
+        w = self._weights(chunk, label, codes)
+        if self.scaling is None:
+            # no complete row among the first rows read: the transform comes from this chunk's
+            ok = _complete(codes, y, X, Z)
+            if not ok.any():
+                self._count(chunk, label, chunk.height, y, X, Z)
                 return
-            from .objective import LocalBackend, Objective, ThetaMap
+            self.scaling = scaling_from_sample(X[ok], Z[ok], y[ok], d)
+        if warm is not None:  # the first chunk was read while the kernels loaded
+            warm.wait_statistics()
+        t0 = time.perf_counter()
+        skipped = self._reduce(codes, y, X, Z, w)
+        self.t_reduce += time.perf_counter() - t0
+        if skipped:
+            self._count(chunk, label, skipped, y, X, Z)
 
-            be = LocalBackend(st, self.nthreads)
-            obj = Objective(be, ThetaMap(1), True, 0.0)
-            theta = np.array([0.5])
-            obj(theta)
-            obj.unprofiled(theta, 1.0)
-            be.conditional_modes(np.eye(1), np.zeros(1))
-        except Exception:
-            pass
+    def _weights(self, chunk: pl.DataFrame, label: str, codes: list) -> np.ndarray | None:
+        """The chunk's weights, with rows of zero or (under missing='drop') negative weight dropped.
 
-    def wait_statistics(self) -> None:
-        self._stats_ready.wait()
+        Dropped rows get code -1 in every term, so the kernels skip them and :meth:`_count`
+        counts them under "(zero weight)" / "(negative weight)".
+        """
+        d = self.plan.design
+        w = d.weights(chunk)
+        if w is None:
+            return None
+        neg = w < 0
+        if neg.any() and self.plan.missing == "raise":
+            where = "" if label == "data" else f" in {label}"
+            raise ValueError(f"weights column {d.spec.weights!r} holds {int(neg.sum())} negative value(s){where} "
+                             f"(e.g. {float(w[neg][0])}); weights must be >= 0 (0 leaves a row out), or use "
+                             "missing='drop' to leave such rows out")
+        bad = ~(w > 0)  # zero, negative or NaN
+        if bad.any():
+            for c in codes:
+                c[bad] = -1
+            w = np.where(bad, 1.0, w)
+        return w
 
-    def join(self) -> None:
-        self._thread.join()
+    def _reduce(self, codes: list, y, X, Z, w=None) -> int:
+        plan, sc, nt = self.plan, self.scaling, self.nthreads
+        terms = plan.terms
+        if plan.layout == "single":
+            return self.stats.add_rows(codes[0], X, Z, y, nt, sc, w=w)
+        ok = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), np.ascontiguousarray(X.T),
+                                    np.ascontiguousarray(Z.T), y, nt)
+        if not ok.all():
+            codes = [np.where(ok, c, -1) for c in codes]
+        first = plan.sample_term if plan.sample_term is not None else 0
+        Zs = [np.asfortranarray(Z[:, t.offset:t.offset + t.q]) for t in terms]
+        skipped = self.stats.add_rows(codes[first], X, Zs[first], y, nt, sc.term(terms[first].offset,
+                                                                                  terms[first].q), term=first, w=w)
+        for k, t in enumerate(terms):
+            if k != first:
+                self.stats.add_rows(codes[k], X, Zs[k], y, nt, sc.term(t.offset, t.q), term=k, with_globals=False,
+                                    w=w)
+        ww = np.zeros(0) if w is None else w
+        for k, j in self._pairs:
+            tk, tj = terms[k], terms[j]
+            zk, zj = sc.term(tk.offset, tk.q), sc.term(tj.offset, tj.q)
+            args = (np.ascontiguousarray(Zs[k].T), np.ascontiguousarray(Zs[j].T), zk.z_shift, 1.0 / zk.z_scale,
+                    zj.z_shift, 1.0 / zj.z_scale)
+            if plan.layout == "nested":
+                bad = _kernels.accumulate_nested_pairs(codes[k], codes[j], *args, self._up[(k, j)],
+                                                       self._parent[(k, j)], ww)
+                if bad:
+                    raise NotNested(f"{tk.name} in {tj.name}")
+            else:
+                self._lists[(k, j)].append(_kernels.pair_products(codes[k], codes[j], tj.n_levels, *args, ww))
+        return skipped
+
+    def _count(self, chunk, label, skipped, y, X, Z) -> None:
+        """Attribute the skipped rows to columns (only now, when there are some)."""
+        d = self.plan.design
+        exprs = {c: _missing_expr(c, chunk.schema) for c in d.columns}
+        wc = d.spec.weights
+        if wc is not None:  # weights that leave a row out (NaN/inf are counted under the column)
+            finite = pl.col(wc).is_not_null() & pl.col(wc).is_finite()
+            exprs[ZERO_WEIGHT] = finite & (pl.col(wc) == 0)
+            exprs[NEGATIVE_WEIGHT] = finite & (pl.col(wc) < 0)
+        counts = chunk.select([e.sum().alias(c) for c, e in exprs.items()]).row(0)
+        if self.plan.missing == "raise":
+            bad = [c for c, k in zip(exprs, counts) if k and c not in (ZERO_WEIGHT, NEGATIVE_WEIGHT)]
+            if not bad and skipped == counts[-2]:  # only zero weights: those rows are left out
+                self.dropped[ZERO_WEIGHT] += int(skipped)
+                self.n_dropped += skipped
+                return
+            where = "" if label == "data" else f" in {label}"
+            names = [d.response_name] * int(not np.isfinite(y).all()) + \
+                [n for n, ok in zip(d.fe_names, np.isfinite(X).all(axis=0)) if not ok] + \
+                [n for n, ok in zip(d.re_names, np.isfinite(Z).all(axis=0)) if not ok]
+            what = (f"column(s) {', '.join(repr(b) for b in bad)} hold null/NaN/inf values" if bad
+                    else f"{skipped} row(s) give non-finite values after the formula's transformations "
+                         f"(in {', '.join(repr(t) for t in dict.fromkeys(names))})")
+            raise ValueError(f"{what}{where}; use missing='drop' to leave such rows out")
+        for c, k in zip(exprs, counts):
+            self.dropped[c] = self.dropped.get(c, 0) + int(k)
+        flagged = int(chunk.select(pl.any_horizontal(list(exprs.values())).sum()).item())
+        self.dropped[NON_FINITE] += skipped - flagged
+        self.n_dropped += skipped
+
+    def pairs(self) -> list[PairStats]:
+        """The pair statistics gathered so far (nested blocks, or merged pair lists)."""
+        out = []
+        terms = self.plan.terms
+        for k, j in self._pairs:
+            if self.plan.layout == "nested":
+                n_k = terms[k].n_levels
+                out.append(PairStats(k, j, np.arange(n_k, dtype=np.int64), self._parent[(k, j)], self._up[(k, j)]))
+                continue
+            parts = self._lists[(k, j)]
+            nj = terms[j].n_levels
+            if parts:
+                keys = np.concatenate([p[0] for p in parts])
+                vals = np.concatenate([p[1] for p in parts])
+                keys, vals = _kernels.merge_pairs(keys, vals) if len(parts) > 1 else (keys, vals)
+            else:
+                keys, vals = np.zeros(0, np.int64), np.zeros((0, terms[j].q, terms[k].q))
+            out.append(PairStats(k, j, keys // max(nj, 1), keys % max(nj, 1), vals))
+        return out
 
 
-def _stderr_is_terminal() -> bool:
+def _missing_expr(c: str, schema) -> pl.Expr:
+    e = pl.col(c).is_null()
+    if schema.get(c) in (pl.Float32, pl.Float64):
+        e = e | pl.col(c).is_nan() | pl.col(c).is_infinite()
+    return e
+
+
+def reduce_source(source: Source, plan: Plan, *, nthreads: int | None = None,
+                  progress: bool | None = None) -> Reducer:
+    """One pass over ``source`` into a :class:`Reducer` (which holds the statistics)."""
+    from ._warmup import Warmup
+
+    warm = None if source.in_memory else Warmup(nthreads)
+    red = Reducer(plan, nthreads)
+    bar = Progress(progress, len(source.parts), "reading", source.files)
+    last = None
+    t1 = time.perf_counter()
     try:
-        return bool(sys.stderr.isatty())
-    except (AttributeError, ValueError):
-        return False
+        for label, chunk in source.batches(plan.design.columns, plan.chunk_rows):
+            red.add(chunk, label, warm)
+            bar.update(chunk.height, part_done=label != last and last is not None)
+            last = label
+        bar.update(0, part_done=last is not None)
+    finally:
+        bar.close()
+        if warm is not None:
+            warm.join()
+    plan.timings["read"] = time.perf_counter() - t1 - red.t_reduce
+    plan.timings["statistics"] = red.t_reduce
+    return red
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-class _Progress:
-    """A rich progress bar on stderr for one pass over the data.
-
-    Shown only when enabled (``None``: when stderr is a terminal) and only once
-    the pass has lasted ``DELAY`` seconds, so quick passes print nothing.  It
-    shows rows read, rows/s and files done; with files, the bar advances by
-    rows (totals from the parquet footers, read only once the bar appears).
-    """
-
-    DELAY = 1.0
-
-    def __init__(self, enabled: bool | None, total_parts: int, description: str = "reading",
-                 files: list | None = None) -> None:
-        self.enabled = _stderr_is_terminal() if enabled is None else bool(enabled)
-        self.total = total_parts
-        self.description = description
-        self.files = files or []
-        self.start = time.perf_counter()
-        self._bar = None
-        self._rows_total: int | None = None
-        self.rows = 0
-        self.parts_done = 0
-
-    def _open(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        if self.files and len(self.files) <= 2000:
-            try:
-                import pyarrow.parquet as pq
-
-                self._rows_total = sum(pq.read_metadata(f).num_rows for f in self.files)
-            except Exception:  # a progress bar must never fail a run
-                self._rows_total = None
-        self._bar = Progress(
-            TextColumn(self.description), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=_console(), transient=True,
+def finalise(stats: Statistics, plan: Plan, scaling: Scaling | None, *, n_read: int, n_dropped: int,
+             dropped: dict, warn: bool = True) -> BuildResult:
+    """Canonical transform, checks over all rows, empty levels and aliased columns dropped."""
+    design, terms = plan.design, plan.terms
+    if n_read == 0:
+        raise ValueError("the data has no rows")
+    if stats.N == 0:
+        raise ValueError(
+            f"all {n_read} rows were dropped for missing or non-finite values "
+            f"(by column: { {k: v for k, v in dropped.items() if v} })"
         )
-        self._bar.start()
-        self._task = self._bar.add_task(self.description, total=self._rows_total or self.total, info="")
-
-    def update(self, rows: int, part_done: bool = False) -> None:
-        self.rows += rows
-        self.parts_done += int(part_done)
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        if self._bar is None and elapsed > self.DELAY:
-            self._open()
-        if self._bar is not None:
-            rate = self.rows / max(elapsed, 1e-9)
-            files = f", {self.parts_done}/{self.total} files" if self.files else ""
-            self._bar.update(self._task, completed=self.rows if self._rows_total else self.parts_done,
-                             info=f"{self.rows:,} rows, {rate:,.0f} rows/s{files}")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-def _blocking(enabled: bool | None, description: str, fn):
-    """Run ``fn()`` (one polars query over all files); a spinner on stderr if it lasts over a second."""
-    enabled = _stderr_is_terminal() if enabled is None else bool(enabled)
-    if not enabled:
-        return fn()
-    import threading
-
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    th = threading.Thread(target=run, daemon=True, name="bigmixed-scan")
-    th.start()
-    th.join(_Progress.DELAY)
-    if th.is_alive():
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        with Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(),
-                      console=_console(), transient=True) as bar:
-            bar.add_task(description, total=None)
-            while th.is_alive():
-                th.join(0.1)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    t5 = time.perf_counter()
+    # Independent of which rows came first: see canonical_scaling.
+    canon = canonical_scaling(stats, scaling, z_may_centre(design))
+    if not same_scaling(canon, scaling):
+        transform_statistics(stats, scaling, canon)
+        scaling = canon
+    _check_finite(stats, design)
+    plan.timings["statistics"] = plan.timings.get("statistics", 0.0) + time.perf_counter() - t5
+    dropped = {k: v for k, v in dropped.items() if v}
+    if n_dropped and warn:
+        warnings.warn(
+            f"{n_dropped} of {n_read} rows dropped for missing or non-finite values "
+            f"(by column: {dropped}); pass missing='raise' to make this an error",
+            DroppedRowsWarning,
+            stacklevel=4,
+        )
+    # Levels that lost all their rows are not levels of the fit.
+    keeps = [t.n > 0 for t in stats.terms]
+    if not all(k.all() for k in keeps):
+        stats = stats.subset_levels([None if k.all() else k for k in keeps])
+        for t, k in zip(terms, keeps):
+            if not k.all():
+                t.index = t.index.subset(k)
+    for t in terms:
+        if t.n_levels < 2:
+            what = "grouping column" if len(t.factors) == 1 else "grouping factor"
+            raise ValueError(
+                f"the {what} '{':'.join(t.factors)}' has {t.n_levels} level(s) after dropping incomplete rows; "
+                "a mixed model needs at least two levels per grouping factor")
+    layout = plan.layout
+    if layout == "nested" and not all(pr.nested(stats.terms[pr.k].n_groups) for pr in stats.pairs):
+        raise NotNested("after dropping rows")  # pragma: no cover - checked on every row
+    # Aliased (collinear) fixed-effect columns are dropped, as lme4 does.
+    p = design.p
+    drop = aliased_columns(stats.XtX)
+    kept = np.setdiff1d(np.arange(p), drop)
+    aliased = [design.fe_names[j] for j in drop]
+    if aliased:
+        if warn:
+            warnings.warn(
+                f"fixed-effect model matrix is rank deficient so dropping {len(aliased)} "
+                f"column(s): {', '.join(aliased)}",
+                UserWarning,
+                stacklevel=4,
+            )
+        stats = stats.subset_fixed(kept)
+    if stats.N <= len(kept):
+        raise ValueError(
+            f"{stats.N} usable rows for {len(kept)} fixed effects; a fit needs more rows than fixed effects"
+        )
+    scaling = scaling.subset_fixed(kept)
+    return BuildResult(stats, design, terms, scaling, n_read, n_dropped, dropped, aliased, kept,
+                       dict(plan.timings), layout=layout, chain=list(plan.chain))
 
 
 def build_statistics(
@@ -333,154 +547,15 @@ def build_statistics(
         Known levels of categorical columns; found by a pass over the data if
         not given.
     """
-    if missing not in ("drop", "raise"):
-        raise ValueError(f"missing must be 'drop' or 'raise', not {missing!r}")
-    chunk_rows = int(chunk_rows or (IN_MEMORY_CHUNK_ROWS if source.in_memory else DEFAULT_CHUNK_ROWS))
-    if chunk_rows < 1:
-        raise ValueError("chunk_rows must be a positive number of rows")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    # Streaming: load the numba kernels from the on-disk cache (~0.3 s) while polars
-    # reads the prototype and indexes the keys; joined before the first kernel call.
-    warm = None if source.in_memory else _Warmup(nthreads)
-
-    if spec.group not in source.schema:
-        source.check_columns([spec.group])
-    proto = _prototype(source, list(source.schema))
-    design = Design(spec, proto, levels)
-    source.check_columns(design.columns)
-    what = f"{len(source.files)} files" if source.files else "the data"
-    if not source.in_memory and design.categorical and levels is None:
-        found = _blocking(progress, f"finding the levels of {', '.join(design.categorical)} in {what}",
-                          lambda: _discover_levels(source, design))
-        design = Design(spec, proto, found)
-    if source.in_memory:
-        groups = GroupIndex.from_source(source, spec.group)
-    else:
-        groups = _blocking(progress, f"indexing the groups '{spec.group}' of {what}",
-                           lambda: GroupIndex.from_source(source, spec.group))
-    timings["prepare"] = time.perf_counter() - t0
-
-    p, q = len(design.fe_names), len(design.re_names)
-    # Sampling levels by key: the pass also keeps exact global sums over a hash sample of the
-    # groups, for the optimiser's warm start (stats.SampleSums).
-    stats = Statistics.empty(groups.n_groups, p, q, levels=group_levels(groups.keys))
-    z_may_centre = len(design.blocks) == 1
-    exprs = _missing_exprs(design.columns, source.schema)
-    dropped = dict.fromkeys(design.columns, 0)
-    dropped["(non-finite after transformation)"] = 0
-    n_read = n_dropped = 0
-    # The transform comes from a fixed sample (the first rows of the prototype), not from
-    # the first chunk, so that chunk_rows cannot change the fit (issue 6); the loop below
-    # still picks one from the first chunk with complete rows if the sample has none.
-    scaling = _sample_scaling(proto, design, groups, spec.group, z_may_centre)
-    t_read = t_reduce = 0.0
-    bar = _Progress(progress, len(source.parts), "reading", source.files)
-    last_label = None
-    t1 = time.perf_counter()
+    plan = prepare(source, spec, levels=levels, missing=missing, chunk_rows=chunk_rows, progress=progress)
     try:
-        for label, chunk in source.batches(design.columns, chunk_rows):
-            t2 = time.perf_counter()
-            n_read += chunk.height
-            y, X, Z = design.matrices(chunk)
-            codes = groups.codes(chunk.get_column(spec.group))
-            if scaling is None:
-                # the transform is chosen from the first chunk's complete rows
-                ok = _complete(codes, y, X, Z)
-                if ok.any():
-                    scaling = scaling_from_sample(X[ok], Z[ok], y[ok], design)
-                else:
-                    scaling = None  # nothing usable yet: every row of this chunk is skipped
-            if warm is not None:  # the first chunk was read while the kernels loaded
-                warm.wait_statistics()
-            t3 = time.perf_counter()
-            # The kernel skips rows with a null key or a non-finite value and
-            # counts them; only then do we ask polars which columns were at fault.
-            skipped = stats.add_rows(codes, X, Z, y, nthreads, scaling) if scaling is not None \
-                else int(chunk.height)
-            t4 = time.perf_counter()
-            if skipped:
-                counts = chunk.select([e.sum().alias(c) for c, e in exprs.items()]).row(0)
-                if missing == "raise":
-                    bad = [c for c, k in zip(exprs, counts) if k]
-                    where = "" if label == "data" else f" in {label}"
-                    terms = [design.response_name] * int(not np.isfinite(y).all()) + \
-                        [n for n, ok in zip(design.fe_names, np.isfinite(X).all(axis=0)) if not ok] + \
-                        [n for n, ok in zip(design.re_names, np.isfinite(Z).all(axis=0)) if not ok]
-                    what = (f"column(s) {', '.join(repr(b) for b in bad)} hold null/NaN/inf values" if bad
-                            else f"{skipped} row(s) give non-finite values after the formula's transformations "
-                                 f"(in {', '.join(repr(t) for t in dict.fromkeys(terms))})")
-                    raise ValueError(f"{what}{where}; use missing='drop' to leave such rows out")
-                for c, k in zip(exprs, counts):
-                    dropped[c] += int(k)
-                flagged = int(chunk.select(pl.any_horizontal(list(exprs.values())).sum()).item())
-                dropped["(non-finite after transformation)"] += skipped - flagged
-                n_dropped += skipped
-            t_read += t3 - t2
-            t_reduce += t4 - t3
-            bar.update(chunk.height, part_done=label != last_label and last_label is not None)
-            last_label = label
-        bar.update(0, part_done=last_label is not None)
-    finally:
-        bar.close()
-        if warm is not None:
-            warm.join()
-    timings["read"] = time.perf_counter() - t1 - t_reduce
-    timings["statistics"] = t_reduce
-
-    if n_read == 0:
-        raise ValueError("the data has no rows")
-    if stats.N == 0:
-        raise ValueError(
-            f"all {n_read} rows were dropped for missing or non-finite values "
-            f"(by column: { {k: v for k, v in dropped.items() if v} })"
-        )
-    if scaling is None:  # pragma: no cover - stats.N > 0 implies a chunk was reduced
-        scaling = Scaling.identity(p, q)
-    # Independent of which rows came first: see canonical_scaling.
-    t5 = time.perf_counter()
-    canon = canonical_scaling(stats, scaling, z_may_centre)
-    if not same_scaling(canon, scaling):
-        transform_statistics(stats, scaling, canon)
-        scaling = canon
-    _check_finite(stats, design)
-    timings["statistics"] += time.perf_counter() - t5
-    dropped = {k: v for k, v in dropped.items() if v}
-    if n_dropped and warn:
-        warnings.warn(
-            f"{n_dropped} of {n_read} rows dropped for missing or non-finite values "
-            f"(by column: {dropped}); pass missing='raise' to make this an error",
-            DroppedRowsWarning,
-            stacklevel=3,
-        )
-
-    # Groups that lost all their rows are not groups of the fit.
-    nonempty = stats.n > 0
-    if not nonempty.all():
-        stats = stats.subset_groups(nonempty)
-        groups = groups.subset(nonempty)
-    if groups.n_groups < 2:
-        raise ValueError(
-            f"the grouping column '{spec.group}' has {groups.n_groups} group(s) after dropping "
-            "incomplete rows; a mixed model needs at least two groups"
-        )
-
-    # Aliased (collinear) fixed-effect columns are dropped, as lme4 does.
-    drop = aliased_columns(stats.XtX)
-    kept = np.setdiff1d(np.arange(p), drop)
-    aliased = [design.fe_names[j] for j in drop]
-    if aliased:
-        if warn:
-            warnings.warn(
-                f"fixed-effect model matrix is rank deficient so dropping {len(aliased)} "
-                f"column(s): {', '.join(aliased)}",
-                UserWarning,
-                stacklevel=3,
-            )
-        stats = stats.subset_fixed(kept)
-    if stats.N <= len(kept):
-        raise ValueError(
-            f"{stats.N} usable rows for {len(kept)} fixed effects; a fit needs more rows than fixed effects"
-        )
-    scaling = scaling.subset_fixed(kept)
-    return BuildResult(stats, design, groups, scaling, n_read, n_dropped, dropped, aliased, kept, timings)
+        red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
+    except NotNested:
+        # Terms that looked nested share levels: read again keeping pair lists (crossed layout).
+        plan = replace(plan, layout="crossed", sample_term=None)
+        red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
+    stats = red.stats
+    stats.pairs = red.pairs()
+    scaling = red.scaling if red.scaling is not None else Scaling.identity(plan.design.p, plan.design.q)
+    return finalise(stats, plan, scaling, n_read=red.n_read, n_dropped=red.n_dropped, dropped=red.dropped,
+                    warn=warn)

@@ -1,10 +1,13 @@
-"""Fitted model: estimates on the user's scale, inference, BLUPs, predictions.
+"""Fitted model: estimates on the user's scale and their inference.
 
-The fit runs on transformed statistics (:class:`~bigmixed.stats.Scaling`);
-every number here is mapped back exactly:
+The fit runs on transformed statistics (:class:`~bigmixed.scaling.Scaling`); every number here
+is mapped back exactly (per term k, with S_k its columns' transform):
 
-    beta = s_y T beta~ (+ m_y on the intercept)     Cov(beta) = s_y^2 sigma~^2 T F~^-1 T'
-    Psi  = sigma^2 S Lambda~ Lambda~' S'           b_i = s_y S b~_i
+    beta  = s_y T beta~ (+ m_y on the intercept)     Cov(beta) = s_y^2 sigma~^2 T F~^-1 T'
+    Psi_k = sigma^2 S_k Lambda~_k Lambda~_k' S_k'    b_ki = s_y S_k b~_ki
+
+Conditional modes, predictions and their output live in :mod:`bigmixed.blups`; text in
+:mod:`bigmixed.summary`, which reads only the public accessors below.
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import polars as pl
 # scipy.special (already loaded by scipy.optimize) rather than scipy.stats: importing
 # scipy.stats costs ~0.35 s per process, a tenth of a 10M-row CLI fit. norm.sf(x) = ndtr(-x).
 from scipy.special import ndtr, ndtri
 
-from . import _kernels
-from .objective import R2_FLOOR, NumericalError, Objective, ThetaMap
+from . import blups
+from .objective import R2_FLOOR, NumericalError, Objective
 from .optimize import OptimizerState, hessian
+from .terms import TermTheta, lme4_bar_order
 
-__all__ = ["MixedLMResults", "theta_to_scaled", "safe_cholesky"]
+__all__ = ["MixedLMResults", "theta_to_scaled", "safe_cholesky", "theta_order"]
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular() default
 
@@ -44,11 +47,31 @@ def safe_cholesky(S: np.ndarray, tol: float = 1e-12) -> np.ndarray:
     return L
 
 
-def theta_to_scaled(theta: np.ndarray, tmap: ThetaMap, scaling) -> np.ndarray:
-    """lme4's theta on the user's scale -> theta of the transformed problem."""
-    lam = tmap.lam(np.asarray(theta, dtype=float))
+def theta_to_scaled(theta: np.ndarray, tt: TermTheta, scaling) -> np.ndarray:
+    """One term's lme4 theta on the user's scale -> theta of the transformed problem (``scaling``: the term's)."""
+    lam = tt.lam(np.asarray(theta, dtype=float))
     Sinv = np.linalg.inv(scaling.z_matrix())
-    return tmap.theta(safe_cholesky(Sinv @ lam @ lam.T @ Sinv.T))
+    return tt.theta(safe_cholesky(Sinv @ lam @ lam.T @ Sinv.T))
+
+
+def _bars(terms) -> list[tuple[int, int]]:
+    """(term, bar) of every bar of the model, in formula order within each term."""
+    return [(k, b) for k, t in enumerate(terms) for b in range(max(t.bar_of) + 1)]
+
+
+def _lme4_bars(terms) -> list[tuple[int, int]]:
+    bars = _bars(terms)
+    return [bars[i] for i in lme4_bar_order([terms[k].n_levels for k, _ in bars])]
+
+
+def theta_order(terms, tmap) -> np.ndarray:
+    """Positions of the model's theta entries in lme4's order (lme4 sorts bars by their levels)."""
+    out = []
+    for k, b in _lme4_bars(terms):
+        cols = {j for j, bb in enumerate(terms[k].bar_of) if bb == b}
+        tt = tmap.terms[k]
+        out += [int(tmap.offsets[k] + i) for i in range(tt.size) if int(tt.cols[i]) in cols]
+    return np.asarray(out, dtype=np.int64)
 
 
 class MixedLMResults:
@@ -57,7 +80,8 @@ class MixedLMResults:
     statsmodels: ``fe_params``, ``bse_fe``, ``tvalues``, ``pvalues``, ``conf_int()``, ``cov_re``,
     ``scale``, ``llf``, ``aic``, ``bic``, ``converged``, ``random_effects``, ``fittedvalues``,
     ``resid``, ``predict()``, ``summary()``.  lme4: ``objective`` (REML criterion or deviance),
-    ``theta``, ``sigma``, ``fixef``, ``ranef()``, ``VarCorr``, ``is_singular``, ``print(res)``.
+    ``theta``, ``sigma``, ``fixef``, ``ranef()``, ``VarCorr``, ``ngroups``, ``is_singular``,
+    ``print(res)``.  Several terms: ``terms``, ``cov_re_terms``, ``ranef(term)``.
     """
 
     def __init__(self, model, objective: Objective, state: OptimizerState, scaling) -> None:
@@ -72,15 +96,16 @@ class MixedLMResults:
         self.tmap = objective.map
         sol = objective.solve(state.theta)
         self._sol = sol
+        self._terms = list(model.built.terms)
         self.exog_names = list(model.exog_names)
         self.exog_re_names = list(model.exog_re_names)
         self.nobs = int(objective.N)
         self.n_groups = int(model.n_groups)
 
         T = scaling.x_matrix()
-        S = scaling.z_matrix()
         sy = scaling.y_scale
-        self._T, self._S = T, S
+        self._T = T
+        self._S = [self._term_scaling(k).z_matrix() for k in range(len(self._terms))]
         self.scale = float(sy**2 * sol.sigma2)
         beta = sy * (T @ sol.beta)
         if scaling.x_intercept >= 0:
@@ -88,13 +113,22 @@ class MixedLMResults:
         self._beta = beta
         Finv = np.linalg.inv(sol.F) if sol.F.size else np.zeros((0, 0))
         self._cov_fe = sy**2 * sol.sigma2 * (T @ Finv @ T.T)
-        rel = S @ sol.lam @ sol.lam.T @ S.T  # Psi / sigma^2
-        self._lam = safe_cholesky(rel)
-        self._cov_re = self.scale * rel
+        rels = [S @ L @ L.T @ S.T for S, L in zip(self._S, sol.lams)]  # Psi_k / sigma^2
+        self._lams = [safe_cholesky(r) for r in rels]
+        self._covs = [self.scale * r for r in rels]
         self.objective = float(sol.deviance + objective.offset)
         self.llf = -0.5 * self.objective
-        # Degenerate fits that lme4's theta test misses (is_singular reports them too).
-        n_re = (len(self.exog_re_names) - len(self.tmap.zero)) * self.n_groups
+        self.unidentified = self._degenerate(sol, objective)
+
+    def _term_scaling(self, k: int):
+        t = self._terms[k]
+        if len(self._terms) == 1:
+            return self.scaling
+        return self.scaling.term(t.offset, t.q)
+
+    def _degenerate(self, sol, objective) -> str | None:
+        """Why the variance parameters are not identified (lme4's theta test misses these), or None."""
+        n_re = sum((t.q - len(tt.zero)) * t.n_levels for t, tt in zip(self._terms, self.tmap.terms))
         problems = []
         # r^2 at (or just above) its floor: the residual variance cannot be told from 0 and the
         # likelihood grows without bound towards it (see objective.R2_FLOOR).
@@ -107,7 +141,7 @@ class MixedLMResults:
             problems.append(
                 f"number of observations ({self.nobs}) <= number of random effects ({n_re}): the random-effects "
                 "variances and the residual variance are probably unidentifiable")
-        self._unidentified: str | None = "; and ".join(problems) or None
+        return "; and ".join(problems) or None
 
     # -- fixed effects -------------------------------------------------------------
 
@@ -118,7 +152,7 @@ class MixedLMResults:
     @property
     def fixef(self) -> pd.Series:
         """lme4's name for the fixed effects (``(Intercept)`` spelled as in R)."""
-        return pd.Series(self._beta, index=[_r_name(n) for n in self.exog_names], name="fixef")
+        return pd.Series(self._beta, index=[r_name(n) for n in self.exog_names], name="fixef")
 
     def cov_params(self) -> pd.DataFrame:
         """Covariance of the fixed-effect estimates, sigma^2 (X'V^-1X)^-1."""
@@ -166,15 +200,39 @@ class MixedLMResults:
     # -- variance components ---------------------------------------------------------
 
     @property
-    def cov_re(self) -> pd.DataFrame:
-        """Random-effects covariance Psi (statsmodels' ``cov_re``; the intercept is named ``Group``)."""
-        names = self._sm_names
-        return pd.DataFrame(self._cov_re, index=names, columns=names)
+    def terms(self) -> list[str]:
+        """Names of the grouping factors, in the model's order (lme4's names: ``Pig``, ``cask:batch``)."""
+        return [t.name for t in self._terms]
 
     @property
-    def _sm_names(self) -> list[str]:
-        """statsmodels' names of the random effects: the intercept is called ``Group``."""
-        return ["Group" if n == "Intercept" else n for n in self.exog_re_names]
+    def ngroups(self) -> dict[str, int]:
+        """Levels per grouping factor (lme4's ``ngrps``), in lme4's order (most levels first, as lme4 sorts)."""
+        order = list(dict.fromkeys(self._terms[k].name for k, _ in _lme4_bars(self._terms)))
+        levels = {t.name: int(t.n_levels) for t in self._terms}
+        return {n: levels[n] for n in order}
+
+    def re_names(self, term: int | str = 0) -> list[str]:
+        """Random-effect columns of a term (``Intercept``, ``Time``)."""
+        return list(self._terms[self._term_index(term)].re_names)
+
+    def _term_index(self, term: int | str) -> int:
+        if isinstance(term, (int, np.integer)):
+            return int(term)
+        names = self.terms
+        if term not in names:
+            raise KeyError(f"no random-effects term {term!r}; the terms are {names}")
+        return names.index(term)
+
+    @property
+    def cov_re(self) -> pd.DataFrame:
+        """Random-effects covariance Psi of the first term (statsmodels' ``cov_re``; intercept named ``Group``)."""
+        names = sm_names(self.exog_re_names)
+        return pd.DataFrame(self._covs[0], index=names, columns=names)
+
+    @property
+    def cov_re_terms(self) -> dict[str, pd.DataFrame]:
+        """Psi of every term, named by grouping factor."""
+        return {t.name: pd.DataFrame(c, index=t.re_names, columns=t.re_names) for t, c in zip(self._terms, self._covs)}
 
     @property
     def sigma(self) -> float:
@@ -182,8 +240,9 @@ class MixedLMResults:
 
     @property
     def theta(self) -> np.ndarray:
-        """lme4's theta: the free entries of chol(Psi / sigma^2), column by column."""
-        return self.tmap.theta(self._lam)
+        """lme4's theta: the free entries of each chol(Psi_k / sigma^2), column by column, in lme4's term order."""
+        th = self.tmap.theta(self._lams)
+        return th[theta_order(self._terms, self.tmap)]
 
     @property
     def is_singular(self) -> bool:
@@ -193,39 +252,44 @@ class MixedLMResults:
         effects in total (lme4 refuses to fit these), or a residual variance of 0 (the model
         reproduces the response exactly, e.g. a constant response).
         """
-        th = self.theta
-        return (bool(np.any(th[self.tmap.is_diag] < SINGULAR_TOL)) or bool(self.tmap.zero)
-                or self._unidentified is not None)
+        th = self.tmap.theta(self._lams)
+        held = any(tt.zero for tt in self.tmap.terms)
+        return bool(np.any(th[self.tmap.is_diag] < SINGULAR_TOL)) or held or self.unidentified is not None
+
+    def structural(self, a: int, b: int, term: int | str = 0) -> bool:
+        """Whether Psi_term[a, b] is a parameter (not fixed at 0 by the structure)."""
+        return self.tmap.terms[self._term_index(term)].structural(a, b)
 
     @property
     def VarCorr(self) -> pd.DataFrame:
-        """lme4's ``as.data.frame(VarCorr(fit))``: grp, var1, var2, vcov, sdcor."""
-        g = self.model.spec.group
-        names = [_r_name(n) for n in self.exog_re_names]
-        sd = np.sqrt(np.diag(self._cov_re))
-        rows = [(g, names[a], None, self._cov_re[a, a], sd[a]) for a in range(len(names))]
-        for b in range(len(names)):
-            for a in range(b + 1, len(names)):
-                if self._structural(a, b):
-                    denom = sd[a] * sd[b]
-                    corr = self._cov_re[a, b] / denom if denom > 0 else np.nan
-                    rows.append((g, names[b], names[a], self._cov_re[a, b], corr))
+        """lme4's ``as.data.frame(VarCorr(fit))``: grp, var1, var2, vcov, sdcor (lme4's order of terms)."""
+        rows = []
+        for k, b in _lme4_bars(self._terms):
+            t, cov = self._terms[k], self._covs[k]
+            grp = t.bar_names()[b]
+            cols = [j for j, bb in enumerate(t.bar_of) if bb == b]
+            names = [r_name(n) for n in t.re_names]
+            sd = np.sqrt(np.diag(cov))
+            rows += [(grp, names[a], None, cov[a, a], sd[a]) for a in cols]
+            for i, bcol in enumerate(cols):
+                for a in cols[i + 1:]:
+                    if self.structural(a, bcol, k):
+                        denom = sd[a] * sd[bcol]
+                        corr = cov[a, bcol] / denom if denom > 0 else np.nan
+                        rows.append((grp, names[bcol], names[a], cov[a, bcol], corr))
         rows.append(("Residual", None, None, self.scale, self.sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
-    def _structural(self, a: int, b: int) -> bool:
-        """Whether Psi[a, b] is a parameter (not fixed at 0 by the structure)."""
-        for blk in self.tmap.blocks:
-            if a in blk and b in blk:
-                return a not in self.tmap.zero and b not in self.tmap.zero
-        return False
+    def _pairs(self) -> list[tuple[int, int, int]]:
+        """(term, a, b) of every entry of vech(Psi_k), term by term."""
+        return [(k, a, b) for k, t in enumerate(self._terms) for b in range(t.q) for a in range(b, t.q)]
 
     @cached_property
     def _var_cov(self) -> np.ndarray:
-        """Covariance of (vech Psi, sigma^2) from the Hessian of the deviance (delta method).
+        """Covariance of (vech Psi_k for every k, sigma^2) from the Hessian of the deviance (delta method).
 
-        The Hessian is taken in the transformed problem's (theta, sigma^2) by
-        forward differences of the analytic gradient, then mapped to Psi.
+        The Hessian is taken in the transformed problem's (theta, sigma^2) by forward
+        differences of the analytic gradient, then mapped to Psi.
         """
         obj = self.objective_fn
         th = self._sol.theta
@@ -238,39 +302,52 @@ class MixedLMResults:
             cov_phi = np.full((x0.size, x0.size), np.nan)
         if np.any(np.diag(cov_phi) < 0):
             cov_phi = np.full_like(cov_phi, np.nan)
-        q = len(self.exog_re_names)
-        S, sy2 = self._S, self.scaling.y_scale**2
-        lam = self._sol.lam
+        sy2 = self.scaling.y_scale**2
         s2 = self._sol.sigma2
-        pairs = [(a, b) for b in range(q) for a in range(b, q)]
+        pairs = self._pairs()
         J = np.zeros((len(pairs) + 1, x0.size))
-        for k in range(self.tmap.size):
-            E = np.zeros((q, q))
-            E[self.tmap.rows[k], self.tmap.cols[k]] = 1.0
+        for i in range(self.tmap.size):
+            k = int(self.tmap.term_of[i])
+            tt, S, lam = self.tmap.terms[k], self._S[k], self._sol.lams[k]
+            local = i - int(self.tmap.offsets[k])
+            E = np.zeros((tt.q, tt.q))
+            E[tt.rows[local], tt.cols[local]] = 1.0
             dPsi = sy2 * s2 * S @ (E @ lam.T + lam @ E.T) @ S.T
-            J[:-1, k] = [dPsi[a, b] for a, b in pairs]
-        dPsi = sy2 * S @ lam @ lam.T @ S.T
-        J[:-1, -1] = [dPsi[a, b] for a, b in pairs]
+            for r, (kk, a, b) in enumerate(pairs):
+                if kk == k:
+                    J[r, i] = dPsi[a, b]
+        for r, (k, a, b) in enumerate(pairs):
+            S, lam = self._S[k], self._sol.lams[k]
+            J[r, -1] = (sy2 * S @ lam @ lam.T @ S.T)[a, b]
         J[-1, -1] = sy2
         return J @ cov_phi @ J.T
+
+    def variance_table(self) -> pd.DataFrame:
+        """One row per variance-component parameter: term, statsmodels' name, estimate, standard error.
+
+        Names as statsmodels prints them: ``Group Var``, ``Group x Time Cov``, ``Time Var`` for the
+        first term, ``<term> Var`` (``<term> <effect> Var`` ...) for the others.
+        """
+        C = self._var_cov
+        se = np.sqrt(np.clip(np.diag(C)[:-1], 0.0, None))
+        rows = []
+        for r, (k, a, b) in enumerate(self._pairs()):
+            if not self.structural(a, b, k) and a != b:
+                continue
+            t = self._terms[k]
+            name = sm_var_name(t.re_names, a, b, None if k == 0 else t.name)
+            rows.append((t.name, name, self._covs[k][a, b], se[r] if np.isfinite(C[r, r]) else np.nan))
+        return pd.DataFrame(rows, columns=["term", "name", "estimate", "se"])
 
     @property
     def bse_re(self) -> pd.Series:
         """Standard errors of the variance components (Var, Cov rows), from the observed information.
 
-        Unlike statsmodels (which reports the SE of Psi/sigma^2 times sigma),
-        these are Wald SEs of the entries of Psi themselves; NaN on the boundary.
+        Unlike statsmodels (which reports the SE of Psi/sigma^2 times sigma), these are Wald SEs
+        of the entries of Psi themselves; NaN on the boundary.
         """
-        q = len(self.exog_re_names)
-        C = self._var_cov
-        pairs = [(a, b) for b in range(q) for a in range(b, q)]
-        se = np.sqrt(np.clip(np.diag(C)[:-1], 0.0, None))
-        out = {}
-        for k, (a, b) in enumerate(pairs):
-            if not self._structural(a, b):
-                continue
-            out[_sm_var_name(self.exog_re_names, a, b)] = se[k] if np.isfinite(C[k, k]) else np.nan
-        return pd.Series(out, name="bse_re", dtype=float)
+        vt = self.variance_table()
+        return pd.Series(vt["se"].to_numpy(), index=vt["name"].to_list(), name="bse_re", dtype=float)
 
     @property
     def bse_scale(self) -> float:
@@ -291,144 +368,69 @@ class MixedLMResults:
     def bic(self) -> float:
         return self.objective + np.log(self.nobs) * self.df_modelwc
 
-    # -- conditional modes -------------------------------------------------------------
+    # -- conditional modes, predictions (bigmixed.blups) ----------------------------------
 
     @cached_property
-    def _modes(self) -> tuple[np.ndarray, np.ndarray]:
-        """BLUPs on the user's scale, and the kernel's (transformed, unscaled) K_i.
+    def _modes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return blups.conditional_modes(self)
 
-        K_i is mapped to the conditional covariances only when they are asked for
-        (:attr:`random_effects_cov`): at 1e7 groups that mapping is ~1 GB of temporaries.
-        """
-        be = self.objective_fn.backend
-        bt, Kt = be.conditional_modes(self._sol.lam, self._sol.beta)
-        S, sy = self._S, self.scaling.y_scale
-        return np.ascontiguousarray(sy * (bt @ S.T)), Kt
-
-    @cached_property
-    def _cond_cov(self) -> np.ndarray:
-        """Conditional covariances of the BLUPs, sigma^2 S K~_i S' (G, q, q), user's scale."""
-        S, sy = self._S, self.scaling.y_scale
-        return (sy**2 * self._sol.sigma2) * np.einsum("ab,gbc,dc->gad", S, self._modes[1], S, optimize=True)
-
-    @property
-    def group_labels(self) -> list:
-        return self.model.built.groups.to_list()
-
-    def random_effects_frame(self, backend: str = "pandas"):
-        """Conditional modes (BLUPs), one row per group: the group key and one column per effect."""
-        b = self._modes[0]
-        data = {self.model.spec.group: self.model.built.groups.keys}
-        for j, name in enumerate(self.exog_re_names):
-            data[name] = b[:, j]
-        df = pl.DataFrame(data)
-        return df if backend == "polars" else df.to_pandas()
+    def random_effects_frame(self, backend: str = "pandas", term: int | str = 0):
+        """Conditional modes (BLUPs) of a term, one row per level: the key column(s) and one column per effect."""
+        return blups.frame(self, self._term_index(term), backend)
 
     @cached_property
     def random_effects(self) -> dict:
-        """statsmodels' ``random_effects``: {group: Series of BLUPs} (use random_effects_frame at scale)."""
-        b = self._modes[0]
-        idx = pd.Index(self._sm_names)
+        """statsmodels' ``random_effects``: {group: Series of BLUPs} of the first term.
+
+        Several terms: the other terms' BLUPs are in :meth:`ranef` (one frame per term).
+        """
+        b = self._modes[0][0]
+        idx = pd.Index(sm_names(self.exog_re_names))
         return {k: pd.Series(b[i], index=idx) for i, k in enumerate(self.group_labels)}
 
     @cached_property
     def random_effects_cov(self) -> dict:
-        """{group: conditional covariance of its BLUPs} (statsmodels' ``random_effects_cov``)."""
-        K = self._cond_cov
-        names = self._sm_names
+        """{group: conditional covariance of its BLUPs} (statsmodels' ``random_effects_cov``), first term."""
+        K = blups.conditional_covariances(self, 0)
+        names = sm_names(self.exog_re_names)
         return {k: pd.DataFrame(K[i], index=names, columns=names) for i, k in enumerate(self.group_labels)}
 
-    def write_random_effects(self, out_dir) -> list:
-        """Write the BLUPs (as :meth:`random_effects_frame`) to parquet files in ``out_dir``.
+    def conditional_variances(self, term: int | str = 0) -> np.ndarray:
+        """Conditional covariances of a term's BLUPs, (levels, q, q): lme4's ``ranef(condVar = TRUE)``."""
+        return blups.conditional_covariances(self, self._term_index(term))
 
-        Statistics resident on Dask workers: each worker writes its partition,
-        ``part-00000.parquet`` ... (nothing is gathered to the driver).  Otherwise
-        one file, ``part-00000.parquet``.  Files are written to a temporary name
-        and renamed, so a reader never sees a partial file.  Returns the paths.
-        """
-        import os
-        import uuid
-        from pathlib import Path
+    @property
+    def group_labels(self) -> list:
+        return self.model.built.terms[0].index.to_list()
 
-        be = self.objective_fn.backend
-        if hasattr(be, "write_random_effects"):
-            return be.write_random_effects(out_dir, self._sol.lam, self._sol.beta, self._S,
-                                           self.scaling.y_scale, self.exog_re_names, self.model.spec.group)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "part-00000.parquet"
-        tmp = out / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            self.random_effects_frame("polars").write_parquet(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        for stale in out.glob("part-*.parquet"):  # from an earlier run written in more parts
-            if stale != path:
-                stale.unlink()
-        return [path]
+    def ranef(self, term: int | str | None = None):
+        """lme4's ``ranef(fit)``: BLUPs indexed by level; one term: a DataFrame, several: {term: DataFrame}."""
+        if term is None and len(self._terms) > 1:
+            return {t.name: blups.ranef_frame(self, k) for k, t in enumerate(self._terms)}
+        return blups.ranef_frame(self, 0 if term is None else self._term_index(term))
 
-    def ranef(self) -> pd.DataFrame:
-        """lme4's ``ranef(fit)[[group]]``: BLUPs indexed by group level."""
-        df = self.random_effects_frame()
-        df = df.set_index(self.model.spec.group)
-        df.columns = [_r_name(n) for n in self.exog_re_names]
-        return df
-
-    # -- fitted values and predictions ---------------------------------------------------
+    def write_random_effects(self, out_dir, term: int | str = 0) -> list:
+        """Write a term's BLUPs (as :meth:`random_effects_frame`) to parquet in ``out_dir`` (see :func:`blups.write`)."""
+        return blups.write(self, out_dir, self._term_index(term))
 
     def predict(self, newdata: Any = None, include_random: bool = True) -> np.ndarray:
         """Predictions for ``newdata`` (default: the fitted data), one per row.
 
-        Conditional on the group's BLUPs for groups seen in the fit; groups not
-        seen (and ``include_random=False``) get the population-level X beta.
-        Rows with missing values in a used column give NaN.
+        ``X beta + offset + sum_k Z_k b_k``, with each term's BLUPs for levels seen in the fit;
+        a level not seen (and ``include_random=False``) contributes 0 for that term.  Rows with
+        missing values in a used column give NaN.
         """
-        from .data import open_source
-
-        if newdata is None:
-            if self.model.data is None:
-                raise ValueError("the fitted data are not held in this process; pass newdata")
-            source = self.model.data
-        else:
-            source = open_source(newdata)
-        design = self.model.built.design
-        out = []
-        for _, chunk in source.batches(_needed_for_predict(design, source), 1_000_000):
-            out.append(self._predict_chunk(chunk, include_random))
-        return np.concatenate(out) if out else np.zeros(0)
-
-    def _predict_chunk(self, chunk: pl.DataFrame, include_random: bool) -> np.ndarray:
-        design = self.model.built.design
-        cols = [c for c in design.predictor_columns if c in chunk.columns]
-        bad = pl.any_horizontal([pl.col(c).is_null() for c in cols]) if cols else pl.lit(False)
-        okmask = ~chunk.select(bad.alias("b")).to_series().to_numpy()
-        res = np.full(chunk.height, np.nan)
-        if not okmask.any():
-            return res
-        sub = chunk.filter(pl.Series(okmask))
-        X, Z = design.predictor_matrices(sub)
-        X = np.ascontiguousarray(X[:, self.model.built.kept_fe])
-        if include_random:
-            codes = self.model.built.groups.codes(sub.get_column(self.model.spec.group)) \
-                if self.model.spec.group in sub.columns else np.full(sub.height, -1, dtype=np.int64)
-            b = self._modes[0]
-        else:
-            codes = np.full(sub.height, -1, dtype=np.int64)
-            b = np.zeros((1, Z.shape[1]))
-        pred = _kernels.linear_predictor(X, np.ascontiguousarray(Z), self._beta, b, codes, 1)
-        res[okmask] = pred
-        return res
+        return blups.predict(self, newdata, include_random)
 
     def write_predictions(self, data: Any, out, *, keys: list[str] | None = None,
                           include_random: bool = True, chunk_rows: int | None = None,
                           progress: bool | None = False):
         """Stream predictions for ``data`` (paths/globs, LazyFrame, DataFrame) to one parquet file.
 
-        Columns: ``keys`` (default: the grouping column), ``fitted`` and, when the
-        response is in the data, ``resid``; rows in input order; memory is one
-        chunk.  Written to ``.<name>.tmp-<pid>`` and renamed, so ``out`` is never
-        partial.  ``data=None`` uses the fitted data.  Returns the path.
+        Columns: ``keys`` (default: the grouping columns), ``fitted`` and, when the response is
+        in the data, ``resid``; rows in input order; memory is one chunk.  Written to a hidden
+        temporary name and renamed, so ``out`` is never partial.  ``data=None`` uses the fitted
+        data.  Returns the path.
         """
         from ._io import write_predictions
 
@@ -437,15 +439,13 @@ class MixedLMResults:
 
     @cached_property
     def fittedvalues(self) -> np.ndarray:
-        """Fitted values X beta + Z b for the rows of the fitted data (NaN for dropped rows)."""
+        """Fitted values X beta + offset + Z b for the rows of the fitted data (NaN for dropped rows)."""
         return self.predict()
 
     @cached_property
     def resid(self) -> np.ndarray:
         """Response minus fitted values (NaN for dropped rows)."""
-        design = self.model.built.design
-        ys = [design.response(chunk) for _, chunk in self.model.data.batches(design.columns, 1_000_000)]
-        return np.concatenate(ys) - self.fittedvalues
+        return blups.response(self) - self.fittedvalues
 
     # -- rendering ----------------------------------------------------------------------
 
@@ -463,22 +463,37 @@ class MixedLMResults:
     def __repr__(self) -> str:
         return f"<bigmixed.MixedLMResults {self.method} objective={self.objective:.4f} converged={self.converged}>"
 
-    def group_sizes(self) -> np.ndarray:
+    def group_sizes(self, term: int | str = 0) -> np.ndarray:
+        """Rows per level of a term."""
         b = self.model.built
-        if getattr(b, "stats", None) is None and getattr(b, "backend", None) is not None:
+        k = self._term_index(term)
+        if b.stats is None and b.backend is not None:
             return b.backend.group_sizes()  # resident on Dask workers (bigmixed.distributed)
-        return np.asarray(b.stats.n) if hasattr(b, "stats") else np.zeros(0)
+        return np.asarray(b.stats.terms[k].n)
+
+    @property
+    def n_dropped(self) -> int:
+        return int(self.model.built.n_dropped)
+
+    @property
+    def aliased(self) -> list[str]:
+        return list(self.model.built.aliased)
 
     def to_dict(self) -> dict:
         """Everything estimated, as plain JSON-able types."""
         b = self.model.built
         vc = self.VarCorr
+        one = len(self._terms) == 1
         return {
-            "formula": self.model.formula,
+            "formula": self.model.formula if isinstance(self.model.formula, str) else self.model.spec.lmer_formula(),
             "method": self.method,
             "nobs": self.nobs,
             "n_groups": self.n_groups,
-            "group": self.model.spec.group,
+            "ngroups": self.ngroups,
+            "group": self.model.spec.group if one and len(self._terms[0].factors) == 1 else None,
+            "terms": [{"name": t.name, "factors": list(t.factors), "levels": int(t.n_levels), "re_names": t.re_names,
+                       "cov_re": c.tolist()} for t, c in zip(self._terms, self._covs)],
+            "layout": b.layout,
             "objective": self.objective,
             "llf": self.llf,
             "aic": self.aic,
@@ -489,7 +504,7 @@ class MixedLMResults:
             "fe_params": _jsonable(self.fe_params.to_dict()),
             "bse_fe": _jsonable(self.bse_fe.to_dict()),
             "pvalues": _jsonable(self.pvalues.to_dict()),
-            "cov_re": self._cov_re.tolist(),
+            "cov_re": self._covs[0].tolist(),
             "re_names": self.exog_re_names,
             "bse_re": _jsonable(self.bse_re.to_dict()),
             "scale": self.scale,
@@ -505,26 +520,29 @@ class MixedLMResults:
         }
 
 
-def _needed_for_predict(design, source) -> list[str]:
-    cols = [c for c in design.predictor_columns if c in source.schema]
-    g = design.group_column
-    if g in source.schema and g not in cols:
-        cols.append(g)
-    return cols
-
-
 def _jsonable(d: dict) -> dict:
     return {str(k): (None if v is None or (isinstance(v, float) and not np.isfinite(v)) else float(v))
             for k, v in d.items()}
 
 
-def _r_name(name: str) -> str:
+def r_name(name: str) -> str:
+    """R's spelling of a column name: ``(Intercept)``."""
     return "(Intercept)" if name == "Intercept" else name
 
 
-def _sm_var_name(names: list[str], a: int, b: int) -> str:
-    """statsmodels' row names: 'Group Var', 'Group x Time Cov', 'Time Var'."""
-    lab = ["Group" if n == "Intercept" else n for n in names]
+def sm_names(names: list[str]) -> list[str]:
+    """statsmodels' names of the random effects: the intercept is called ``Group``."""
+    return ["Group" if n == "Intercept" else n for n in names]
+
+
+def sm_var_name(names: list[str], a: int, b: int, term: str | None = None) -> str:
+    """statsmodels' row names: 'Group Var', 'Group x Time Cov', 'Time Var' (other terms: '<term> Var')."""
+    if term is not None:
+        lab = ["" if n == "Intercept" else f" {n}" for n in names]
+        if a == b:
+            return f"{term}{lab[a]} Var"
+        return f"{term}{lab[b]} x{lab[a] or ' Intercept'} Cov"
+    lab = sm_names(names)
     if len(names) == 1:
         return "Group Var"
     if a == b:

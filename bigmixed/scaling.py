@@ -1,6 +1,6 @@
 """The row transform: choose it from a sample, make it canonical, move statistics between transforms.
 
-Rows are centred and scaled before they are reduced (:class:`~bigmixed.stats.Scaling`).  The
+Rows are centred and scaled before they are reduced (:class:`Scaling`).  The
 transform is chosen from the first rows read; after the pass the statistics are mapped exactly to
 a *canonical* transform computed from all rows and rounded to a coarse grid, so every way of
 reading the same rows (files, order, chunking, Dask partitions) solves the same problem.
@@ -10,11 +10,101 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels
-from .design import Design
-from .stats import SampleSums, Scaling, Statistics, default_threads
+from dataclasses import dataclass
 
-__all__ = ["scaling_from_sample", "canonical_scaling", "transform_statistics", "same_scaling"]
+from . import _kernels
+from .stats import SampleSums, default_threads
+
+__all__ = ["Scaling", "scaling_from_sample", "canonical_scaling", "transform_statistics", "same_scaling"]
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Affine transform applied to every row before it is reduced.
+
+    ``X~ = (X - x_shift) / x_scale`` column-wise, likewise for ``Z`` and ``y``.
+    Shifts are only used where an intercept column can absorb them: in ``X``
+    when ``X`` has an intercept, in ``Z`` only when ``Z`` has an intercept *and*
+    the random effects have one unstructured covariance block (centring a
+    slope changes the model when its covariance with the intercept is fixed
+    at zero).  The response shift needs an intercept in ``X``.
+    """
+
+    x_shift: np.ndarray
+    x_scale: np.ndarray
+    z_shift: np.ndarray
+    z_scale: np.ndarray
+    y_shift: float
+    y_scale: float
+    x_intercept: int  # column index of the intercept in X, or -1
+    z_intercept: int  # column index of the intercept in Z, or -1
+
+    @classmethod
+    def identity(cls, p: int, q: int) -> "Scaling":
+        return cls(np.zeros(p), np.ones(p), np.zeros(q), np.ones(q), 0.0, 1.0, -1, -1)
+
+    # The linear maps between the original and the transformed coefficients:
+    # X = X~ Tx^{-1}  <=>  X~ = X Tx, so  X beta = X~ (Tx^{-1} beta).
+
+    def x_matrix(self) -> np.ndarray:
+        """``T`` with ``X~ = X T`` (p x p)."""
+        return _affine_matrix(self.x_shift, self.x_scale, self.x_intercept)
+
+    def z_matrix(self) -> np.ndarray:
+        """``S`` with ``Z~ = Z S`` (q x q)."""
+        return _affine_matrix(self.z_shift, self.z_scale, self.z_intercept)
+
+    def term(self, offset: int, q: int) -> "Scaling":
+        """The transform of one term's random-effect columns ``offset .. offset + q - 1``."""
+        zi = self.z_intercept - offset if offset <= self.z_intercept < offset + q else -1
+        return Scaling(self.x_shift, self.x_scale, self.z_shift[offset:offset + q], self.z_scale[offset:offset + q],
+                       self.y_shift, self.y_scale, self.x_intercept, zi)
+
+    def subset_fixed(self, kept: np.ndarray) -> "Scaling":
+        """The transform of the fixed-effect columns ``kept`` (after aliased ones are dropped)."""
+        kept = np.asarray(kept, dtype=np.int64)
+        xi = int(np.flatnonzero(kept == self.x_intercept)[0]) if self.x_intercept in kept else -1
+        if xi < 0 and self.x_intercept >= 0:
+            # Without its intercept column the shifts cannot be absorbed; callers
+            # never get here because the intercept comes first and is kept.
+            raise ValueError("the intercept column was dropped as aliased")
+        return Scaling(self.x_shift[kept], self.x_scale[kept], self.z_shift, self.z_scale,
+                       self.y_shift, self.y_scale, xi, self.z_intercept)
+
+    def to_dict(self) -> dict:
+        return {
+            "x_shift": self.x_shift.tolist(),
+            "x_scale": self.x_scale.tolist(),
+            "z_shift": self.z_shift.tolist(),
+            "z_scale": self.z_scale.tolist(),
+            "y_shift": self.y_shift,
+            "y_scale": self.y_scale,
+            "x_intercept": self.x_intercept,
+            "z_intercept": self.z_intercept,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scaling":
+        return cls(
+            np.asarray(d["x_shift"], float),
+            np.asarray(d["x_scale"], float),
+            np.asarray(d["z_shift"], float),
+            np.asarray(d["z_scale"], float),
+            float(d["y_shift"]),
+            float(d["y_scale"]),
+            int(d["x_intercept"]),
+            int(d["z_intercept"]),
+        )
+
+
+def _affine_matrix(shift: np.ndarray, scale: np.ndarray, icol: int) -> np.ndarray:
+    T = np.diag(1.0 / scale)
+    if icol >= 0:
+        T[icol, :] = -shift / scale
+        T[icol, icol] = 1.0
+    return T
+
+
 
 
 # ---------------------------------------------------------------------------
@@ -60,16 +150,22 @@ def _rounded_scaling(xm, xsd, zm, zsd, ym, ysd, xi: int, zi: int, z_centre: bool
     return Scaling(x_shift, x_scale, z_shift, z_scale, y_shift, y_scale, int(xi), int(zi))
 
 
-def _intercepts(design: Design) -> tuple[int, int]:
+def _intercepts(design) -> tuple[int, int]:
     xi = design.fe_names.index("Intercept") if "Intercept" in design.fe_names else -1
-    zi = design.re_names.index("Intercept") if "Intercept" in design.re_names else -1
+    one = len(design.terms) == 1
+    zi = design.re_names.index("Intercept") if one and "Intercept" in design.re_names else -1
     return xi, zi
 
 
-def scaling_from_sample(X: np.ndarray, Z: np.ndarray, y: np.ndarray, design: Design) -> Scaling:
+def z_may_centre(design) -> bool:
+    """Centring Z is a reparametrisation only for one term with one unstructured covariance block."""
+    return len(design.terms) == 1 and len(design.terms[0].blocks) == 1
+
+
+def scaling_from_sample(X: np.ndarray, Z: np.ndarray, y: np.ndarray, design) -> Scaling:
     """The row transform from complete rows; intercepts are taken from the design, not guessed from data."""
     xi, zi = _intercepts(design)
-    z_centre = len(design.blocks) == 1
+    z_centre = z_may_centre(design)
 
     def moments(M, centre):
         if M.shape[0] == 0:
@@ -83,16 +179,17 @@ def scaling_from_sample(X: np.ndarray, Z: np.ndarray, y: np.ndarray, design: Des
     return _rounded_scaling(xm, xsd, zm, zsd, ym[0], ysd[0], xi, zi, z_centre)
 
 
-def canonical_scaling(stats: Statistics, scaling: Scaling, z_centre: bool) -> Scaling:
+def canonical_scaling(stats, scaling: Scaling, z_centre: bool) -> Scaling:
     """The rounded transform given by the moments of *all* rows (from statistics under ``scaling``)."""
     N = float(stats.N)
     xi, zi = scaling.x_intercept, scaling.z_intercept
     # moments in the current (well-conditioned) coordinates, then mapped per column
     dX = np.diag(stats.XtX) / N
     mX = stats.XtX[xi] / N if xi >= 0 else np.zeros_like(dX)
-    sA = np.einsum("gab->ab", stats.A) / N  # (sum(axis=0) was 5x slower on (G, q, q))
-    dZ = np.diag(sA)
-    mZ = sA[zi] if zi >= 0 else np.zeros_like(dZ)
+    # (einsum: sum(axis=0) was 5x slower on (G, q, q))
+    sAs = [np.einsum("gab->ab", t.A) / N for t in stats.terms]
+    dZ = np.concatenate([np.diag(a) for a in sAs])
+    mZ = sAs[0][zi] if zi >= 0 else np.zeros_like(dZ)
     yy = stats.yty / N
     my = stats.Xty[xi] / N if xi >= 0 else 0.0
 
@@ -112,7 +209,7 @@ def same_scaling(a: Scaling, b: Scaling) -> bool:
                ("x_shift", "x_scale", "z_shift", "z_scale", "y_shift", "y_scale", "x_intercept", "z_intercept"))
 
 
-def transform_statistics(stats: Statistics, old: Scaling, new: Scaling) -> None:
+def transform_statistics(stats, old: Scaling, new: Scaling) -> None:
     """Map statistics accumulated under ``old`` to ``new``, exactly, in place.
 
     With X~ = X T: X~new = X~old Tx (Tx = Told^-1 Tnew), likewise Z~new = Z~old Mz, and
@@ -130,7 +227,8 @@ def transform_statistics(stats: Statistics, old: Scaling, new: Scaling) -> None:
 
     def move(XtX, Xty, yty, N):
         ones = XtX[:, xi] if xi >= 0 else np.zeros_like(Xty)
-        new_yty = a * a * yty + (2.0 * a * b * Xty[xi] if xi >= 0 else 0.0) + b * b * N
+        # the intercept column's square sum is N, or the sum of the weights (its rows are sqrt(w))
+        new_yty = a * a * yty + ((2.0 * a * b * Xty[xi] + b * b * XtX[xi, xi]) if xi >= 0 else 0.0)
         return Tx.T @ XtX @ Tx, Tx.T @ (a * Xty + b * ones), float(new_yty)
 
     stats.XtX, stats.Xty, stats.yty = move(stats.XtX, stats.Xty, stats.yty, stats.N)
@@ -140,9 +238,19 @@ def transform_statistics(stats: Statistics, old: Scaling, new: Scaling) -> None:
         moved = [move(sm.XtX[k], sm.Xty[k], sm.yty[k], sm.N[k]) for k in range(sm.N.shape[0])]
         stats.sample = SampleSums(np.array([m[0] for m in moved]), np.array([m[1] for m in moved]),
                                   np.array([m[2] for m in moved]), sm.N.copy())
-    # One parallel pass over the groups (numba), in place.
-    z_id = bool(np.array_equal(Mz, np.eye(Mz.shape[0])))
+    # One parallel pass over each term's levels (numba), in place.
     x_id = bool(np.array_equal(Tx, np.eye(Tx.shape[0])))
-    _kernels.transform_groups(stats.A, stats.B, stats.c, np.ascontiguousarray(Mz), np.ascontiguousarray(Tx),
-                              float(a), float(b), int(xi), z_id, x_id,
-                              max(1, min(stats.A.shape[0], 4 * default_threads())))
+    off = 0
+    blocks = []
+    for t in stats.terms:
+        q = t.q
+        Mk = np.ascontiguousarray(Mz[off:off + q, off:off + q])
+        blocks.append(Mk)
+        off += q
+        z_id = bool(np.array_equal(Mk, np.eye(q)))
+        _kernels.transform_groups(t.A, t.B, t.c, Mk, np.ascontiguousarray(Tx), float(a), float(b), int(xi),
+                                  z_id, x_id, max(1, min(t.A.shape[0], 4 * default_threads())))
+    for k, pr in enumerate(stats.pairs):
+        if not (np.array_equal(blocks[pr.k], np.eye(blocks[pr.k].shape[0]))
+                and np.array_equal(blocks[pr.j], np.eye(blocks[pr.j].shape[0]))):
+            stats.pairs[k] = pr.transform_z(blocks[pr.k], blocks[pr.j])

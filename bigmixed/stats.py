@@ -16,14 +16,14 @@ are linear and the fit is mapped back exactly (see :mod:`bigmixed.results`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
 from . import _kernels
 
-__all__ = ["Scaling", "Statistics", "SampleSums", "aliased_columns"]
+__all__ = ["Statistics", "TermStats", "PairStats", "SampleSums", "aliased_columns"]
 
 
 _BLAS_CONTROLLER = None
@@ -55,87 +55,6 @@ def one_blas_thread(fn):
 def default_threads() -> int:
     """Threads the kernels may use (numba's setting, e.g. NUMBA_NUM_THREADS)."""
     return int(numba.get_num_threads())
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """Affine transform applied to every row before it is reduced.
-
-    ``X~ = (X - x_shift) / x_scale`` column-wise, likewise for ``Z`` and ``y``.
-    Shifts are only used where an intercept column can absorb them: in ``X``
-    when ``X`` has an intercept, in ``Z`` only when ``Z`` has an intercept *and*
-    the random effects have one unstructured covariance block (centring a
-    slope changes the model when its covariance with the intercept is fixed
-    at zero).  The response shift needs an intercept in ``X``.
-    """
-
-    x_shift: np.ndarray
-    x_scale: np.ndarray
-    z_shift: np.ndarray
-    z_scale: np.ndarray
-    y_shift: float
-    y_scale: float
-    x_intercept: int  # column index of the intercept in X, or -1
-    z_intercept: int  # column index of the intercept in Z, or -1
-
-    @classmethod
-    def identity(cls, p: int, q: int) -> "Scaling":
-        return cls(np.zeros(p), np.ones(p), np.zeros(q), np.ones(q), 0.0, 1.0, -1, -1)
-
-    # The linear maps between the original and the transformed coefficients:
-    # X = X~ Tx^{-1}  <=>  X~ = X Tx, so  X beta = X~ (Tx^{-1} beta).
-
-    def x_matrix(self) -> np.ndarray:
-        """``T`` with ``X~ = X T`` (p x p)."""
-        return _affine_matrix(self.x_shift, self.x_scale, self.x_intercept)
-
-    def z_matrix(self) -> np.ndarray:
-        """``S`` with ``Z~ = Z S`` (q x q)."""
-        return _affine_matrix(self.z_shift, self.z_scale, self.z_intercept)
-
-    def subset_fixed(self, kept: np.ndarray) -> "Scaling":
-        """The transform of the fixed-effect columns ``kept`` (after aliased ones are dropped)."""
-        kept = np.asarray(kept, dtype=np.int64)
-        xi = int(np.flatnonzero(kept == self.x_intercept)[0]) if self.x_intercept in kept else -1
-        if xi < 0 and self.x_intercept >= 0:
-            # Without its intercept column the shifts cannot be absorbed; callers
-            # never get here because the intercept comes first and is kept.
-            raise ValueError("the intercept column was dropped as aliased")
-        return Scaling(self.x_shift[kept], self.x_scale[kept], self.z_shift, self.z_scale,
-                       self.y_shift, self.y_scale, xi, self.z_intercept)
-
-    def to_dict(self) -> dict:
-        return {
-            "x_shift": self.x_shift.tolist(),
-            "x_scale": self.x_scale.tolist(),
-            "z_shift": self.z_shift.tolist(),
-            "z_scale": self.z_scale.tolist(),
-            "y_shift": self.y_shift,
-            "y_scale": self.y_scale,
-            "x_intercept": self.x_intercept,
-            "z_intercept": self.z_intercept,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Scaling":
-        return cls(
-            np.asarray(d["x_shift"], float),
-            np.asarray(d["x_scale"], float),
-            np.asarray(d["z_shift"], float),
-            np.asarray(d["z_scale"], float),
-            float(d["y_shift"]),
-            float(d["y_scale"]),
-            int(d["x_intercept"]),
-            int(d["z_intercept"]),
-        )
-
-
-def _affine_matrix(shift: np.ndarray, scale: np.ndarray, icol: int) -> np.ndarray:
-    T = np.diag(1.0 / scale)
-    if icol >= 0:
-        T[icol, :] = -shift / scale
-        T[icol, icol] = 1.0
-    return T
 
 
 @dataclass
@@ -180,67 +99,40 @@ class SampleSums:
                           np.ascontiguousarray(self.Xty[:, cols]), self.yty.copy(), self.N.copy())
 
 
-@dataclass
-class Statistics:
-    """Per-group and global sufficient statistics (transformed rows).
+def _zeros(shape, dtype=np.float64) -> np.ndarray:
+    # Written here, not left to calloc's lazy zero pages: otherwise the kernel's threads
+    # take the page faults concurrently, which serialises them (a 1e5-group fit: the
+    # statistics pass 30 ms -> 13 ms on a 2-core VM).
+    a = np.empty(shape, dtype=dtype)
+    a.fill(0)
+    return a
 
-    Attributes
-    ----------
-    A, B, c, n
-        Per-group arrays, contiguous: ``(G, q, q)``, ``(G, q, p)``, ``(G, q)``, ``(G,)``.
-    XtX, Xty, yty, N
-        Global sums over all rows.
-    levels, sample
-        Each group's sampling level (int8, ``(G,)``) and the :class:`SampleSums` by level;
-        None when not kept.
+
+@dataclass
+class TermStats:
+    """Per-level statistics of one random-effects term, contiguous arrays.
+
+    ``A (G, q, q) = Z_i'Z_i``, ``B (G, q, p) = Z_i'X_i``, ``c (G, q) = Z_i'y_i``, ``n (G,)`` rows;
+    ``levels`` each level's sampling level (int8) when the term defines the warm-start sample.
     """
 
     A: np.ndarray
     B: np.ndarray
     c: np.ndarray
     n: np.ndarray
-    XtX: np.ndarray
-    Xty: np.ndarray
-    yty: float = 0.0
-    N: int = 0
     levels: np.ndarray | None = None
-    sample: SampleSums | None = None
 
     @classmethod
-    def empty(cls, G: int, p: int, q: int, levels: np.ndarray | None = None) -> "Statistics":
-        """Zero statistics for ``G`` groups; with ``levels``, :class:`SampleSums` are kept too."""
+    def empty(cls, G: int, p: int, q: int, levels: np.ndarray | None = None) -> "TermStats":
         if levels is not None:
             levels = np.ascontiguousarray(levels, dtype=np.int8)
             if levels.shape != (G,):
                 raise ValueError(f"levels must have one entry per group ({G}), not {levels.shape}")
-        def zeros(shape, dtype=np.float64):
-            # Written here, not left to calloc's lazy zero pages: otherwise the kernel's threads
-            # take the page faults concurrently, which serialises them (a 1e5-group fit: the
-            # statistics pass 30 ms -> 13 ms on a 2-core VM).
-            a = np.empty(shape, dtype=dtype)
-            a.fill(0)
-            return a
-
-        return cls(
-            zeros((G, q, q)),
-            zeros((G, q, p)),
-            zeros((G, q)),
-            zeros(G, dtype=np.int64),
-            np.zeros((p, p)),
-            np.zeros(p),
-            0.0,
-            0,
-            levels,
-            SampleSums.zeros(p) if levels is not None else None,
-        )
+        return cls(_zeros((G, q, q)), _zeros((G, q, p)), _zeros((G, q)), _zeros(G, np.int64), levels)
 
     @property
     def n_groups(self) -> int:
         return int(self.A.shape[0])
-
-    @property
-    def p(self) -> int:
-        return int(self.B.shape[2])
 
     @property
     def q(self) -> int:
@@ -250,6 +142,149 @@ class Statistics:
     def nbytes(self) -> int:
         return int(self.A.nbytes + self.B.nbytes + self.c.nbytes + self.n.nbytes)
 
+    def plus(self, other: "TermStats") -> "TermStats":
+        if self.A.shape != other.A.shape or self.B.shape != other.B.shape:
+            raise ValueError("cannot merge statistics of different shapes")
+        lv = self.levels if (self.levels is not None and other.levels is not None) else None
+        return TermStats(self.A + other.A, self.B + other.B, self.c + other.c, self.n + other.n, lv)
+
+    def subset(self, keep: np.ndarray) -> "TermStats":
+        return TermStats(np.ascontiguousarray(self.A[keep]), np.ascontiguousarray(self.B[keep]),
+                         np.ascontiguousarray(self.c[keep]), np.ascontiguousarray(self.n[keep]),
+                         np.ascontiguousarray(self.levels[keep]) if self.levels is not None else None)
+
+    def subset_fixed(self, cols: np.ndarray) -> "TermStats":
+        return TermStats(self.A, np.ascontiguousarray(self.B[:, :, cols]), self.c, self.n, self.levels)
+
+    def transform_z(self, M: np.ndarray) -> "TermStats":
+        """Statistics for this term's design ``Z M``."""
+        A = np.ascontiguousarray(np.einsum("ka,gkl,lb->gab", M, self.A, M, optimize=True))
+        B = np.ascontiguousarray(np.einsum("ka,gkm->gam", M, self.B, optimize=True))
+        return TermStats(A, B, np.ascontiguousarray(self.c @ M), self.n, self.levels)
+
+
+@dataclass
+class PairStats:
+    """``Z_j'Z_k`` over the rows that a level of term k and a level of term j share.
+
+    One block per pair of levels seen together, sorted by (code in k, code in j): for nested
+    terms (k finer than j) one pair per level of k, ``jcodes`` being each level's parent.
+    """
+
+    k: int
+    j: int
+    kcodes: np.ndarray  # (npairs,) int64
+    jcodes: np.ndarray  # (npairs,) int64
+    vals: np.ndarray  # (npairs, q_j, q_k)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.kcodes.shape[0])
+
+    def nested(self, n_k: int) -> bool:
+        """Whether every level of k has exactly one level of j (k is nested in j)."""
+        return self.n_pairs == n_k and bool(np.all(self.kcodes == np.arange(n_k)))
+
+    def subset(self, keep_k: np.ndarray | None, keep_j: np.ndarray | None) -> "PairStats":
+        """Pairs of the kept levels (boolean masks), with both codings renumbered."""
+        sel = np.ones(self.n_pairs, dtype=bool)
+        kc, jc = self.kcodes, self.jcodes
+        if keep_k is not None:
+            sel &= keep_k[kc]
+            kc = (np.cumsum(keep_k) - 1)[kc]
+        if keep_j is not None:
+            sel &= keep_j[jc]
+            jc = (np.cumsum(keep_j) - 1)[jc]
+        return PairStats(self.k, self.j, np.ascontiguousarray(kc[sel]), np.ascontiguousarray(jc[sel]),
+                         np.ascontiguousarray(self.vals[sel]))
+
+    def transform_z(self, Mk: np.ndarray, Mj: np.ndarray) -> "PairStats":
+        vals = np.ascontiguousarray(np.einsum("ka,gkl,lb->gab", Mj, self.vals, Mk, optimize=True))
+        return PairStats(self.k, self.j, self.kcodes, self.jcodes, vals)
+
+
+@dataclass
+class Statistics:
+    """Per-level and global sufficient statistics (of transformed rows).
+
+    Attributes
+    ----------
+    terms
+        One :class:`TermStats` per random-effects term (the model's term order).
+    XtX, Xty, yty, N
+        Global sums over all rows.
+    pairs
+        :class:`PairStats` for every pair of terms (several terms only).
+    sample, sample_term
+        The :class:`SampleSums` by sampling level of the levels of term ``sample_term``
+        (the outermost term), or None when not kept.
+    """
+
+    terms: list[TermStats]
+    XtX: np.ndarray
+    Xty: np.ndarray
+    yty: float = 0.0
+    N: int = 0
+    pairs: list[PairStats] = field(default_factory=list)
+    sample: SampleSums | None = None
+    sample_term: int = 0
+    sum_log_w: float = 0.0  # sum of log w over the rows used (precision weights; 0 unweighted)
+
+    @classmethod
+    def single(cls, A, B, c, n, XtX, Xty, yty=0.0, N=0, levels=None, sample=None) -> "Statistics":
+        """One-term statistics from their arrays."""
+        return cls([TermStats(A, B, c, n, levels)], XtX, Xty, yty, N, [], sample, 0)
+
+    @classmethod
+    def empty(cls, G, p: int, q=None, levels=None, sample_term: int = 0) -> "Statistics":
+        """Zero statistics; ``G``, ``q`` (and ``levels``) are ints (one term) or one per term."""
+        if np.isscalar(G):
+            Gs, qs, lvs = [G], [q], [levels]
+        else:
+            Gs, qs = list(G), list(q)
+            lvs = [None] * len(Gs) if levels is None else list(levels)
+        terms = [TermStats.empty(g, p, qq, lv) for g, qq, lv in zip(Gs, qs, lvs)]
+        keep = terms[sample_term].levels is not None
+        return cls(terms, np.zeros((p, p)), np.zeros(p), 0.0, 0, [], SampleSums.zeros(p) if keep else None,
+                   sample_term)
+
+    # -- one-term views (the single-factor paths)
+    @property
+    def A(self) -> np.ndarray:
+        return self.terms[0].A
+
+    @property
+    def B(self) -> np.ndarray:
+        return self.terms[0].B
+
+    @property
+    def c(self) -> np.ndarray:
+        return self.terms[0].c
+
+    @property
+    def n(self) -> np.ndarray:
+        return self.terms[0].n
+
+    @property
+    def levels(self) -> np.ndarray | None:
+        return self.terms[self.sample_term].levels
+
+    @property
+    def n_groups(self) -> int:
+        return self.terms[0].n_groups
+
+    @property
+    def p(self) -> int:
+        return int(self.XtX.shape[0])
+
+    @property
+    def q(self) -> int:
+        return self.terms[0].q
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(t.nbytes for t in self.terms) + sum(pr.vals.nbytes + 16 * pr.n_pairs for pr in self.pairs))
+
     def add_rows(
         self,
         codes: np.ndarray,
@@ -257,101 +292,113 @@ class Statistics:
         Z: np.ndarray,
         y: np.ndarray,
         nthreads: int | None = None,
-        scaling: "Scaling | None" = None,
+        scaling=None,
+        term: int = 0,
+        with_globals: bool = True,
+        w: np.ndarray | None = None,
     ) -> int:
-        """Reduce a block of rows into the statistics; returns how many rows were skipped.
+        """Reduce a block of rows into one term's statistics (and the global sums); returns rows skipped.
 
-        Rows are transformed by ``scaling`` (identity if None) inside the
-        kernel.  Rows with a negative code or a non-finite value are skipped
-        (the caller counts and reports them).  ``X`` and ``Z`` are fastest in
-        Fortran order (then ``X.T`` needs no copy), as :mod:`bigmixed.design` makes them.
+        Rows are transformed by ``scaling`` (identity if None) inside the kernel.  Rows with a
+        negative code or a non-finite value are skipped (the caller counts and reports them).
+        ``X`` and ``Z`` (this term's columns) are fastest in Fortran order (then ``X.T`` needs
+        no copy), as :mod:`bigmixed.design` makes them.  ``scaling``'s Z arrays are this
+        term's (see :meth:`bigmixed.scaling.Scaling.term`).  ``w``: precision weights (> 0), each
+        transformed row multiplied by sqrt(w).
         """
         if codes.shape[0] == 0:
             return 0
         nthreads = nthreads or default_threads()
         p, q = X.shape[1], Z.shape[1]
-        sc = scaling or Scaling.identity(p, q)
-        levels = self.levels if self.levels is not None else _NO_LEVELS
-        XtX, Xty, yty, used, skipped, sXtX, sXty, syty, sN = _kernels.accumulate_stats(
+        if scaling is None:
+            from .scaling import Scaling
+
+            scaling = Scaling.identity(p, q)
+        ts = self.terms[term]
+        levels = ts.levels if (with_globals and ts.levels is not None and self.sample is not None) else _NO_LEVELS
+        XtX, Xty, yty, used, skipped, sXtX, sXty, syty, sN, lw = _kernels.accumulate_stats(
             np.ascontiguousarray(codes, dtype=np.int64),
             np.ascontiguousarray(X.T, dtype=np.float64),
             np.ascontiguousarray(Z.T, dtype=np.float64),
             np.ascontiguousarray(y, dtype=np.float64),
-            sc.x_shift, 1.0 / sc.x_scale, sc.z_shift, 1.0 / sc.z_scale,
-            float(sc.y_shift), 1.0 / float(sc.y_scale),
-            self.A, self.B, self.c, self.n, levels,
+            scaling.x_shift, 1.0 / scaling.x_scale, scaling.z_shift, 1.0 / scaling.z_scale,
+            float(scaling.y_shift), 1.0 / float(scaling.y_scale),
+            ts.A, ts.B, ts.c, ts.n, levels,
             int(nthreads),
+            _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64),
         )
+        if not with_globals:
+            return int(skipped.sum())
         if self.sample is not None:
             self.sample = self.sample.plus(sXtX.sum(axis=0), sXty.sum(axis=0), syty.sum(axis=0), sN.sum(axis=0))
         self.XtX += XtX.sum(axis=0)
         self.Xty += Xty.sum(axis=0)
         self.yty += float(yty.sum())
         self.N += int(used.sum())
+        self.sum_log_w += float(lw.sum())
         return int(skipped.sum())
 
     def merge(self, other: "Statistics") -> "Statistics":
-        """Sum of two statistics over the same group coding (disjoint rows)."""
-        if self.A.shape != other.A.shape or self.B.shape != other.B.shape:
-            raise ValueError("cannot merge statistics of different shapes")
+        """Sum of two statistics over the same level coding (disjoint rows; one-term models)."""
+        if len(self.terms) != len(other.terms) or self.pairs or other.pairs:
+            raise ValueError("merge adds statistics of one-term models over the same levels")
         both = self.sample is not None and other.sample is not None
-        return Statistics(
-            self.A + other.A,
-            self.B + other.B,
-            self.c + other.c,
-            self.n + other.n,
-            self.XtX + other.XtX,
-            self.Xty + other.Xty,
-            self.yty + other.yty,
-            self.N + other.N,
-            self.levels if both else None,
-            self.sample.merge(other.sample) if both else None,
-        )
+        return Statistics([a.plus(b) for a, b in zip(self.terms, other.terms)], self.XtX + other.XtX,
+                          self.Xty + other.Xty, self.yty + other.yty, self.N + other.N, [],
+                          self.sample.merge(other.sample) if both else None, self.sample_term,
+                          self.sum_log_w + other.sum_log_w)
 
     def subset_groups(self, keep: np.ndarray) -> "Statistics":
-        """Statistics of the groups selected by the boolean/index array ``keep``.
+        """Statistics of the levels of term 0 selected by ``keep`` (one-term models).
 
-        The global sums (and sample sums) are kept as they are: right when the groups
-        left out have no rows, as in the callers that drop empty groups.
+        The global sums (and sample sums) are kept as they are: right when the levels
+        left out have no rows, as in the callers that drop empty levels.
         """
-        return Statistics(
-            np.ascontiguousarray(self.A[keep]),
-            np.ascontiguousarray(self.B[keep]),
-            np.ascontiguousarray(self.c[keep]),
-            np.ascontiguousarray(self.n[keep]),
-            self.XtX,
-            self.Xty,
-            self.yty,
-            self.N,
-            np.ascontiguousarray(self.levels[keep]) if self.levels is not None else None,
-            self.sample,
-        )
+        return self.subset_levels([keep] + [None] * (len(self.terms) - 1))
 
-    def transform_z(self, M: np.ndarray) -> "Statistics":
-        """Statistics for the random-effects design ``Z M`` (M is q x q)."""
-        A = np.ascontiguousarray(np.einsum("ka,gkl,lb->gab", M, self.A, M, optimize=True))
-        B = np.ascontiguousarray(np.einsum("ka,gkm->gam", M, self.B, optimize=True))
-        c = np.ascontiguousarray(self.c @ M)
-        return Statistics(A, B, c, self.n, self.XtX, self.Xty, self.yty, self.N, self.levels, self.sample)
+    def subset_levels(self, keeps: list) -> "Statistics":
+        """Keep the levels ``keeps[k]`` (boolean mask, or None for all) of each term."""
+        terms = [t if kp is None else t.subset(kp) for t, kp in zip(self.terms, keeps)]
+        masks = [None if kp is None else _mask(kp, t.n_groups) for t, kp in zip(self.terms, keeps)]
+        pairs = [pr.subset(masks[pr.k], masks[pr.j]) for pr in self.pairs]
+        return Statistics(terms, self.XtX, self.Xty, self.yty, self.N, pairs, self.sample, self.sample_term,
+                          self.sum_log_w)
+
+    def transform_z(self, Ms) -> "Statistics":
+        """Statistics for the random-effects designs ``Z_k M_k`` (one matrix, or one per term)."""
+        Ms = [Ms] if isinstance(Ms, np.ndarray) else list(Ms)
+        terms = [t.transform_z(M) for t, M in zip(self.terms, Ms)]
+        pairs = [pr.transform_z(Ms[pr.k], Ms[pr.j]) for pr in self.pairs]
+        return Statistics(terms, self.XtX, self.Xty, self.yty, self.N, pairs, self.sample, self.sample_term,
+                          self.sum_log_w)
 
     def subset_fixed(self, cols: np.ndarray) -> "Statistics":
         """Statistics restricted to the fixed-effect columns ``cols``."""
         cols = np.asarray(cols, dtype=np.int64)
         return Statistics(
-            self.A,
-            np.ascontiguousarray(self.B[:, :, cols]),
-            self.c,
-            self.n,
+            [t.subset_fixed(cols) for t in self.terms],
             np.ascontiguousarray(self.XtX[np.ix_(cols, cols)]),
             np.ascontiguousarray(self.Xty[cols]),
             self.yty,
             self.N,
-            self.levels,
+            self.pairs,
             self.sample.subset_fixed(cols) if self.sample is not None else None,
+            self.sample_term,
+            self.sum_log_w,
         )
 
 
+def _mask(keep: np.ndarray, n: int) -> np.ndarray:
+    keep = np.asarray(keep)
+    if keep.dtype == bool:
+        return keep
+    m = np.zeros(n, dtype=bool)
+    m[keep] = True
+    return m
+
+
 _NO_LEVELS = np.zeros(0, dtype=np.int8)
+_NO_WEIGHTS = np.zeros(0)
 
 
 def aliased_columns(XtX: np.ndarray, tol: float = 1e-10) -> np.ndarray:

@@ -40,10 +40,12 @@ class Summary:
         self.res = res
         self.alpha = alpha
         sizes = res.group_sizes()
+        groups = res.ngroups
         left = [
             ("Model:", "MixedLM"),
             ("No. Observations:", str(res.nobs)),
-            ("No. Groups:", str(res.n_groups)),
+            ("No. Groups:", str(res.n_groups) if len(groups) == 1 else
+             ", ".join(f"{k} {v}" for k, v in groups.items())),
             ("Min. group size:", str(int(sizes.min())) if sizes.size else ""),
             ("Max. group size:", str(int(sizes.max())) if sizes.size else ""),
             ("Mean group size:", f"{sizes.mean():.1f}" if sizes.size else ""),
@@ -55,7 +57,7 @@ class Summary:
             ("Log-Likelihood:", f"{res.llf:.4f}"),
             ("Converged:", "Yes" if res.converged else "No"),
         ]
-        dropped = res.model.built.n_dropped
+        dropped = res.n_dropped
         if dropped:
             right.append(("Dropped rows:", str(dropped)))
         if res.is_singular:
@@ -63,19 +65,9 @@ class Summary:
         self.header = _header_block(left, right)
         table = res.coef_table(alpha)
         self.coef = table
-        var_rows = []
-        bse = res.bse_re
-        q = len(res.exog_re_names)
-        for b in range(q):
-            for a in range(b, q):
-                if not res._structural(a, b) and a != b:
-                    continue
-                from .results import _sm_var_name
-
-                name = _sm_var_name(res.exog_re_names, a, b)
-                var_rows.append((name, res._cov_re[a, b], bse.get(name, np.nan)))
-        self.var_rows = var_rows
-        self.tables = [pd.DataFrame(left + right, columns=["item", "value"]), table]
+        vt = res.variance_table()
+        self.var_rows = list(zip(vt["name"], vt["estimate"], vt["se"]))
+        self.tables = [pd.DataFrame(left + right, columns=["item", "value"]), table, vt]
 
     def as_text(self) -> str:
         t = self.coef
@@ -105,8 +97,8 @@ class Summary:
         out += ["-" * width, table_lines[0], "-" * width]
         out += table_lines[1:]
         out.append("=" * width)
-        if self.res.model.built.aliased:
-            out.append(f"Dropped aliased columns: {', '.join(self.res.model.built.aliased)}")
+        if self.res.aliased:
+            out.append(f"Dropped aliased columns: {', '.join(self.res.aliased)}")
         out.append("")
         return "\n".join(out)
 
@@ -120,50 +112,53 @@ class Summary:
         return "<pre>" + self.as_text().replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
 
 
+def _random_rows(res) -> list[list[str]]:
+    """lme4's ``Groups Name Variance Std.Dev. Corr`` rows from VarCorr."""
+    vc = res.VarCorr
+    rows: list[list[str]] = []
+    grps = [g for g in dict.fromkeys(vc["grp"]) if g != "Residual"]
+    for g in grps:
+        sub = vc[vc["grp"] == g]
+        var = sub[sub["var2"].isna()]
+        names = var["var1"].tolist()
+        corr = {(r.var1, r.var2): r.sdcor for r in sub[sub["var2"].notna()].itertuples()}
+        for i, r in enumerate(var.itertuples()):
+            cs = []
+            for j in range(i):
+                v = corr.get((names[j], r.var1))
+                cs.append("" if v is None else ("  NaN" if not np.isfinite(v) else f"{v:5.2f}"))
+            rows.append([g if i == 0 else "", r.var1, f"{r.vcov:.4g}", f"{r.sdcor:.4g}", " ".join(cs)])
+    rows.append(["Residual", "", f"{res.scale:.4g}", f"{res.sigma:.4g}", ""])
+    return rows
+
+
 def lme4_text(res) -> str:
     """lme4's ``summary(fit)``-like text: criterion, random effects, fixed effects."""
     kind = "REML" if res.reml else "maximum likelihood"
     out = [f"Linear mixed model fit by {kind} ['lmerMod' via bigmixed]"]
-    out.append(f"Formula: {res.model.formula}")
-    crit = "REML criterion at convergence" if res.reml else "deviance"
+    out.append(f"Formula: {res.model.formula if isinstance(res.model.formula, str) else res.model.spec.lmer_formula()}")
     if res.reml:
-        out.append(f"{crit}: {res.objective:.4f}")
+        out.append(f"REML criterion at convergence: {res.objective:.4f}")
     else:
         out.append("     AIC      BIC   logLik deviance")
         out.append(f"{res.aic:8.1f} {res.bic:8.1f} {res.llf:8.1f} {res.objective:8.1f}")
     out.append("")
     out.append("Random effects:")
-    vc = res.VarCorr
-    names = [n for n in vc["var1"].tolist()]
-    rows = []
-    q = len(res.exog_re_names)
-    sd = np.sqrt(np.diag(res._cov_re))
-    corr = {}
-    for _, r in vc.iterrows():
-        if r["grp"] != "Residual" and r["var2"] is not None and isinstance(r["var2"], str):
-            corr[(r["var2"], r["var1"])] = r["sdcor"]
-    rnames = [n for n in names if isinstance(n, str)][:q]
-    for a in range(q):
-        cells = [res.model.spec.group if a == 0 else "", rnames[a], f"{res._cov_re[a, a]:.4g}", f"{sd[a]:.4g}"]
-        cs = []
-        for b in range(a):
-            v = corr.get((rnames[a], rnames[b]))
-            cs.append("" if v is None else ("  NaN" if not np.isfinite(v) else f"{v:5.2f}"))
-        cells.append(" ".join(cs))
-        rows.append(cells)
-    rows.append(["Residual", "", f"{res.scale:.4g}", f"{res.sigma:.4g}", ""])
-    head = ["Groups", "Name", "Variance", "Std.Dev.", "Corr" if q > 1 else ""]
+    rows = _random_rows(res)
+    corr = any(r[4] for r in rows)
+    head = ["Groups", "Name", "Variance", "Std.Dev.", "Corr" if corr else ""]
     w = [max(len(head[j]), *(len(r[j]) for r in rows)) for j in range(5)]
     fmt = lambda r: " " + "  ".join(f"{r[j]:<{w[j]}}" if j < 2 else f"{r[j]:>{w[j]}}" if j < 4 else r[j]
                                      for j in range(5)).rstrip()
     out.append(fmt(head))
     out += [fmt(r) for r in rows]
-    out.append(f"Number of obs: {res.nobs}, groups:  {res.model.spec.group}, {res.n_groups}")
+    groups = "; ".join(f"{k}, {v}" for k, v in res.ngroups.items())
+    out.append(f"Number of obs: {res.nobs}, groups:  {groups}")
     out.append("")
     out.append("Fixed effects:")
     t = pd.DataFrame(
-        {"Estimate": res._beta, "Std. Error": res.bse_fe.to_numpy(), "t value": res.tvalues.to_numpy()},
-        index=[n if n != "Intercept" else "(Intercept)" for n in res.exog_names],
+        {"Estimate": res.fe_params.to_numpy(), "Std. Error": res.bse_fe.to_numpy(), "t value": res.tvalues.to_numpy()},
+        index=list(res.fixef.index),
     )
     out.append(t.to_string(float_format=lambda v: f"{v:.4f}"))
     if res.is_singular:

@@ -121,8 +121,8 @@ def test_unbalanced_parentheses(data, formula, what):
     ("weight ~ time + 1 | subject", "1 | subject"),           # bar without parentheses
     ("weight ~ time + ( | subject)", "( | subject)"),         # nothing left of the bar
     ("weight ~ time + (1 | )", "(1 | )"),                     # no grouping column
-    ("weight ~ time + (1 | subject/site)", "(1 | subject/site)"),  # nested grouping
-    ("weight ~ time + (1 | subject:site)", "(1 | subject:site)"),  # interaction grouping
+    ("weight ~ time + (1 | log(subject))", "(1 | log(subject))"),  # a function of the grouping column
+    ("weight ~ time + (1 | subject/site:plot)", "(1 | subject/site:plot)"),  # nesting and interaction mixed
     ("weight ~ time + (1 ||| subject)", "(1 ||| subject)"),   # three bars
     ("weight ~ time - (1 | subject)", "(1 | subject)"),       # subtracted
     ("weight ~ time + log(1 | subject)", "log(1 | subject)"),  # bar inside a function
@@ -139,8 +139,8 @@ def test_bar_term_errors_from_the_parser_itself():
         spec_from_lmer("weight ~ time")
     with pytest.raises(ValueError, match=r"'\(0 \| subject\)' has no columns"):
         bm.lmer("weight ~ time + (0 | subject)", _data())
-    with pytest.raises(NotImplementedError, match="subject, site"):
-        bm.lmer("weight ~ time + (1 | subject) + (1 | site)", _data())
+    with pytest.raises(ValueError, match="grouping column 'sight' names no column.*'site'"):
+        bm.lmer("weight ~ time + (1 | subject) + (1 | sight)", _data())
 
 
 def test_column_of_lists_is_a_clear_error():
@@ -256,11 +256,11 @@ def test_all_rows_dropped(data):
 
 
 def test_single_group(data):
-    with pytest.raises(ValueError, match="'subject' has 1 group.*at least two groups"):
+    with pytest.raises(ValueError, match="'subject' has 1 level.*at least two levels"):
         bm.lmer("weight ~ time + (1 | subject)", data[data.subject == "s00"])
     d = data.copy()
     d.loc[d.subject != "s03", "time"] = np.nan  # only one group keeps complete rows
-    with pytest.raises(ValueError, match="'subject' has 1 group"):
+    with pytest.raises(ValueError, match="'subject' has 1 level"):
         _quiet_fit("weight ~ time + (1 | subject)", d)
 
 
@@ -563,7 +563,7 @@ def test_maxiter_gives_convergence_warning(data):
     conv = [str(w.message) for w in rec if issubclass(w.category, bm.ConvergenceWarning)]
     assert len(conv) == 1
     assert "iteration limit reached (1)" in conv[0]
-    assert f"largest projected gradient {res.optimizer.projected_grad_norm:.3g}" in conv[0]
+    assert f"largest gradient {res.optimizer.projected_grad_norm:.3g}" in conv[0]
     assert "larger maxiter" in conv[0]
     assert res.to_dict()["converged"] is False
     _finite(res)
@@ -633,11 +633,11 @@ def _cli_cases(tmp: Path, data: pd.DataFrame) -> list[tuple[str, list, list[str]
         ("missing column", [good, "-f", "weight ~ tme + (1 | subject)"], ["'tme'", "'time'"]),
         ("unknown function", [good, "-f", "weight ~ foo(time) + (1 | subject)"], ["'foo'"]),
         ("unbalanced", [good, "-f", "weight ~ (time + (1 | subject)"], ["unbalanced parentheses"]),
-        ("bad bar", [good, "-f", "weight ~ time + (1 | subject/site)"], ["(1 | subject/site)"]),
+        ("bad bar", [good, "-f", "weight ~ time + (1 | log(subject))"], ["(1 | log(subject))"]),
         ("missing raise", [holes, "-f", f, "--missing", "raise"], ["'weight'", "holes.parquet"]),
         ("empty", [empty, "-f", f], ["no rows"]),
         ("all dropped", [nan, "-f", f], ["all 72 rows were dropped"]),
-        ("single group", [one, "-f", f], ["1 group"]),
+        ("single group", [one, "-f", f], ["1 level"]),
         ("few rows", [few, "-f", "weight ~ time + dose + (1 | subject)"], ["3 usable rows for 3 fixed effects"]),
         ("missing file", [good, tmp / "nope.parquet", "-f", f], ["nope.parquet", "does not exist"]),
         ("truncated", [good, trunc, "-f", f], ["trunc.parquet", "not a readable parquet file"]),

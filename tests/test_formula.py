@@ -15,6 +15,7 @@ from bigmixed.design import Design
 from bigmixed.formula import (
     ModelSpec,
     RandomTerm,
+    TermSpec,
     parse_lmer,
     spec_from_lmer,
     spec_from_statsmodels,
@@ -88,9 +89,8 @@ def test_parse_lmer_multiword_whitespace_is_normalised():
         ("y ~ x + (x || )", "no grouping column"),
         ("y ~ x + (1 | (x | g))", "nested bars"),
         ("y ~ x + (1 | a | b)", "nested bars"),
-        ("y ~ x + (1|a:b)", r"interactions like \(1\|a:b\)"),
-        ("y ~ x + (1|a/b)", r"nested groupings like \(1\|a/b\)"),
-        ("y ~ x + (1|log(g))", "not a plain column name"),
+        ("y ~ x + (1|log(g))", "is not a column name, an interaction"),
+        ("y ~ x + (1|a:b/c)", "is not a column name, an interaction"),
         ("y ~ x + 1 | g", "must be in parentheses"),
         ("y ~ x * (1|g)", r"separate '\+ \(expr \| group\)' terms"),
         ("y ~ x - (1|g)", "subtracted"),
@@ -105,22 +105,53 @@ def test_parse_lmer_errors(formula, match):
 
 
 def test_parse_lmer_error_names_offending_term():
-    with pytest.raises(ValueError, match=r"'\(1\|site:plot\)'"):
-        parse_lmer("y ~ x + (1|site:plot)")
+    with pytest.raises(ValueError, match=r"'\(1\|log\(plot\)\)'"):
+        parse_lmer("y ~ x + (1|log(plot))")
+
+
+def test_grouping_interactions_and_nesting():
+    assert parse_lmer("y ~ x + (1 | a : b)")[2] == (RandomTerm("1", "a:b", False),)
+    s = spec_from_lmer("y ~ 1 + (1 | batch/cask)")
+    # lme4 expands (1 | a/b) to (1 | a) + (1 | b:a) and names the inner factor b:a
+    assert [t.factors for t in s.terms] == [("batch",), ("cask", "batch")]
+    assert [t.name for t in s.terms] == ["batch", "cask:batch"]
+    s = spec_from_lmer("y ~ 1 + (1 | a/b/c)")
+    assert [t.name for t in s.terms] == ["a", "b:a", "c:b:a"]
+    s = spec_from_lmer("y ~ x + (x | `my g`:h)")
+    assert s.terms[0].factors == ("my g", "h") and s.key_columns == ("my g", "h")
+
+
+def test_r_spellings_become_formulaic():
+    s = spec_from_lmer("y ~ I(x^2) + log(x^2) + factor(k) + (x^2 | g)")
+    assert s.fixed == "I(x**2) + log(x**2) + C(k)"
+    assert s.terms[0].exprs == ("x^2",)  # top level: R's (and formulaic's) interaction power
+    assert spec_from_lmer("y ~ (a + b)^2 + (1 | g)").fixed == "(a + b)^2"
+
+
+def test_offsets_leave_the_fixed_part():
+    s = spec_from_lmer("y ~ x + offset(log(n)) + (1 | g)")
+    assert s.fixed == "x" and s.offset == ("log(n)",)
+    assert spec_from_lmer("y ~ offset(o) + (1 | g)").fixed == "1"
+    assert spec_from_lmer("y ~ offset(o) - 1 + (1 | g)").fixed == "1 - 1"
+    with pytest.raises(ValueError, match="subtracted"):
+        spec_from_lmer("y ~ x - offset(o) + (1 | g)")
 
 
 # ------------------------------------------------------------------------------------ ModelSpecs
 def test_spec_from_lmer():
     s = spec_from_lmer("y ~ x + (x || g)")
-    assert s == ModelSpec("y", "x", ("x",), "g", (True,))
+    assert s == ModelSpec("y", "x", (TermSpec(("g",), ("x",), (True,), "g"),))
     s = spec_from_lmer("y ~ x + (1|g) + (0 + x|g)")
     assert s.random == ("1", "0 + x") and s.independent == (False, False) and s.group == "g"
     assert "(1 | g)" in s.lmer_formula()
 
 
-def test_spec_from_lmer_several_groups_not_implemented():
-    with pytest.raises(NotImplementedError, match=r"several grouping factors \(a, b\).*not supported yet"):
-        spec_from_lmer("y ~ x + (1|a) + (1|b)")
+def test_spec_from_lmer_several_grouping_factors():
+    s = spec_from_lmer("y ~ x + (1|a) + (x|b) + (0 + z|a)")
+    assert [t.factors for t in s.terms] == [("a",), ("b",)]
+    assert s.terms[0].exprs == ("1", "0 + z") and s.terms[1].exprs == ("x",)
+    with pytest.raises(AttributeError, match="no single grouping column"):
+        s.group
 
 
 def test_spec_from_lmer_needs_a_bar():
@@ -134,7 +165,16 @@ def test_spec_from_lmer_needs_a_bar():
 )
 def test_spec_from_statsmodels(re_formula, expected):
     s = spec_from_statsmodels("Weight ~ Time", re_formula, "Pig")
-    assert s == ModelSpec("Weight", "Time", (expected,), "Pig", (False,))
+    assert s == ModelSpec("Weight", "Time", (TermSpec(("Pig",), (expected,), (False,), "Pig"),))
+
+
+def test_statsmodels_variance_components():
+    s = spec_from_statsmodels("y ~ x", "~x", "school", {"cls": "0 + C(cls)", "sl": "0 + C(cls):x"})
+    assert len(s.terms) == 3 and s.terms[0].factors == ("school",)
+    assert s.terms[1] == TermSpec(("school", "cls"), ("1",), (False,), "cls")
+    assert s.terms[2] == TermSpec(("school", "cls"), ("0 + x",), (False,), "sl")
+    with pytest.raises(NotImplementedError, match="vc_formula"):
+        spec_from_statsmodels("y ~ x", None, "school", {"v": "0 + x + z"})
 
 
 @pytest.mark.parametrize(
@@ -182,7 +222,7 @@ def test_design_matches_formulaic(dietox):
     assert d.categorical == {"Cu": ["Cu000", "Cu035", "Cu175"], "Evit": ["Evit000", "Evit100", "Evit200"]}
     assert set(d.columns) == {"Weight", "Time", "Cu", "Evit", "Pig"} and d.response_name == "Weight"
     assert not d.fast_path
-    np.testing.assert_array_equal(d.group_values(dietox), dietox["Pig"].to_numpy())
+    assert d.key_columns == ("Pig",) and [t.name for t in d.terms] == ["Pig"]
 
 
 def test_design_polars_matches_pandas(dietox):
@@ -195,7 +235,6 @@ def test_design_polars_matches_pandas(dietox):
     # a design built on pandas also encodes polars chunks (and vice versa)
     for a, b in zip(d_pd.matrices(pdl), d_pl.matrices(dietox)):
         np.testing.assert_array_equal(a, b)
-    assert isinstance(d_pl.group_values(pdl), pl.Series)
 
 
 @pytest.mark.parametrize("polars", [False, True])

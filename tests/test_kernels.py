@@ -113,7 +113,8 @@ def test_pass1_matches_dense(q):
     rng = np.random.default_rng(q)
     tmap = ThetaMap(q)
     lam = tmap.lam(random_theta(tmap, rng))
-    ld, SF, Sg, Sh = LocalBackend(st, 2).pass1(lam)
+    ev = LocalBackend(st, 2).evaluate([lam], False)
+    ld, SF, Sg, Sh = ev.logdet, ev.SF, ev.Sg, ev.Sh
     dld, F, g, h, *_ = dense_parts(codes, X, Z, y, lam)
     np.testing.assert_allclose(ld, dld, rtol=1e-10)
     np.testing.assert_allclose(st.XtX - SF, F, rtol=1e-9, atol=1e-9)
@@ -204,8 +205,8 @@ def test_aliased_columns_found_in_order():
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
 @pytest.mark.parametrize("reml", [False, True])
 def test_fused_pass_gradient_equals_two_pass(q, reml):
-    """The one-pass gradient (tensor contraction) equals pass 2's on the lower triangle, where theta
-    lives (the fused kernel leaves the rest 0), and pass-1 sums agree."""
+    """The one-pass gradient (tensor contraction) equals pass 2's (another kernel) on the lower
+    triangle, where theta lives (the fused kernel leaves the rest 0)."""
     from bigmixed.objective import gradient_from_fused
 
     codes, X, Z, y = make_problem(50 + q, 14, q, 3)
@@ -213,14 +214,11 @@ def test_fused_pass_gradient_equals_two_pass(q, reml):
     tmap = ThetaMap(q)
     lam = tmap.lam(random_theta(tmap, np.random.default_rng(q + 9)))
     be = LocalBackend(st, 2)
-    ld, SF, Sg, Sh = be.pass1(lam)
-    ld2, SF2, Sg2, Sh2, GA, S = be.fused(lam)
-    np.testing.assert_allclose([ld, Sh], [ld2, Sh2], rtol=1e-13)
-    np.testing.assert_allclose(SF, SF2, rtol=1e-13)
+    ev = be.evaluate([lam], True)
     beta = np.random.default_rng(1).normal(size=3)
-    Finv = np.linalg.inv(st.XtX - SF + np.eye(3))
-    two = be.pass2(lam, beta, Finv, 0.7, reml)
-    one = gradient_from_fused(GA, S, beta, Finv, 0.7, reml)
+    Finv = np.linalg.inv(st.XtX - ev.SF + np.eye(3))
+    two = be.gradient([lam], beta, Finv, 0.7, reml)[0]
+    one = gradient_from_fused(ev.GA[0], ev.S[0], beta, Finv, 0.7, reml)
     lower = np.tril(np.ones((q, q), dtype=bool))
     np.testing.assert_allclose(one[lower], two[lower], rtol=1e-9, atol=1e-9)
     assert np.all(one[~lower] == 0.0)

@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import bigmixed as bm
-from bigmixed import pipeline
-from bigmixed.data import GroupIndex
+from bigmixed import _progress, pipeline
+from bigmixed.keys import GroupIndex
 from bigmixed.simulate import simulate
-from bigmixed.stats import Scaling, Statistics
+from bigmixed.scaling import Scaling
+from bigmixed.stats import Statistics
 
 FORMULA = "y ~ x + x2 + (x | subject)"
 SITES = ["north", "east", "south", "west", "zz"]
@@ -239,7 +240,7 @@ def test_group_index_codes(kind):
 
 
 def test_group_index_hash_collisions_stay_exact(monkeypatch):
-    from bigmixed import data as data_mod
+    from bigmixed import keys as data_mod
 
     L = "long-key-"  # over 8 bytes: the hashed (not packed) path
     keys = pl.Series("k", [L + "a", L + "bb", L + "ccc"])
@@ -255,7 +256,8 @@ def test_group_index_hash_collisions_stay_exact(monkeypatch):
 
 def test_group_index_packed_string_keys(tmp_path):
     """Keys of at most 8 bytes are found as packed uint64s: same keys, order and codes as strings."""
-    from bigmixed.data import _pack_series, _unpack, open_source
+    from bigmixed.data import open_source
+    from bigmixed.keys import _pack_series, _unpack
 
     words = ["", "a", "ab", "abc", "b", "zz", "Z", "12345678", "a b", "~"]
     packed = _pack_series(pl.Series(words))
@@ -375,8 +377,8 @@ def test_progress_bar_with_files(data, monkeypatch):
     from rich.console import Console
 
     buf = io.StringIO()
-    monkeypatch.setattr(pipeline, "_console", lambda: Console(file=buf, force_terminal=True, width=150))
-    monkeypatch.setattr(pipeline._Progress, "DELAY", 0.0)
+    monkeypatch.setattr(_progress, "_console", lambda: Console(file=buf, force_terminal=True, width=150))
+    monkeypatch.setattr(_progress.Progress, "DELAY", 0.0)
     bm.lmer(FORMULA, data[1], chunk_rows=40, progress=True)
     text = buf.getvalue()
     assert "rows/s" in text and "12/12 files" in text

@@ -35,7 +35,20 @@ from ._groups import (
     objective_pass2,
     transform_groups,
 )
-from ._rows import accumulate_stats, dense_codes, hash_levels, linear_predictor, mark_keys, number_keys
+from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_pieces, rest_sandwich
+from ._nested import nested_evaluate
+from ._rows import (
+    accumulate_nested_pairs,
+    accumulate_stats,
+    complete_rows,
+    dense_codes,
+    hash_levels,
+    linear_predictor,
+    mark_keys,
+    merge_pairs,
+    number_keys,
+    pair_products,
+)
 
 __all__ = [
     "LEVEL_MIN",
@@ -51,4 +64,14 @@ __all__ = [
     "objective_pass2",
     "conditional_modes",
     "transform_groups",
+    "complete_rows",
+    "accumulate_nested_pairs",
+    "pair_products",
+    "merge_pairs",
+    "nested_evaluate",
+    "crossed_forward",
+    "crossed_update",
+    "crossed_backward",
+    "rest_sandwich",
+    "rest_pieces",
 ]

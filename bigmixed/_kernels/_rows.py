@@ -17,14 +17,18 @@ from ._common import _JIT, LEVEL_MAX, LEVEL_MIN
 
 @njit(inline="always", **_JIT)
 def _accumulate_range(q, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
-                      count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN):
-    """The rows whose code lies in ``[glo, ghi)``; ``out`` gets (y'y, used, skipped).
+                      count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN, w):
+    """The rows whose code lies in ``[glo, ghi)``; ``out`` gets (y'y, used, skipped, sum log w).
 
     A row of a group with ``level[g] >= LEVEL_MIN`` is also added to the sample sums of
-    bucket ``min(level, LEVEL_MAX) - LEVEL_MIN`` (``level`` empty: no sampling).
+    bucket ``min(level, LEVEL_MAX) - LEVEL_MIN`` (``level`` empty: no sampling).  With
+    weights ``w`` (empty: none) every transformed value is multiplied by sqrt(w): the
+    statistics of the rows of W^(1/2) [y X Z] (precision weights, as lme4's ``weights``).
     """
     N = codes.shape[0]
     sampled = level.shape[0] > 0
+    weighted = w.shape[0] > 0
+    lw = 0.0
     xr = np.empty(p)
     zr = np.empty(q)
     yty = 0.0
@@ -59,6 +63,14 @@ def _accumulate_range(q, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n
             if not ok:
                 skip += 1
                 continue
+        if weighted:
+            sw = np.sqrt(w[j])
+            lw += np.log(w[j])
+            yj *= sw
+            for k in range(p):
+                xr[k] *= sw
+            for a in range(q):
+                zr[a] *= sw
         used += 1
         for a in range(q):
             za = zr[a]
@@ -86,28 +98,29 @@ def _accumulate_range(q, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n
     out[0] = yty
     out[1] = used
     out[2] = skip
+    out[3] = lw
 
 
 @njit(**_JIT)
 def _accumulate_dispatch(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
-                         count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN):
+                         count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN, w):
     # see _pass1_dispatch: q as a literal unrolls the per-row loops (measured 0.23 -> 0.18 s
     # for 10M rows at q = 2, one thread)
     q = ZT.shape[0]
     p = XT.shape[0]
     if q == 1:
         _accumulate_range(1, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
-                          count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN)
+                          count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN, w)
     elif q == 2:
         _accumulate_range(2, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
-                          count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN)
+                          count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN, w)
     else:
         _accumulate_range(q, p, codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
-                          count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN)
+                          count_unknown, XtX, Xty, out, level, sXtX, sXty, syty, sN, w)
 
 
 @njit(parallel=True, **_JIT)
-def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level, nthreads):
+def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level, nthreads, w):
     """Transform rows and add them to the per-group statistics, in place.
 
     ``XT`` (p, N) and ``ZT`` (q, N) hold the design column by column (so that
@@ -127,8 +140,11 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level
     ``level`` (int8 per group, or empty) selects the rows whose global sums are
     also kept per sampling level (see :class:`bigmixed.stats.SampleSums`).
 
+    ``w`` holds precision weights (> 0; empty: unweighted), see :func:`_accumulate_range`.
+
     Returns per-thread partial global sums ``(XtX, Xty, yty, n_used, n_skipped)``
-    and sample sums ``(sXtX, sXty, syty, sN)`` with a leading (thread, bucket) axis pair.
+    and sample sums ``(sXtX, sXty, syty, sN)`` with a leading (thread, bucket) axis pair,
+    and the per-thread sums of log w over the rows used.
     """
     N = codes.shape[0]
     p = XT.shape[0]
@@ -142,6 +158,7 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level
     out_yty = np.zeros(nthreads)
     out_used = np.zeros(nthreads, dtype=np.int64)
     out_skip = np.zeros(nthreads, dtype=np.int64)
+    out_lw = np.zeros(nthreads)
     cmin = A.shape[0]
     cmax = -1
     for j in range(N):
@@ -155,14 +172,14 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level
         ghi = cmin + (t + 1) * span // nthreads
         XtX = np.zeros((p, p))
         Xty = np.zeros(p)
-        res = np.zeros(3)
+        res = np.zeros(4)
         sXtX = np.zeros((nb, p, p))
         sXty = np.zeros((nb, p))
         syty = np.zeros(nb)
         sN = np.zeros(nb, dtype=np.int64)
         # rows of unknown groups are counted by thread 0 only
         _accumulate_dispatch(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, glo, ghi,
-                             t == 0, XtX, Xty, res, level, sXtX, sXty, syty, sN)
+                             t == 0, XtX, Xty, res, level, sXtX, sXty, syty, sN, w)
         for k in range(p):
             out_Xty[t, k] = Xty[k]
             for m in range(k, p):
@@ -179,7 +196,8 @@ def accumulate_stats(codes, XT, ZT, y, xs, xi, zs, zi, ys, yi, A, B, c, n, level
         out_yty[t] = res[0]
         out_used[t] = int(res[1])
         out_skip[t] = int(res[2])
-    return out_XtX, out_Xty, out_yty, out_used, out_skip, out_sXtX, out_sXty, out_syty, out_sN
+        out_lw[t] = res[3]
+    return out_XtX, out_Xty, out_yty, out_used, out_skip, out_sXtX, out_sXty, out_syty, out_sN, out_lw
 
 
 # --------------------------------------------------------------------------
@@ -271,3 +289,141 @@ def linear_predictor(X, Z, beta, bhat, codes, nthreads):
                     acc += Z[j, a] * bhat[g, a]
             out[j] = acc
     return out
+
+
+# --------------------------------------------------------------------------
+# several terms: complete rows, pair statistics
+# --------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def complete_rows(codes, XT, ZT, y, nthreads):
+    """Per row: True when every term's code is >= 0 and y, X, Z are finite.
+
+    ``codes`` (K, N).  A row lacking any one term's key is dropped from the whole fit, as R's
+    model frame drops it.
+    """
+    K = codes.shape[0]
+    N = codes.shape[1]
+    p = XT.shape[0]
+    q = ZT.shape[0]
+    ok = np.empty(N, dtype=np.bool_)
+    for t in prange(nthreads):
+        lo = t * N // nthreads
+        hi = (t + 1) * N // nthreads
+        for j in range(lo, hi):
+            good = np.isfinite(y[j])
+            for k in range(K):
+                good = good and codes[k, j] >= 0
+            for k in range(p):
+                good = good and np.isfinite(XT[k, j])
+            for a in range(q):
+                good = good and np.isfinite(ZT[a, j])
+            ok[j] = good
+    return ok
+
+
+@njit(**_JIT)
+def accumulate_nested_pairs(ck, cj, ZkT, ZjT, zks, zki, zjs, zji, up, parent, w):
+    """``up[c_k] += w z_j z_k'`` and the parent of each level of k in j; returns rows whose parent differs.
+
+    Rows with ``c_k < 0`` are skipped.  The first parent seen is kept; a row of the same
+    level of k in another level of j means k is not nested in j (the caller switches to the
+    crossed layout).  Z rows are transformed as in :func:`accumulate_stats`.
+    """
+    N = ck.shape[0]
+    qk = ZkT.shape[0]
+    qj = ZjT.shape[0]
+    zk = np.empty(qk)
+    zj = np.empty(qj)
+    conflicts = 0
+    for r in range(N):
+        g = ck[r]
+        if g < 0:
+            continue
+        h = cj[r]
+        if parent[g] < 0:
+            parent[g] = h
+        elif parent[g] != h:
+            conflicts += 1
+            continue
+        for a in range(qk):
+            zk[a] = (ZkT[a, r] - zks[a]) * zki[a]
+        for a in range(qj):
+            zj[a] = (ZjT[a, r] - zjs[a]) * zji[a]
+        wr = w[r] if w.shape[0] > 0 else 1.0
+        for a in range(qj):
+            for b in range(qk):
+                up[g, a, b] += wr * zj[a] * zk[b]
+    return conflicts
+
+
+@njit(**_JIT)
+def pair_products(ck, cj, nj, ZkT, ZjT, zks, zki, zjs, zji, w):
+    """Pair keys ``c_k * nj + c_j`` and blocks ``z_j z_k'`` of the rows (``c_k >= 0``), summed per key.
+
+    Returns ``(keys, vals)`` sorted by key (stable, so sums follow row order).
+    """
+    N = ck.shape[0]
+    qk = ZkT.shape[0]
+    qj = ZjT.shape[0]
+    m = 0
+    for r in range(N):
+        if ck[r] >= 0:
+            m += 1
+    keys = np.empty(m, dtype=np.int64)
+    rows = np.empty(m, dtype=np.int64)
+    m = 0
+    for r in range(N):
+        if ck[r] >= 0:
+            keys[m] = ck[r] * nj + cj[r]
+            rows[m] = r
+            m += 1
+    order = np.argsort(keys, kind="mergesort")
+    nu = 0
+    for i in range(m):
+        if i == 0 or keys[order[i]] != keys[order[i - 1]]:
+            nu += 1
+    ukeys = np.empty(nu, dtype=np.int64)
+    vals = np.zeros((nu, qj, qk))
+    zk = np.empty(qk)
+    zj = np.empty(qj)
+    u = -1
+    for i in range(m):
+        o = order[i]
+        if i == 0 or keys[o] != keys[order[i - 1]]:
+            u += 1
+            ukeys[u] = keys[o]
+        r = rows[o]
+        for a in range(qk):
+            zk[a] = (ZkT[a, r] - zks[a]) * zki[a]
+        for a in range(qj):
+            zj[a] = (ZjT[a, r] - zjs[a]) * zji[a]
+        wr = w[r] if w.shape[0] > 0 else 1.0
+        for a in range(qj):
+            for b in range(qk):
+                vals[u, a, b] += wr * zj[a] * zk[b]
+    return ukeys, vals
+
+
+@njit(**_JIT)
+def merge_pairs(keys, vals):
+    """Sum the blocks of equal keys (``keys`` concatenated from chunks); stable, sorted result."""
+    m = keys.shape[0]
+    order = np.argsort(keys, kind="mergesort")
+    nu = 0
+    for i in range(m):
+        if i == 0 or keys[order[i]] != keys[order[i - 1]]:
+            nu += 1
+    ukeys = np.empty(nu, dtype=np.int64)
+    out = np.zeros((nu, vals.shape[1], vals.shape[2]))
+    u = -1
+    for i in range(m):
+        o = order[i]
+        if i == 0 or keys[o] != keys[order[i - 1]]:
+            u += 1
+            ukeys[u] = keys[o]
+        for a in range(vals.shape[1]):
+            for b in range(vals.shape[2]):
+                out[u, a, b] += vals[o, a, b]
+    return ukeys, out

@@ -1,0 +1,500 @@
+"""Where the statistics live and how the factor is computed: one interface, three layouts.
+
+Every backend answers the same calls (:class:`StatsBackend`), so :class:`~bigmixed.objective.Objective`,
+the optimiser and the results never ask which one they have:
+
+* :class:`LocalBackend` - one term: the closed-form per-level kernels (DESIGN.md sections 2-3, 7);
+* :class:`NestedBackend` - nested terms: a two-level (or deeper) closed form per outer group;
+* :class:`CrossedBackend` - crossed terms: the leading term in closed form, the rest dense (LAPACK);
+
+and :class:`bigmixed.distributed.DistributedBackend` - statistics resident on Dask workers.
+
+``evaluate`` returns the sums of the profiled deviance (logdet, and the corrections to X'X,
+X'y, y'y) and, for the gradient, the per-term tensors of
+:func:`bigmixed.objective.gradient_from_fused`; ``gradient`` contracts them on the workers'
+side instead (many fixed effects); ``conditional_modes`` gives each term's BLUPs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from scipy.linalg import lapack
+
+from . import _kernels
+from .stats import PairStats, Statistics, default_threads
+
+__all__ = ["Evaluation", "StatsBackend", "LocalBackend", "NestedBackend", "CrossedBackend", "make_backend",
+           "subsample_backend", "NumericalError", "dense_bytes"]
+
+# Work is split in at most this many chunks whatever the number of threads, so the sums (and
+# the optimiser's path) are the same bits on any machine.
+N_CHUNKS = 64
+
+
+class NumericalError(ArithmeticError):
+    """The deviance cannot be evaluated at this theta (non-finite or indefinite linear algebra)."""
+
+
+@dataclass
+class Evaluation:
+    """The deviance's sums at one theta, and (with ``grad``) its per-term gradient tensors."""
+
+    logdet: float
+    SF: np.ndarray  # sum of the corrections to X'X (p, p)
+    Sg: np.ndarray  # ... to X'y (p,)
+    Sh: float  # ... to y'y
+    GA: list | None = None  # per term (q_k, q_k)
+    S: list | None = None  # per term (q_k, q_k, p + 1, p + 1)
+
+
+class StatsBackend(Protocol):
+    """The calls the objective makes; every backend implements all of them."""
+
+    p: int
+    N: int
+    n_groups: int  # sampling units of the warm start (the outermost term's levels)
+    XtX: np.ndarray
+    Xty: np.ndarray
+    yty: float
+
+    def evaluate(self, lams: list, grad: bool) -> Evaluation: ...
+
+    def gradient(self, lams: list, beta: np.ndarray, Finv: np.ndarray, kappa: float, reml: bool) -> list: ...
+
+    def conditional_modes(self, lams: list, beta: np.ndarray) -> list: ...
+
+    def subsample(self, level: int) -> "StatsBackend | None": ...
+
+    def transform_z(self, Ms: list) -> "StatsBackend": ...
+
+
+def _chunks(weights: np.ndarray, n: int) -> np.ndarray:
+    """Boundaries of at most ``n`` contiguous chunks of about equal total ``weights``."""
+    m = weights.shape[0]
+    n = max(1, min(int(n), m))
+    cum = np.concatenate(([0.0], np.cumsum(weights, dtype=float)))
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="left")
+    return np.unique(np.concatenate(([0], np.clip(cuts, 0, m), [m]))).astype(np.int64)
+
+
+def _split(SFD: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    return np.ascontiguousarray(SFD[1:, 1:]), np.ascontiguousarray(SFD[1:, 0]), float(SFD[0, 0])
+
+
+def _lower_factor(Finv: np.ndarray) -> np.ndarray:
+    if not Finv.size:
+        return np.zeros((0, 0))
+    try:
+        return np.linalg.cholesky(Finv)
+    except np.linalg.LinAlgError:
+        raise NumericalError("F^-1 is not positive definite") from None
+
+
+# ---------------------------------------------------------------------------------- one term
+class LocalBackend:
+    """One term, statistics held in this process as contiguous numpy arrays."""
+
+    def __init__(self, stats: Statistics, nthreads: int | None = None) -> None:
+        self.stats = stats
+        self.p, self.q, self.n_groups = stats.p, stats.q, stats.n_groups
+        self.XtX, self.Xty, self.yty, self.N = stats.XtX, stats.Xty, stats.yty, stats.N
+        nthreads = nthreads or default_threads()
+        self.nthreads = nthreads
+        # A few chunks per thread balance uneven ranges; never more chunks than groups.
+        self.nchunks = max(1, min(self.n_groups, 4 * nthreads))
+
+    def evaluate(self, lams, grad: bool) -> Evaluation:
+        s = self.stats
+        lam = np.ascontiguousarray(lams[0], dtype=float)
+        ld, SF, Sg, Sh, GA, S = _kernels.objective_fused(s.A, s.B, s.c, lam, self.nchunks, bool(grad))
+        if not grad:
+            return Evaluation(float(ld.sum()), SF.sum(axis=0), Sg.sum(axis=0), float(Sh.sum()))
+        return Evaluation(float(ld.sum()), SF.sum(axis=0), Sg.sum(axis=0), float(Sh.sum()),
+                          [GA.sum(axis=0)], [S.sum(axis=0)])
+
+    def gradient(self, lams, beta, Finv, kappa, reml) -> list:
+        s = self.stats
+        out = _kernels.objective_pass2(s.A, s.B, s.c, np.ascontiguousarray(lams[0], dtype=float), beta, Finv,
+                                       float(kappa), bool(reml), self.nchunks)
+        return [out.sum(axis=0)]
+
+    def conditional_modes(self, lams, beta) -> list:
+        s = self.stats
+        return [_kernels.conditional_modes(s.A, s.B, s.c, np.ascontiguousarray(lams[0], dtype=float),
+                                           np.ascontiguousarray(beta, dtype=float), self.nchunks)]
+
+    def subsample(self, level: int) -> "LocalBackend | None":
+        """The groups of sampling level >= ``level`` (~G / 2^level), or None if not kept.
+
+        See :class:`bigmixed.stats.SampleSums`: their per-group and global sums are exact.
+        """
+        s = self.stats
+        if s.levels is None or s.sample is None:
+            return None
+        return subsample_backend(s.subset_groups(np.flatnonzero(s.levels >= level)), s.sample, level,
+                                 self.nthreads)
+
+    def transform_z(self, Ms) -> "LocalBackend":
+        """Backend for the random-effects design Z M (statistics transformed exactly)."""
+        return LocalBackend(self.stats.transform_z(Ms), self.nthreads)
+
+
+def subsample_backend(sub: Statistics, sample, level: int, nthreads: int | None):
+    """A backend for the sampled levels: their statistics ``sub`` and their rows' sums from ``sample``."""
+    XtX, Xty, yty, N = sample.at_least(level)
+    st = Statistics(sub.terms, XtX, Xty, yty, N, sub.pairs, None, sub.sample_term)
+    if len(st.terms) == 1:
+        return LocalBackend(st, nthreads)
+    return NestedBackend(st, _chain_of(st), nthreads)
+
+
+def _chain_of(stats: Statistics) -> list[int]:
+    """Finest to coarsest, from the nested pairs (k finer than j): the finest is finer than all others."""
+    K = len(stats.terms)
+    return sorted(range(K), key=lambda k: sum(1 for pr in stats.pairs if pr.k == k), reverse=True)
+
+
+# ---------------------------------------------------------------------------------- nested
+class NestedBackend:
+    """Nested terms: the factor block diagonal by outer groups (:mod:`bigmixed._kernels._nested`).
+
+    ``chain`` lists the model's terms from finest to coarsest; ``stats.pairs`` holds one
+    block per level of the finer term of every pair of the chain (its parent in the other).
+    The levels are laid out once as nodes grouped by outer group.
+    """
+
+    def __init__(self, stats: Statistics, chain: list[int], nthreads: int | None = None) -> None:
+        self.stats, self.chain = stats, list(chain)
+        self.nthreads = nthreads or default_threads()
+        self.p, self.N = stats.p, stats.N
+        self.XtX, self.Xty, self.yty = stats.XtX, stats.Xty, stats.yty
+        self.qs = [t.q for t in stats.terms]
+        self._layout()
+
+    def _layout(self) -> None:
+        st, ch = self.stats, self.chain
+        K = len(ch)
+        root = ch[-1]
+        pair = {(pr.k, pr.j): pr for pr in st.pairs}
+        self.n_groups = st.terms[root].n_groups
+        # the root (outer group) of every level of every term
+        roots_of = [pair[(k, root)].jcodes if k != root else np.arange(st.terms[k].n_groups) for k in ch]
+        counts = [st.terms[k].n_groups for k in ch]
+        term = np.concatenate([np.full(n, e, dtype=np.int64) for e, n in enumerate(counts)])
+        level = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])
+        rootk = np.concatenate(roots_of).astype(np.int64)
+        order = np.lexsort((level, term, rootk))  # by root, then term (finest first), then level
+        n = order.size
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = np.arange(n)
+        starts = np.concatenate(([0], np.cumsum(counts)))
+        self.pos = [pos[starts[e]:starts[e + 1]] for e in range(K)]  # node of (chain term e, level)
+        Q = max(self.qs)
+        p1 = self.p + 1
+        self.term = np.ascontiguousarray(term[order])
+        A = np.zeros((n, Q, Q))
+        D = np.zeros((n, Q, p1))
+        up = np.zeros((n, max(K - 1, 1), Q, Q))
+        anc = np.full((n, max(K - 1, 1)), -1, dtype=np.int64)
+        for e, k in enumerate(ch):
+            t, q, ps = st.terms[k], st.terms[k].q, self.pos[e]
+            A[ps, :q, :q] = t.A
+            D[ps, :q, 0] = t.c
+            D[ps, :q, 1:] = t.B
+            for s in range(K - 1 - e):
+                e2 = e + 1 + s
+                pr = pair[(k, ch[e2])]
+                up[ps, s, :st.terms[ch[e2]].q, :q] = pr.vals
+                anc[ps, s] = self.pos[e2][pr.jcodes]
+        self.A, self.D, self.up, self.anc = A, D, up, anc
+        self.qv = np.array([self.qs[k] for k in ch], dtype=np.int64)
+        rc = np.bincount(rootk, minlength=self.n_groups)
+        self.roots = np.concatenate(([0], np.cumsum(rc))).astype(np.int64)
+        self.chunks = _chunks(rc.astype(float), N_CHUNKS)
+        self.maxlen = int(rc.max()) if rc.size else 0
+        self.Q = Q
+
+    def _lams(self, lams) -> np.ndarray:
+        out = np.zeros((len(self.chain), self.Q, self.Q))
+        for e, k in enumerate(self.chain):
+            q = self.qs[k]
+            out[e, :q, :q] = lams[k]
+        return out
+
+    def _run(self, lams, grad, modes, g=None, cf=None, kappa=0.0, reml=False):
+        g = np.zeros(self.p + 1) if g is None else np.ascontiguousarray(g, dtype=float)
+        cf = np.zeros((0, 0)) if cf is None else np.ascontiguousarray(cf, dtype=float)
+        out = _kernels.nested_evaluate(self.term, self.qv, self.A, self.D, self.up, self.anc, self.roots,
+                                       self.chunks, self._lams(lams), self.maxlen, bool(grad), bool(modes), g, cf,
+                                       float(kappa), bool(reml))
+        if not out[5].all():
+            raise NumericalError("a block of Lambda' Z'Z Lambda + I is not positive definite")
+        return out
+
+    def _per_term(self, arr: np.ndarray) -> list:
+        """Chain-ordered (K, Q, Q, ...) sums -> the model's term order, each cut to its q."""
+        res = [None] * len(self.chain)
+        for e, k in enumerate(self.chain):
+            q = self.qs[k]
+            res[k] = np.ascontiguousarray(arr[e, :q, :q])
+        return res
+
+    def evaluate(self, lams, grad: bool) -> Evaluation:
+        ld, SFD, GA, S, _, _, _, _ = self._run(lams, grad, False)
+        SF, Sg, Sh = _split(SFD.sum(axis=0))
+        if not grad:
+            return Evaluation(float(ld.sum()), SF, Sg, Sh)
+        return Evaluation(float(ld.sum()), SF, Sg, Sh, self._per_term(GA.sum(axis=0)),
+                          self._per_term(S.sum(axis=0)))
+
+    def gradient(self, lams, beta, Finv, kappa, reml) -> list:
+        g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
+        out = self._run(lams, True, False, g, _lower_factor(Finv), kappa, reml)
+        return self._per_term(out[4].sum(axis=0))
+
+    def conditional_modes(self, lams, beta) -> list:
+        g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
+        *_, bhat, bcov = self._run(lams, False, True, g)
+        res = [None] * len(self.chain)
+        for e, k in enumerate(self.chain):
+            q, ps = self.qs[k], self.pos[e]
+            res[k] = (np.ascontiguousarray(bhat[ps, :q]), np.ascontiguousarray(bcov[ps, :q, :q]))
+        return res
+
+    def subsample(self, level: int) -> "NestedBackend | None":
+        st = self.stats
+        root = self.chain[-1]
+        lv = st.terms[root].levels
+        if lv is None or st.sample is None:
+            return None
+        keep_root = lv >= level
+        pair = {(pr.k, pr.j): pr for pr in st.pairs}
+        keeps = []
+        for k in range(len(st.terms)):
+            keeps.append(keep_root if k == root else keep_root[pair[(k, root)].jcodes])
+        sub = st.subset_levels(keeps)
+        return subsample_backend(sub, st.sample, level, self.nthreads)
+
+    def transform_z(self, Ms) -> "NestedBackend":
+        return NestedBackend(self.stats.transform_z(Ms), self.chain, self.nthreads)
+
+
+# ---------------------------------------------------------------------------------- crossed
+def dense_bytes(levels_q: list[tuple[int, int]]) -> int:
+    """Bytes the dense rest block needs: three m x m matrices, m = sum of levels x q."""
+    m = sum(int(l) * int(q) for l, q in levels_q)
+    return 3 * 8 * m * m
+
+
+def _memory_limit() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        total = 16 * 2**30
+    return int(0.6 * total)
+
+
+class CrossedBackend:
+    """Crossed terms: leading term in closed form, the others in one dense block (:mod:`._crossed`).
+
+    ``lead`` is the term with the most random effects (levels x q); the rest are laid out as
+    ``m`` scalar random effects, term by term, level by level.
+    """
+
+    def __init__(self, stats: Statistics, names: list[str] | None = None, nthreads: int | None = None) -> None:
+        self.stats = stats
+        self.names = names or [f"term {k}" for k in range(len(stats.terms))]
+        self.nthreads = nthreads or default_threads()
+        self.p, self.N = stats.p, stats.N
+        self.XtX, self.Xty, self.yty = stats.XtX, stats.Xty, stats.yty
+        self.qs = [t.q for t in stats.terms]
+        self.n_groups = 0  # no warm-start sample
+        K = len(stats.terms)
+        self.lead = max(range(K), key=lambda k: (stats.terms[k].n_groups * self.qs[k], -k))
+        self.rest = [k for k in range(K) if k != self.lead]
+        need = dense_bytes([(stats.terms[k].n_groups, self.qs[k]) for k in self.rest])
+        if need > _memory_limit():
+            desc = ", ".join(f"'{self.names[k]}' ({stats.terms[k].n_groups:,} levels x {self.qs[k]})"
+                             for k in self.rest)
+            m = sum(stats.terms[k].n_groups * self.qs[k] for k in self.rest)
+            raise MemoryError(
+                f"crossed random effects: the terms {desc} form a dense block of ({m:,})^2 x 8 bytes, and the fit "
+                f"needs three such matrices ({need / 2**30:.1f} GB), more than this machine's memory allows "
+                f"({_memory_limit() / 2**30:.1f} GB); fit fewer levels (e.g. drop or merge rare ones), or make the "
+                "term with the most levels the only crossed one")
+        self._layout()
+        self._cache = None
+
+    def _layout(self) -> None:
+        st = self.stats
+        lead, rest = self.lead, self.rest
+        self.roff = {}
+        off = 0
+        bstart, bq, bterm = [], [], []
+        for r, k in enumerate(rest):
+            t = st.terms[k]
+            self.roff[k] = off
+            bstart.append(off + np.arange(t.n_groups) * t.q)
+            bq.append(np.full(t.n_groups, t.q))
+            bterm.append(np.full(t.n_groups, r))
+            off += t.n_groups * t.q
+        self.m = off
+        self.bstart = np.concatenate(bstart).astype(np.int64)
+        self.bq = np.concatenate(bq).astype(np.int64)
+        self.bterm = np.concatenate(bterm).astype(np.int64)
+        self.qR = np.array([self.qs[k] for k in rest], dtype=np.int64)
+        Qr = int(self.qR.max())
+        q0, p1 = self.qs[lead], self.p + 1
+        t0 = st.terms[lead]
+        self.A0 = np.ascontiguousarray(t0.A)
+        self.D0 = np.ascontiguousarray(np.concatenate([t0.c[:, :, None], t0.B], axis=2))
+        AR = np.zeros((self.m, self.m))
+        DR = np.zeros((self.m, p1))
+        for k in rest:
+            t, r0, q = st.terms[k], self.roff[k], self.qs[k]
+            idx = r0 + np.arange(t.n_groups)[:, None] * q + np.arange(q)[None, :]
+            AR[idx[:, :, None], idx[:, None, :]] = t.A
+            DR[idx, 0] = t.c
+            DR[idx, 1:] = t.B
+        keys, cols, terms_, vals = [], [], [], []
+        for pr in st.pairs:
+            if lead in (pr.k, pr.j):
+                if pr.k == lead:
+                    lc, oc, v, other = pr.kcodes, pr.jcodes, pr.vals, pr.j
+                else:
+                    lc, oc, v, other = pr.jcodes, pr.kcodes, np.swapaxes(pr.vals, 1, 2), pr.k
+                W = np.zeros((lc.size, Qr, q0))
+                W[:, :self.qs[other], :] = v
+                keys.append(lc)
+                cols.append(self.roff[other] + oc * self.qs[other])
+                terms_.append(np.full(lc.size, rest.index(other)))
+                vals.append(W)
+            else:  # two rest terms: into the dense block, both triangles
+                qk, qj = self.qs[pr.k], self.qs[pr.j]
+                rk = self.roff[pr.k] + pr.kcodes[:, None] * qk + np.arange(qk)[None, :]
+                rj = self.roff[pr.j] + pr.jcodes[:, None] * qj + np.arange(qj)[None, :]
+                AR[rj[:, :, None], rk[:, None, :]] += pr.vals
+                AR[rk[:, :, None], rj[:, None, :]] += np.swapaxes(pr.vals, 1, 2)
+        lc = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        pc = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        order = np.lexsort((pc, lc))
+        self.pcol = np.ascontiguousarray(pc[order]).astype(np.int64)
+        self.pterm = np.ascontiguousarray(np.concatenate(terms_)[order]).astype(np.int64) if terms_ \
+            else np.zeros(0, np.int64)
+        self.W = np.ascontiguousarray(np.concatenate(vals)[order]) if vals else np.zeros((0, Qr, q0))
+        l0 = t0.n_groups
+        self.ptr = np.concatenate(([0], np.cumsum(np.bincount(lc, minlength=l0)))).astype(np.int64)
+        self.AR, self.DR, self.Qr = AR, DR, Qr
+        per_level = np.diff(self.ptr).astype(float)
+        self.chunks = _chunks(per_level + 1.0, N_CHUNKS)
+        # rows of the dense update: balance the (pairs in level)^2 work over row ranges of blocks
+        rank = np.arange(self.pcol.size) - np.repeat(self.ptr[:-1], np.diff(self.ptr))
+        work = np.zeros(self.m + 1)
+        np.add.at(work, self.pcol, rank + 1.0)
+        bwork = work[self.bstart]
+        cut = _chunks(bwork + 1e-9, N_CHUNKS)
+        self.row_chunks = np.concatenate((self.bstart[cut[:-1]], [self.m])).astype(np.int64)
+
+    def _lamR(self, lams) -> np.ndarray:
+        out = np.zeros((len(self.rest), self.Qr, self.Qr))
+        for r, k in enumerate(self.rest):
+            q = self.qs[k]
+            out[r, :q, :q] = lams[k]
+        return out
+
+    def _forward(self, lams):
+        key = tuple(np.asarray(L).tobytes() for L in lams)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        lam0 = np.ascontiguousarray(lams[self.lead], dtype=float)
+        lamR = self._lamR(lams)
+        ld, SFD, L, P, V, ok = _kernels.crossed_forward(self.A0, self.D0, lam0, self.ptr, self.pterm, self.W, lamR,
+                                                        self.qR, self.chunks)
+        if not ok.all():
+            raise NumericalError("a block of Lambda' Z'Z Lambda + I is not positive definite")
+        Om, OmD = _kernels.rest_sandwich(self.AR, self.DR, self.bstart, self.bq, self.bterm, lamR)
+        Om[np.diag_indices(self.m)] += 1.0
+        _kernels.crossed_update(self.ptr, self.pcol, self.pterm, self.qR, V, P, self.row_chunks, Om, OmD)
+        Lr, info = lapack.dpotrf(Om, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            raise NumericalError("the dense block of the crossed terms is not positive definite")
+        E, info = lapack.dtrtrs(Lr, OmD, lower=1)
+        logdet = float(ld.sum()) + 2.0 * float(np.sum(np.log(np.diag(Lr))))
+        SFD = SFD.sum(axis=0) + E.T @ E
+        res = (logdet, SFD, L, P, V, Lr, E, lam0, lamR)
+        self._cache = (key, res)
+        return res
+
+    def _backward(self, lams, grad, modes, g, cf, kappa, reml):
+        logdet, SFD, L, P, V, Lr, E, lam0, lamR = self._forward(lams)
+        RR, info = lapack.dtrtrs(Lr, E, lower=1, trans=1)
+        Sig, info = lapack.dpotri(Lr, lower=1)
+        Sig = np.tril(Sig) + np.tril(Sig, -1).T
+        GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward(
+            self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, self.qR, L, P, V,
+            np.ascontiguousarray(RR), Sig, self.chunks, bool(grad), bool(modes), g, cf, float(kappa), bool(reml),
+            self.m)
+        GAr, Sr, GCr, bhr, bcr = _kernels.rest_pieces(
+            self.AR, self.DR, np.ascontiguousarray(RR), Sig, TR.sum(axis=0) if grad else np.zeros((self.m, 1)),
+            GR.sum(axis=0) if grad else np.zeros((self.m, 1)), self.bstart, self.bq, self.bterm, lamR,
+            len(self.rest), bool(grad), bool(modes), g, cf, float(kappa), bool(reml))
+        return (GA0, S0, GC0, bh0, bc0), (GAr, Sr, GCr, bhr, bcr)
+
+    def _assemble(self, lead_part, rest_parts) -> list:
+        out = [None] * len(self.qs)
+        out[self.lead] = lead_part
+        for r, k in enumerate(self.rest):
+            q = self.qs[k]
+            out[k] = np.ascontiguousarray(rest_parts[r][:q, :q])
+        return out
+
+    def evaluate(self, lams, grad: bool) -> Evaluation:
+        logdet, SFD, *_ = self._forward(lams)
+        SF, Sg, Sh = _split(SFD)
+        if not grad:
+            return Evaluation(logdet, SF, Sg, Sh)
+        g = np.zeros(self.p + 1)
+        (GA0, S0, *_), (GAr, Sr, *_) = self._backward(lams, True, False, g, np.zeros((0, 0)), 0.0, False)
+        return Evaluation(logdet, SF, Sg, Sh, self._assemble(GA0.sum(axis=0), GAr),
+                          self._assemble(S0.sum(axis=0), Sr))
+
+    def gradient(self, lams, beta, Finv, kappa, reml) -> list:
+        g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
+        cf = _lower_factor(Finv)
+        (_, _, GC0, *_), (_, _, GCr, *_) = self._backward(lams, True, False, g, cf, kappa, reml)
+        return self._assemble(GC0.sum(axis=0), GCr)
+
+    def conditional_modes(self, lams, beta) -> list:
+        g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
+        (_, _, _, bh0, bc0), (_, _, _, bhr, bcr) = self._backward(lams, False, True, g, np.zeros((0, 0)), 0.0,
+                                                                  False)
+        out = [None] * len(self.qs)
+        out[self.lead] = (bh0, bc0)
+        start = 0
+        for r, k in enumerate(self.rest):
+            n, q = self.stats.terms[k].n_groups, self.qs[k]
+            out[k] = (np.ascontiguousarray(bhr[start:start + n, :q]), np.ascontiguousarray(bcr[start:start + n, :q, :q]))
+            start += n
+        return out
+
+    def subsample(self, level: int) -> None:
+        return None  # crossed levels cannot be sampled independently
+
+    def transform_z(self, Ms) -> "CrossedBackend":
+        return CrossedBackend(self.stats.transform_z(Ms), self.names, self.nthreads)
+
+
+def make_backend(stats: Statistics, layout: str, chain: list[int] | None = None, names: list[str] | None = None,
+                 nthreads: int | None = None):
+    """The backend for statistics of the given layout (``"single"``, ``"nested"``, ``"crossed"``)."""
+    if layout == "single":
+        return LocalBackend(stats, nthreads)
+    if layout == "nested":
+        return NestedBackend(stats, chain, nthreads)
+    if layout == "crossed":
+        return CrossedBackend(stats, names, nthreads)
+    raise ValueError(f"unknown layout {layout!r}")
