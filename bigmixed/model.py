@@ -72,6 +72,8 @@ class MixedLM:
     distributed_mode, distributed_options
         With ``client``: ``"auto"``, ``"resident"`` or ``"gathered"``, and further keyword
         arguments of :func:`bigmixed.distributed.build_distributed` (e.g. ``{"n_owners": 64}``).
+    keep_xx
+        Also keep each outer level's X'X (p x p per level): what the parametric bootstrap needs.
     """
 
     @one_blas_thread
@@ -98,6 +100,7 @@ class MixedLM:
         client: Any = None,
         distributed_mode: str = "auto",
         distributed_options: dict | None = None,
+        keep_xx: bool = False,
     ) -> None:
         if formula is None and endog is not None:  # MixedLM(endog=..., exog=..., groups=...)
             formula, data = endog, exog
@@ -137,7 +140,7 @@ class MixedLM:
             self.data = open_source(data, groups if not isinstance(groups, str) else None)
             self._built = build_statistics(
                 self.data, spec, missing=missing, chunk_rows=chunk_rows, levels=levels,
-                nthreads=nthreads, progress=progress,
+                nthreads=nthreads, progress=progress, keep_xx=keep_xx,
             )
         self._timings.update(self._built.timings)
         self._timings["build"] = time.perf_counter() - t0

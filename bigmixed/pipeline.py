@@ -205,6 +205,7 @@ class Plan:
     chunk_rows: int
     proto: pl.DataFrame | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    keep_xx: bool = False  # also keep per-level X'X of the sampling term (the parametric bootstrap)
 
 
 def _chain(terms: list[ReTerm]) -> list[int]:
@@ -213,7 +214,8 @@ def _chain(terms: list[ReTerm]) -> list[int]:
 
 
 def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, missing: str = "drop",
-            chunk_rows: int | None = None, progress: bool | None = None, layout: str | None = None) -> Plan:
+            chunk_rows: int | None = None, progress: bool | None = None, layout: str | None = None,
+            keep_xx: bool = False) -> Plan:
     """Design, level indexes and the first row transform; no pass over the rows yet."""
     if missing not in ("drop", "raise"):
         raise ValueError(f"missing must be 'drop' or 'raise', not {missing!r}")
@@ -249,7 +251,7 @@ def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, miss
         chosen = layout or "nested"
     sample_term = chain[-1] if chosen in ("single", "nested") else None
     scaling = _sample_scaling(proto, design, [t.index for t in terms])
-    plan = Plan(design, terms, scaling, chosen, chain, sample_term, missing, chunk_rows, proto)
+    plan = Plan(design, terms, scaling, chosen, chain, sample_term, missing, chunk_rows, proto, keep_xx=keep_xx)
     plan.timings["prepare"] = time.perf_counter() - t0
     return plan
 
@@ -275,6 +277,9 @@ class Reducer:
                                       sample_term=plan.sample_term if plan.sample_term is not None else 0)
         if plan.sample_term is None:
             self.stats.sample = None
+        if plan.keep_xx:
+            root = self.stats.terms[plan.sample_term if plan.sample_term is not None else 0]
+            root.XX = np.zeros((root.n_groups, d.p, d.p))
         ch = plan.chain
         if plan.layout == "nested":
             self._pairs = [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
@@ -313,6 +318,8 @@ class Reducer:
             warm.wait_statistics()
         t0 = time.perf_counter()
         skipped = self._reduce(codes, y, X, Z, w)
+        if plan.keep_xx:
+            self._level_xx(codes, y, X, Z, w)
         self.t_reduce += time.perf_counter() - t0
         if skipped:
             self._count(chunk, label, skipped, y, X, Z)
@@ -339,6 +346,14 @@ class Reducer:
                 c[bad] = -1
             w = np.where(bad, 1.0, w)
         return w
+
+    def _level_xx(self, codes: list, y, X, Z, w) -> None:
+        k = self.plan.sample_term if self.plan.sample_term is not None else 0
+        ok = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), np.ascontiguousarray(X.T),
+                                    np.ascontiguousarray(Z.T), y, self.nthreads)
+        sc = self.scaling
+        _kernels.accumulate_level_xx(np.where(ok, codes[k], -1), np.ascontiguousarray(X.T), sc.x_shift,
+                                     1.0 / sc.x_scale, np.zeros(0) if w is None else w, self.stats.terms[k].XX)
 
     def _reduce(self, codes: list, y, X, Z, w=None) -> int:
         plan, sc, nt = self.plan, self.scaling, self.nthreads
@@ -531,6 +546,7 @@ def build_statistics(
     nthreads: int | None = None,
     progress: bool | None = None,
     warn: bool = True,
+    keep_xx: bool = False,
 ) -> BuildResult:
     """Reduce ``source`` to sufficient statistics for the model ``spec``.
 
@@ -546,8 +562,11 @@ def build_statistics(
     levels
         Known levels of categorical columns; found by a pass over the data if
         not given.
+    keep_xx
+        Also keep each outer level's X'X (what the parametric bootstrap needs).
     """
-    plan = prepare(source, spec, levels=levels, missing=missing, chunk_rows=chunk_rows, progress=progress)
+    plan = prepare(source, spec, levels=levels, missing=missing, chunk_rows=chunk_rows, progress=progress,
+                   keep_xx=keep_xx)
     try:
         red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
     except NotNested:

@@ -250,6 +250,8 @@ def transform_statistics(stats, old: Scaling, new: Scaling) -> None:
         z_id = bool(np.array_equal(Mk, np.eye(q)))
         _kernels.transform_groups(t.A, t.B, t.c, Mk, np.ascontiguousarray(Tx), float(a), float(b), int(xi),
                                   z_id, x_id, max(1, min(t.A.shape[0], 4 * default_threads())))
+        if t.XX is not None and not x_id:
+            t.XX = np.ascontiguousarray(np.einsum("ka,gkl,lb->gab", Tx, t.XX, Tx, optimize=True))
     for k, pr in enumerate(stats.pairs):
         if not (np.array_equal(blocks[pr.k], np.eye(blocks[pr.k].shape[0]))
                 and np.array_equal(blocks[pr.j], np.eye(blocks[pr.j].shape[0]))):

@@ -121,6 +121,7 @@ class TermStats:
     c: np.ndarray
     n: np.ndarray
     levels: np.ndarray | None = None
+    XX: np.ndarray | None = None  # (G, p, p) per-level X'X, kept only on request (bootstrap)
 
     @classmethod
     def empty(cls, G: int, p: int, q: int, levels: np.ndarray | None = None) -> "TermStats":
@@ -146,21 +147,24 @@ class TermStats:
         if self.A.shape != other.A.shape or self.B.shape != other.B.shape:
             raise ValueError("cannot merge statistics of different shapes")
         lv = self.levels if (self.levels is not None and other.levels is not None) else None
-        return TermStats(self.A + other.A, self.B + other.B, self.c + other.c, self.n + other.n, lv)
+        xx = self.XX + other.XX if (self.XX is not None and other.XX is not None) else None
+        return TermStats(self.A + other.A, self.B + other.B, self.c + other.c, self.n + other.n, lv, xx)
 
     def subset(self, keep: np.ndarray) -> "TermStats":
         return TermStats(np.ascontiguousarray(self.A[keep]), np.ascontiguousarray(self.B[keep]),
                          np.ascontiguousarray(self.c[keep]), np.ascontiguousarray(self.n[keep]),
-                         np.ascontiguousarray(self.levels[keep]) if self.levels is not None else None)
+                         np.ascontiguousarray(self.levels[keep]) if self.levels is not None else None,
+                         np.ascontiguousarray(self.XX[keep]) if self.XX is not None else None)
 
     def subset_fixed(self, cols: np.ndarray) -> "TermStats":
-        return TermStats(self.A, np.ascontiguousarray(self.B[:, :, cols]), self.c, self.n, self.levels)
+        xx = np.ascontiguousarray(self.XX[:, cols][:, :, cols]) if self.XX is not None else None
+        return TermStats(self.A, np.ascontiguousarray(self.B[:, :, cols]), self.c, self.n, self.levels, xx)
 
     def transform_z(self, M: np.ndarray) -> "TermStats":
         """Statistics for this term's design ``Z M``."""
         A = np.ascontiguousarray(np.einsum("ka,gkl,lb->gab", M, self.A, M, optimize=True))
         B = np.ascontiguousarray(np.einsum("ka,gkm->gam", M, self.B, optimize=True))
-        return TermStats(A, B, np.ascontiguousarray(self.c @ M), self.n, self.levels)
+        return TermStats(A, B, np.ascontiguousarray(self.c @ M), self.n, self.levels, self.XX)
 
 
 @dataclass

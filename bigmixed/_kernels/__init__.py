@@ -38,6 +38,7 @@ from ._groups import (
 from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_pieces, rest_sandwich
 from ._nested import nested_evaluate
 from ._rows import (
+    accumulate_level_xx,
     accumulate_nested_pairs,
     accumulate_stats,
     complete_rows,
@@ -65,6 +66,7 @@ __all__ = [
     "conditional_modes",
     "transform_groups",
     "complete_rows",
+    "accumulate_level_xx",
     "accumulate_nested_pairs",
     "pair_products",
     "merge_pairs",

@@ -427,3 +427,26 @@ def merge_pairs(keys, vals):
             for b in range(vals.shape[2]):
                 out[u, a, b] += vals[o, a, b]
     return ukeys, out
+
+
+@njit(**_JIT)
+def accumulate_level_xx(codes, XT, xs, xi, w, XX):
+    """``XX[g] += x x'`` per row (transformed as in :func:`accumulate_stats`, times w): per-level X'X.
+
+    Kept only when asked for (the parametric bootstrap simulates the y-dependent statistics
+    of each level, whose joint law needs its X'X).  Rows with a negative code are skipped.
+    """
+    N = codes.shape[0]
+    p = XT.shape[0]
+    xr = np.empty(p)
+    weighted = w.shape[0] > 0
+    for j in range(N):
+        g = codes[j]
+        if g < 0:
+            continue
+        sw = w[j] if weighted else 1.0
+        for k in range(p):
+            xr[k] = (XT[k, j] - xs[k]) * xi[k]
+        for k in range(p):
+            for m in range(p):
+                XX[g, k, m] += sw * xr[k] * xr[m]
