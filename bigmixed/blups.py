@@ -58,7 +58,9 @@ def ranef_frame(res, k: int) -> pd.DataFrame:
     """lme4's ``ranef(fit)[[term]]``: BLUPs indexed by level (``"a:b"`` labels for an interaction)."""
     term = res.model.built.terms[k]
     b = res._modes[k][0]
-    cols = ["(Intercept)" if n == "Intercept" else n for n in term.re_names]
+    from .results import r_name
+
+    cols = [r_name(n, res._factor_vars) for n in term.re_names]
     idx = pd.Index(term.index.keys.to_list(), name=term.name)
     return pd.DataFrame(b, index=idx, columns=cols)
 

@@ -271,7 +271,9 @@ class Design:
                 idx = tuple(range(len(names), len(names) + len(p.names)))
                 blocks += [(i,) for i in idx] if term.independent[b] else [idx]
                 names += p.names
-                bar_of += [b] * len(p.names)
+                # lme4 writes (x || g) as (1 | g) + (0 + x | g): one bar per column
+                nxt = max(bar_of) + 1 if bar_of else 0
+                bar_of += list(range(nxt, nxt + len(p.names))) if term.independent[b] else [nxt] * len(p.names)
             dup = [n for n, c in Counter(names).items() if c > 1]
             if dup:
                 raise ValueError(f"random-effect column(s) {dup} appear in more than one '(... | {grp})' term")

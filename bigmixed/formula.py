@@ -272,15 +272,17 @@ def expand_group(group: str) -> list[tuple[tuple[str, ...], str]]:
 
     ``g`` -> ``[(("g",), "g")]``; ``a:b`` -> ``[(("a", "b"), "a:b")]``; ``a/b`` ->
     ``[(("a",), "a"), (("b", "a"), "b:a")]`` (lme4 expands ``(1 | a/b)`` to ``(1 | a) + (1 | b:a)``
-    and names the inner factor ``b:a``, its levels ``"b_level:a_level"``); ``a/b/c`` adds ``c:b:a``.
+    and names the inner factor ``b:a``, its levels ``"b_level:a_level"``); ``a/b/c`` adds the
+    columns ``(c, b, a)`` named, as lme4 does, ``c:(b:a)``.
     """
     if "/" in group:
         levels = _names(group, "/")
         if len(levels) > 1:
-            out = []
+            out, name = [], ""
             for k in range(len(levels)):
                 cols = tuple(reversed(levels[: k + 1]))
-                out.append((cols, ":".join(cols)))
+                name = levels[k] if k == 0 else f"{levels[k]}:{name if k == 1 else '(' + name + ')'}"
+                out.append((cols, name))
             return out
     cols = tuple(_names(group, ":"))
     return [(cols, ":".join(cols))]

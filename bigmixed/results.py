@@ -13,6 +13,7 @@ Conditional modes, predictions and their output live in :mod:`bigmixed.blups`; t
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from typing import Any
 
@@ -152,7 +153,12 @@ class MixedLMResults:
     @property
     def fixef(self) -> pd.Series:
         """lme4's name for the fixed effects (``(Intercept)`` spelled as in R)."""
-        return pd.Series(self._beta, index=[r_name(n) for n in self.exog_names], name="fixef")
+        return pd.Series(self._beta, index=[r_name(n, self._factor_vars) for n in self.exog_names], name="fixef")
+
+    @cached_property
+    def _factor_vars(self) -> frozenset:
+        text = self.model.formula if isinstance(self.model.formula, str) else ""
+        return frozenset(re.findall(r"(?<![\w.])factor\(\s*([\w.]+)\s*\)", text))
 
     def cov_params(self) -> pd.DataFrame:
         """Covariance of the fixed-effect estimates, sigma^2 (X'V^-1X)^-1."""
@@ -268,7 +274,7 @@ class MixedLMResults:
             t, cov = self._terms[k], self._covs[k]
             grp = t.bar_names()[b]
             cols = [j for j, bb in enumerate(t.bar_of) if bb == b]
-            names = [r_name(n) for n in t.re_names]
+            names = [r_name(n, self._factor_vars) for n in t.re_names]
             sd = np.sqrt(np.diag(cov))
             rows += [(grp, names[a], None, cov[a, a], sd[a]) for a in cols]
             for i, bcol in enumerate(cols):
@@ -525,9 +531,24 @@ def _jsonable(d: dict) -> dict:
             for k, v in d.items()}
 
 
-def r_name(name: str) -> str:
-    """R's spelling of a column name: ``(Intercept)``."""
-    return "(Intercept)" if name == "Intercept" else name
+_LEVEL = re.compile(r"(?<=[\w)])\[(?:T\.)?([^\]]*)\]")
+_POLY = re.compile(r"(poly\([^()]*\))\[(\d+)\]")
+
+
+def r_name(name: str, factor_vars: frozenset = frozenset()) -> str:
+    """R's spelling of a model-matrix column: ``(Intercept)``, ``recipeB``, ``poly(x, 2)1``, ``I(x^2)``.
+
+    formulaic writes ``recipe[T.B]``, ``poly(x, 2)[1]`` and ``I(x ** 2)``; ``factor(x)`` was read
+    as ``C(x)`` (``factor_vars``: the variables the user wrapped in ``factor``).
+    """
+    if name == "Intercept":
+        return "(Intercept)"
+    out = _POLY.sub(r"\1\2", name)
+    out = _LEVEL.sub(r"\1", out)
+    out = out.replace(" ** ", "^")
+    for v in factor_vars:
+        out = out.replace(f"C({v})", f"factor({v})")
+    return out
 
 
 def sm_names(names: list[str]) -> list[str]:

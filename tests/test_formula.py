@@ -116,7 +116,7 @@ def test_grouping_interactions_and_nesting():
     assert [t.factors for t in s.terms] == [("batch",), ("cask", "batch")]
     assert [t.name for t in s.terms] == ["batch", "cask:batch"]
     s = spec_from_lmer("y ~ 1 + (1 | a/b/c)")
-    assert [t.name for t in s.terms] == ["a", "b:a", "c:b:a"]
+    assert [t.name for t in s.terms] == ["a", "b:a", "c:(b:a)"]
     s = spec_from_lmer("y ~ x + (x | `my g`:h)")
     assert s.terms[0].factors == ("my g", "h") and s.key_columns == ("my g", "h")
 
