@@ -68,7 +68,14 @@ specs <- list(
   milk_diet_slope         = S(milk, "protein ~ Time + Diet + (Time | Cow)", TRUE, c("Diet", "Cow"), alt_optimizer = "bobyqa",
                               note = "lme4 warns max|grad| 0.005 > 0.002; bobyqa reaches the same optimum within 3e-7"),
   spruce_uncentred        = S(spruce, "logSize ~ days + (days | Tree)", TRUE, "Tree", alt_optimizer = "Nelder_Mead",
-                              note = "days is uncentred (152..674): lme4's default optimizer stops 0.78 above the optimum of the REML criterion (it warns); alt_fit (Nelder_Mead) is within ~1e-5 of it. Compare a better optimiser with alt_fit, not with the default fit")
+                              note = "days is uncentred (152..674): lme4's default optimizer stops 0.78 above the optimum of the REML criterion (it warns); alt_fit (Nelder_Mead) is within ~1e-5 of it. Compare a better optimiser with alt_fit, not with the default fit"),
+  # statsmodels' MixedLM examples on the pig-growth data (tests/data/dietox.csv, from R package geepack)
+  dietox_intercept_reml   = S("dietox.csv", "Weight ~ Time + (1 | Pig)", TRUE, c("Pig", "Cu", "Evit")),
+  dietox_intercept_ml     = S("dietox.csv", "Weight ~ Time + (1 | Pig)", FALSE, c("Pig", "Cu", "Evit")),
+  dietox_slope_reml       = S("dietox.csv", "Weight ~ Time + (Time | Pig)", TRUE, c("Pig", "Cu", "Evit")),
+  dietox_slope_ml         = S("dietox.csv", "Weight ~ Time + (Time | Pig)", FALSE, c("Pig", "Cu", "Evit")),
+  dietox_slope_indep_reml = S("dietox.csv", "Weight ~ Time + (Time || Pig)", TRUE, c("Pig", "Cu", "Evit")),
+  dietox_factors          = S("dietox.csv", "Weight ~ Time + Evit + Cu + (1 | Pig)", TRUE, c("Pig", "Cu", "Evit"))
 )
 res <- run_fits(specs)
 write_ref(c(ref_header("scripts/ref_single.R"), list(fits = res$fits)), "lme4/single.json")

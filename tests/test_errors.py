@@ -650,7 +650,6 @@ def _cli_cases(tmp: Path, data: pd.DataFrame) -> list[tuple[str, list, list[str]
     ]
 
 
-@pytest.mark.skipif(not CLI.exists(), reason="bigmixed/cli.py is being written concurrently")
 def test_cli_errors_exit_2_with_one_line(tmp_path, data):
     for name, args, needles in _cli_cases(tmp_path, data):
         out_dir = tmp_path / f"out-{name.replace(' ', '-')}"
@@ -660,7 +659,6 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, data):
         assert not out_dir.exists() or not [p for p in out_dir.iterdir() if not p.name.startswith(".")], name
 
 
-@pytest.mark.skipif(not CLI.exists(), reason="bigmixed/cli.py is being written concurrently")
 def test_cli_debug_shows_the_traceback(tmp_path, data):
     pl.from_pandas(data).write_parquet(tmp_path / "good.parquet")
     out = _cli("fit", tmp_path / "good.parquet", "-f", "weight ~ tme + (1 | subject)", "--out", tmp_path / "o",
@@ -669,7 +667,6 @@ def test_cli_debug_shows_the_traceback(tmp_path, data):
     assert "Traceback" in out.stderr and "'tme'" in out.stderr
 
 
-@pytest.mark.skipif(not CLI.exists(), reason="bigmixed/cli.py is being written concurrently")
 def test_cli_hard_data_fits_with_warnings(tmp_path, data):
     """Rows of the table that are not errors: the CLI completes (exit 0) and reports the warning."""
     d = pl.from_pandas(_holes(data))
