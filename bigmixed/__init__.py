@@ -1,6 +1,6 @@
 """bigmixed: linear mixed-effects models for millions of groups.
 
-Fits the same REML/ML optimum as lme4 from per-group sufficient statistics
+Fits the same REML/ML optimum as lme4 from per-level sufficient statistics
 (one streaming pass over the rows), through statsmodels' and lme4's APIs::
 
     import bigmixed as bm
@@ -8,8 +8,13 @@ Fits the same REML/ML optimum as lme4 from per-group sufficient statistics
     res = bm.mixedlm("Weight ~ Time", data, groups="Pig", re_formula="~Time").fit()
     print(res.summary())
     print(bm.lmer("Weight ~ Time + (Time | Pig)", data))
+
+``import bigmixed`` loads nothing heavy: numba, polars, pandas, scipy and formulaic are imported
+when a model is first built (module ``__getattr__`` below), so the command line's ``--help``
+and scripts that only import are instant.
 """
 
+import importlib as _importlib
 import os as _os
 
 # numba's OpenMP threading layer (libgomp): after each parallel kernel its threads spin
@@ -21,23 +26,30 @@ import os as _os
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from . import datasets  # noqa: E402
-from .model import (  # noqa: E402
-    ConvergenceWarning,
-    MixedLM,
-    MixedLMParams,
-    SingularFitWarning,
-    lmer,
-    mixedlm,
-)
-from .pipeline import DroppedRowsWarning  # noqa: E402
-from .results import MixedLMResults  # noqa: E402
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+# public name -> module that defines it (imported on first use)
+_LAZY = {
+    "mixedlm": "model",
+    "lmer": "model",
+    "MixedLM": "model",
+    "ConvergenceWarning": "model",
+    "SingularFitWarning": "model",
+    "MixedLMParams": "params",
+    "MixedLMResults": "results",
+    "DroppedRowsWarning": "pipeline",
+    "anova": "anova",
+}
+_SUBMODULES = {
+    "datasets", "formula", "design", "data", "keys", "terms", "pipeline", "stats", "scaling", "backends",
+    "objective", "optimize", "results", "blups", "summary", "model", "params", "simulate", "cli", "distributed",
+    "inference", "profile", "bootstrap", "plots", "anova", "simulate_multi",
+}
 
 __all__ = [
     "mixedlm",
     "lmer",
+    "anova",
     "MixedLM",
     "MixedLMParams",
     "MixedLMResults",
@@ -47,3 +59,18 @@ __all__ = [
     "datasets",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = _importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'bigmixed' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

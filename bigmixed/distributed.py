@@ -1,25 +1,32 @@
-"""Fit on a Dask cluster: the per-group statistics are built and kept on the workers.
+"""Fit on a Dask cluster: the per-level statistics are built on the workers and (optionally) kept there.
 
-Only how the statistics are computed and where they live changes (DESIGN.md section 5);
-:class:`~bigmixed.objective.Objective`, the optimiser and the results run unchanged.
+Only how the statistics are computed and where they live changes (DESIGN.md section 5); the
+objective, the optimiser and the results run unchanged.
 
 1. A worker lists and validates the files and reads the prototype (first rows), as the
-   single-machine path does; the driver freezes the Design and a first Scaling from it.
-2. One task per input partition (a file, or a Dask DataFrame partition) streams its rows
-   through ``Design.matrices`` and ``Statistics.add_rows`` (the numba kernel, which also applies
-   the row transform) into partial statistics: one row per (group, partition) of a pandas frame.
-3. One task adds the partitions' global sums and picks the canonical (rounded) transform
-   from them, as ``build_statistics`` does (:func:`~bigmixed.pipeline.canonical_scaling`),
-   so both paths solve the same transformed problem and agree to round-off.
-4. ``dask.dataframe``'s shuffle routes the partial rows by hash of the key to *owner*
-   partitions; one task per owner sums them in (key, partition) order - a recomputation
-   gives identical bits - into a Statistics with its groups sorted by key.
-5. ``"resident"``: the owners stay on the workers as futures whose lineage the scheduler
-   keeps (a lost worker's owners are recomputed from the files).  ``"gathered"``: they are
-   merged on the driver in sorted-key order, the single-machine layout.
-6. A resident evaluation is a map over the owners returning pass-1 sums (logdet, SF, Sg,
-   Sh) and the gradient tensors (fused pass, small p) or, in a second map, the q x q
-   gradient; the driver adds them in owner order.
+   single-machine path does; the driver freezes the Design and a first Scaling from it.  With
+   several random-effects terms, one cheap task per partition reads the key columns and says
+   which terms are nested in which *there*; the driver orders the terms finest to coarsest
+   (nested) or falls back to the crossed layout.
+2. One task per input partition (a file, or a Dask DataFrame partition) runs the
+   single-machine :class:`~bigmixed.pipeline.Reducer` over its rows (weights, offsets, dropped
+   rows, nested pair blocks or crossed pair lists) with that partition's own level indexes and
+   the driver's design, transform and layout, and emits flat frames keyed by key *values*: one
+   row per (level, partition) per term, and per (pair of levels, partition) per pair of terms.
+3. One task adds the partitions' global sums and picks the canonical (rounded) transform from
+   them, as ``finalise`` does, so both paths solve the same transformed problem.
+4. ``dask.dataframe``'s shuffle routes every row to an *owner* by a hash of the key of its
+   level's outer term (nested; one term: its own key), so an owner holds complete outer groups;
+   one task per owner sums them in (key, partition) order - a recomputation gives identical bits.
+   Crossed terms are routed by their own keys and merged on the driver.  A second, small shuffle
+   of (level hash, outer level hash) by level checks that every level of a finer term has one
+   outer level across partitions; if not, the same reduced partitions are combined as crossed.
+5. ``"resident"``: the owners stay on the workers as futures whose lineage the scheduler keeps
+   (a lost worker's owners are recomputed from the files).  ``"gathered"``: they are merged on
+   the driver in sorted-key order, the single-machine layout.
+6. A resident evaluation is a map over the owners running the single-machine backend
+   (:class:`~bigmixed.backends.LocalBackend` / :class:`~bigmixed.backends.NestedBackend`) on
+   their groups, returning one small packed array each; the driver adds them in owner order.
 """
 
 from __future__ import annotations
@@ -46,42 +53,49 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "fitting on a Dask cluster needs dask[distributed]; install it with `pip install bigmixed[dask]`"
     ) from exc
 
-from .data import GROUP_COLUMN, GroupIndex, Source, open_source
+from .backends import Evaluation, subsample_backend
+from .data import GROUP_COLUMN, Source, open_source
 from .design import Design
 from .formula import ModelSpec
-from .pipeline import (
-    BuildResult,
-    DEFAULT_CHUNK_ROWS,
-    SCALING_SAMPLE_ROWS,
-    DroppedRowsWarning,
-    scaling_from_sample,
-)
-from .objective import LocalBackend, subsample_backend
-from .stats import SampleSums, Scaling, Statistics, aliased_columns
+from .keys import TermIndex
+from .pipeline import DEFAULT_CHUNK_ROWS, SCALING_SAMPLE_ROWS, BuildResult, DroppedRowsWarning, _sample_scaling
+from .scaling import Scaling
+from .stats import PairStats, SampleSums, Statistics, TermStats, aliased_columns
 from ._dist_worker import (
-    _Plan,
-    _inspect_files,
-    _part_levels,
-    _partial_frame,
-    _reduce_part,
+    CROUTE,
+    NROUTE,
     _canonical,
+    _check_nesting,
+    _codes,
     _combine,
-    _owner_get,
-    _owner_apply,
-    _sample_task,
-    _pass1_task,
-    _fused_task,
-    _pass2_task,
+    _evaluate_task,
+    _frame_of,
+    _gradient_task,
+    _inspect_files,
+    _Job,
     _modes_task,
-    _write_task,
+    _nesting_part,
+    _owner_apply,
+    _owner_get,
+    _part_levels,
+    _prefixed,
+    _reduce_part,
     _remove_stale,
+    _rows,
+    _sample_task,
+    _totals_of,
+    _write_task,
+    empty_frames,
+    index_from_frame,
+    key_dtype,
+    packed_size,
 )
 
-__all__ = ["GATHER_LIMIT", "DistributedBackend", "DistributedBuild", "DistributedGroups", "build_distributed"]
+__all__ = ["GATHER_LIMIT", "DistributedBackend", "DistributedBuild", "DistributedGroups", "DistributedTermIndex",
+           "build_distributed"]
 
 #: ``mode="auto"`` gathers the statistics to the driver when they take at most this many bytes.
 GATHER_LIMIT = 256 * 2**20
-_NON_FINITE = "(non-finite after transformation)"
 
 
 # ---------------------------------------------------------------------------
@@ -89,27 +103,29 @@ _NON_FINITE = "(non-finite after transformation)"
 # ---------------------------------------------------------------------------
 
 
-class DistributedGroups:
-    """The groups of resident statistics, like :class:`~bigmixed.data.GroupIndex`.
+class DistributedTermIndex:
+    """The levels of one term whose statistics stay on the workers, like :class:`~bigmixed.keys.TermIndex`.
 
-    ``n_groups`` is known; ``keys`` (sorted), ``to_list()`` and ``codes()`` gather all
-    owners' keys on first use: fine for BLUP frames and predictions of moderate size,
-    not for 1e8 groups (use ``MixedLMResults.write_random_effects`` there).
+    ``n_groups`` is known; ``frame()``, ``keys``, ``to_list()`` and ``codes()`` gather all
+    owners' keys of the term on first use: fine for BLUP frames and predictions of moderate
+    size, not for 1e8 levels (use ``MixedLMResults.write_random_effects`` there).
     """
 
-    def __init__(self, client: Client, owners: list[Future], sizes: list[int]) -> None:
-        self._client, self._owners = client, owners
-        self.n_groups = int(sum(sizes))
+    def __init__(self, client: Client, owners: list[Future], term: int, factors: tuple[str, ...],
+                 n_groups: int) -> None:
+        self._client, self._owners, self._term = client, owners, int(term)
+        self.factors = tuple(factors)
+        self.n_groups = int(n_groups)
 
     @cached_property
-    def _sorted(self) -> tuple[pl.Series, np.ndarray]:
-        keys = pl.concat(self._client.gather(self._client.map(_owner_get, self._owners, what="keys", pure=False)))
-        order = keys.arg_sort().to_numpy()
-        return keys.gather(order).rename("key"), order
+    def _sorted(self) -> tuple[pl.DataFrame, np.ndarray]:
+        parts = self._client.gather(self._client.map(_owner_get, self._owners, what="keys", k=self._term, pure=False))
+        cat = pl.concat(parts)
+        order = cat.with_row_index("__i").sort(list(self.factors)).get_column("__i").to_numpy().astype(np.int64)
+        return _rows(cat, order), order
 
-    @property
-    def keys(self) -> pl.Series:
-        """All keys, sorted (as the single-machine path codes them)."""
+    def frame(self) -> pl.DataFrame:
+        """One row per level, in sorted-key order (as the single-machine path codes them): the key column(s)."""
         return self._sorted[0]
 
     @property
@@ -118,117 +134,229 @@ class DistributedGroups:
         return self._sorted[1]
 
     @cached_property
-    def _index(self) -> GroupIndex:
-        return GroupIndex(self.keys)
+    def _index(self) -> TermIndex:
+        return index_from_frame(self.frame(), self.factors)
 
-    def codes(self, values: pl.Series) -> np.ndarray:
-        """Positions of ``values`` in :attr:`keys`; -1 for unknown keys."""
-        return self._index.codes(values)
+    @property
+    def keys(self) -> pl.Series:
+        """All levels as one Series (``"a:b"`` labels for an interaction), sorted."""
+        return self._index.keys
+
+    def codes(self, chunk: pl.DataFrame) -> np.ndarray:
+        """Codes of the rows of ``chunk`` (positions in sorted-key order); -1 for unknown keys."""
+        return self._index.codes(chunk)
 
     def to_list(self) -> list:
         return self.keys.to_list()
 
+    def sampling_levels(self) -> np.ndarray:
+        return self._index.sampling_levels()
+
+    def subset(self, keep: np.ndarray) -> TermIndex:
+        return self._index.subset(keep)
+
+
+DistributedGroups = DistributedTermIndex  # the one-term name of earlier versions
+
 
 class DistributedBackend:
-    """A :class:`~bigmixed.objective.StatsBackend` whose statistics stay on Dask workers.
+    """A backend (:class:`~bigmixed.backends.StatsBackend`) whose statistics stay on Dask workers.
 
-    Each call maps a task over the owner futures (Dask runs it where the owner lives) and
-    adds the results on the driver in owner order.  A task gets Lambda (and beta, F^-1) and
-    returns O(p^2 + q^2) numbers (the fused pass: O(q^2 p^2)), whatever the number of groups.
+    Each call maps a task over the owner futures (Dask runs it where the owner lives): the
+    owner answers with the single-machine backend over its outer groups, and the driver adds
+    the results in owner order.  A task gets the Lambdas (and beta, F^-1) and returns
+    O(sum_k q_k^2 p^2) numbers, whatever the number of groups.
     """
 
-    def __init__(self, client: Client, owners: list[Future], groups: DistributedGroups,
-                 p: int, q: int, XtX: np.ndarray, Xty: np.ndarray, yty: float, N: int,
-                 sample: SampleSums | None = None) -> None:
-        self.client, self.owners, self.groups = client, owners, groups
-        self.p, self.q, self.n_groups = int(p), int(q), groups.n_groups
+    def __init__(self, client: Client, owners: list[Future], indexes: list[DistributedTermIndex], *, layout: str,
+                 chain: list[int], p: int, qs: list[int], XtX: np.ndarray, Xty: np.ndarray, yty: float, N: int,
+                 sample: SampleSums | None, sum_log_w: float, nbytes: int) -> None:
+        self.client, self.owners, self.indexes = client, owners, indexes
+        self.layout, self.chain = layout, list(chain)
+        self.p, self.qs = int(p), [int(q) for q in qs]
+        self.q = self.qs[0]
+        self.root = self.chain[-1]
+        self.n_groups = int(indexes[self.root].n_groups)  # sampling units: the outer term's levels
         self.XtX, self.Xty, self.yty, self.N = XtX, Xty, float(yty), int(N)
-        self.sample = sample
+        self.sample, self.sum_log_w, self._nbytes = sample, float(sum_log_w), int(nbytes)
+
+    @property
+    def groups(self) -> DistributedTermIndex:
+        return self.indexes[0]
 
     def _map(self, fn, *iterables, **kwargs) -> list:
         return self.client.gather(self.client.map(fn, self.owners, *iterables, pure=False, **kwargs))
 
-    def pass1(self, lam: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
-        ld, SF, Sg, Sh = 0.0, np.zeros((self.p, self.p)), np.zeros(self.p), 0.0
-        for a, b, c, d in self._map(_pass1_task, lam=np.ascontiguousarray(lam, dtype=float)):
-            ld, SF, Sg, Sh = ld + a, SF + b, Sg + c, Sh + d  # owner order: the same sums every time
-        return ld, SF, Sg, Sh
+    @staticmethod
+    def _lams(lams) -> list[np.ndarray]:
+        return [np.ascontiguousarray(L, dtype=float) for L in lams]
 
-    def fused(self, lam: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
-        """Pass-1 sums plus the gradient tensors GA, S: one round trip per evaluation (small p)."""
-        parts = self._map(_fused_task, lam=np.ascontiguousarray(lam, dtype=float))
-        acc = list(parts[0])
-        for part in parts[1:]:  # owner order
-            acc = [a + b for a, b in zip(acc, part)]
-        ld, SF, Sg, Sh, GA, S = acc
-        return float(ld), SF, Sg, float(Sh), GA, S
+    def evaluate(self, lams, grad: bool) -> Evaluation:
+        """Pass-1 sums (and the gradient tensors): one round trip per evaluation."""
+        parts = self._map(_evaluate_task, lams=self._lams(lams), grad=bool(grad))
+        acc = parts[0].copy()
+        for part in parts[1:]:  # owner order: the same sums every time
+            acc += part
+        p, qs = self.p, self.qs
+        assert acc.size == packed_size(p, qs, grad)
+        SF = acc[1:1 + p * p].reshape(p, p)
+        Sg = acc[1 + p * p:1 + p * p + p]
+        Sh = float(acc[1 + p * p + p])
+        if not grad:
+            return Evaluation(float(acc[0]), SF, Sg, Sh)
+        at = 2 + p * p + p
+        GA, S = [], []
+        for q in qs:
+            GA.append(acc[at:at + q * q].reshape(q, q))
+            at += q * q
+        for q in qs:
+            n = q * q * (p + 1) ** 2
+            S.append(acc[at:at + n].reshape(q, q, p + 1, p + 1))
+            at += n
+        return Evaluation(float(acc[0]), SF, Sg, Sh, GA, S)
 
-    def pass2(self, lam: np.ndarray, beta: np.ndarray, Finv: np.ndarray, kappa: float,
-              reml: bool) -> np.ndarray:
-        out = np.zeros((self.q, self.q))
-        for g in self._map(_pass2_task, lam=np.ascontiguousarray(lam, dtype=float),
-                           beta=np.ascontiguousarray(beta, dtype=float),
-                           Finv=np.ascontiguousarray(Finv, dtype=float), kappa=float(kappa), reml=bool(reml)):
-            out += g
+    def gradient(self, lams, beta, Finv, kappa, reml) -> list:
+        parts = self._map(_gradient_task, lams=self._lams(lams), beta=np.ascontiguousarray(beta, dtype=float),
+                          Finv=np.ascontiguousarray(Finv, dtype=float), kappa=float(kappa), reml=bool(reml))
+        acc = parts[0].copy()
+        for part in parts[1:]:
+            acc += part
+        out, at = [], 0
+        for q in self.qs:
+            out.append(acc[at:at + q * q].reshape(q, q))
+            at += q * q
         return out
 
-    def conditional_modes(self, lam: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """All BLUPs and K_i, gathered (O(G) to the driver) in sorted-key order."""
-        parts = self._map(_modes_task, lam=np.ascontiguousarray(lam, dtype=float),
-                          beta=np.ascontiguousarray(beta, dtype=float))
-        b = np.concatenate([m[0] for m in parts])[self.groups.order]
-        K = np.concatenate([m[1] for m in parts])[self.groups.order]
-        return np.ascontiguousarray(b), np.ascontiguousarray(K)
+    def conditional_modes(self, lams, beta) -> list:
+        """Every term's BLUPs and K_i, gathered (O(levels) to the driver) in sorted-key order."""
+        parts = self._map(_modes_task, lams=self._lams(lams), beta=np.ascontiguousarray(beta, dtype=float))
+        out = []
+        for k, ix in enumerate(self.indexes):
+            b = np.concatenate([m[k][0] for m in parts])[ix.order]
+            K = np.concatenate([m[k][1] for m in parts])[ix.order]
+            out.append((np.ascontiguousarray(b), np.ascontiguousarray(K)))
+        return out
 
-    def subsample(self, level: int) -> LocalBackend | None:
-        """The warm-start subsample (groups of sampling level >= ``level``), gathered to the driver.
+    def subsample(self, level: int):
+        """The warm-start subsample (outer levels of sampling level >= ``level`` with all nested in them).
 
-        The same groups, in the same (sorted-key) order and with the same exact sums, as
-        the single-machine fit uses (:class:`~bigmixed.stats.SampleSums`), so both take
-        the same optimiser path.  About G / 2^level groups: a few % of G.
+        Gathered to the driver, in the same (sorted-key) order and with the same exact sums as
+        the single-machine fit uses (:class:`~bigmixed.stats.SampleSums`), so both take the same
+        optimiser path.  About G / 2^level outer levels: a few % of the statistics.
         """
         if self.sample is None:
             return None
         parts = self._map(_sample_task, level=int(level))
-        keys = pl.concat([pt[0] for pt in parts])
-        order = keys.arg_sort().to_numpy()
-        A, B, c, n = (np.ascontiguousarray(np.concatenate([pt[j] for pt in parts])[order]) for j in range(1, 5))
-        sub = Statistics(A, B, c, n, self.XtX, self.Xty, self.yty, self.N)
+        factors = [ix.factors for ix in self.indexes]
+        _, sub = merge_owned([pt[0] for pt in parts], [pt[1] for pt in parts], factors, _pairs(self.layout, self.chain))
+        sub = Statistics(sub.terms, self.XtX, self.Xty, self.yty, self.N, sub.pairs, None, self.root)
         return subsample_backend(sub, self.sample, level, None)
 
-    def transform_z(self, M: np.ndarray) -> DistributedBackend:
-        """Backend for the random-effects design Z M, transformed on the workers (lineage kept)."""
-        owners = self.client.map(_owner_apply, self.owners, method="transform_z", arg=np.asarray(M, float),
-                                 pure=False)
-        return DistributedBackend(self.client, owners, self.groups, self.p, self.q,
-                                  self.XtX, self.Xty, self.yty, self.N, self.sample)
+    def transform_z(self, Ms) -> "DistributedBackend":
+        """Backend for the random-effects designs Z_k M_k, transformed on the workers (lineage kept)."""
+        Ms = [Ms] if isinstance(Ms, np.ndarray) else list(Ms)
+        owners = self.client.map(_owner_apply, self.owners, method="transform_z",
+                                 arg=[np.asarray(M, float) for M in Ms], pure=False)
+        return self._with(owners)
 
-    def group_sizes(self) -> np.ndarray:
-        """Rows per group, in sorted-key order."""
-        return np.concatenate(self._map(_owner_get, what="n"))[self.groups.order]
+    def _with(self, owners: list[Future]) -> "DistributedBackend":
+        return DistributedBackend(self.client, owners, self.indexes, layout=self.layout, chain=self.chain, p=self.p,
+                                  qs=self.qs, XtX=self.XtX, Xty=self.Xty, yty=self.yty, N=self.N, sample=self.sample,
+                                  sum_log_w=self.sum_log_w, nbytes=self._nbytes)
+
+    def group_sizes(self, term: int = 0) -> np.ndarray:
+        """Rows per level of a term, in sorted-key order."""
+        return np.concatenate(self._map(_owner_get, what="n", k=int(term)))[self.indexes[term].order]
 
     @property
     def nbytes(self) -> int:
-        """Bytes of per-group statistics held on the workers."""
-        return int(self.n_groups * 8 * (self.q * self.q + self.q * self.p + self.q + 1))
+        """Bytes of per-level statistics (and pair blocks) held on the workers."""
+        return self._nbytes
 
-    def write_random_effects(self, out_dir: str | os.PathLike, lam: np.ndarray, beta: np.ndarray,
-                             S: np.ndarray, y_scale: float, names: list[str], group: str) -> list[Path]:
-        """Each owner's BLUPs written by its worker: ``out_dir/part-00000.parquet``, ...
+    def write_random_effects(self, out_dir: str | os.PathLike, lams, beta: np.ndarray, S: list, y_scale: float,
+                             names: list[str], term: Any = None, k: int = 0) -> list[Path]:
+        """Term k's BLUPs written by each owner's worker: ``out_dir/part-00000.parquet``, ...
 
-        ``out_dir`` must be writable by the workers (a shared file system).  Part files of
-        an earlier run with more partitions are removed afterwards.
+        ``S`` holds each term's random-effects transform (``res._S``), ``term`` the term (unused:
+        the owners know their keys).  ``out_dir`` must be writable by the workers (a shared file
+        system).  Part files of an earlier run with more partitions are removed afterwards.
         """
         out = os.path.abspath(os.fspath(out_dir))
-        paths = self._map(_write_task, range(len(self.owners)), out_dir=out, lam=np.asarray(lam, float),
-                          beta=np.asarray(beta, float), S=np.asarray(S, float), y_scale=float(y_scale),
-                          names=list(names), group=group)
+        Sk = np.asarray(S[k] if isinstance(S, (list, tuple)) else S, float)
+        paths = self._map(_write_task, range(len(self.owners)), out_dir=out, lams=self._lams(lams),
+                          beta=np.asarray(beta, float), S=Sk, y_scale=float(y_scale), names=list(names), k=int(k))
         self.client.submit(_remove_stale, out, paths, pure=False).result()
         return [Path(p) for p in paths]
 
 
 # The distributed build returns the single-machine record, with ``backend`` and ``mode`` set.
 DistributedBuild = BuildResult
+
+
+def _pairs(layout: str, chain: list[int]) -> list[tuple[int, int]]:
+    ch = list(chain)
+    return [] if layout == "single" else [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
+
+
+def merge_owned(keys: list[list[pl.DataFrame]], stats: list[Statistics], factors: list[tuple[str, ...]],
+                pairs: list[tuple[int, int]], jkeys: list[list[pl.DataFrame]] | None = None
+                ) -> tuple[list[pl.DataFrame], Statistics]:
+    """Owners' levels merged into sorted-key order per term (the single-machine coding), pairs recoded.
+
+    Nested owners give their pairs in owner codes; crossed owners (``jkeys``) name the level of
+    the coarser term of each pair by its key.  Returns the sorted key frames and a Statistics
+    without global sums.
+    """
+    K = len(factors)
+    frames, invs, offs, terms = [], [], [], []
+    for k in range(K):
+        cat = pl.concat([ks[k] for ks in keys])
+        order = cat.with_row_index("__i").sort(list(factors[k])).get_column("__i").to_numpy().astype(np.int64)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        invs.append(inv)
+        offs.append(np.concatenate(([0], np.cumsum([ks[k].height for ks in keys]))).astype(np.int64))
+        frames.append(_rows(cat, order))
+        ts = [s.terms[k] for s in stats]
+        lv = None if any(t.levels is None for t in ts) else np.concatenate([t.levels for t in ts])[order]
+        terms.append(TermStats(*(np.ascontiguousarray(np.concatenate([getattr(t, a) for t in ts])[order])
+                                 for a in ("A", "B", "c", "n")), lv))
+    out = []
+    for e, (k, j) in enumerate(pairs):
+        kc, jc, vals = [], [], []
+        for o, s in enumerate(stats):
+            pr = s.pairs[e]
+            kc.append(invs[k][offs[k][o] + pr.kcodes])
+            if jkeys is None:
+                jc.append(invs[j][offs[j][o] + pr.jcodes])
+            else:
+                jc.append(_codes(_prefixed(jkeys[o][e], "j:"), frames[j], "j:"))
+            vals.append(pr.vals)
+        kc, jc, v = np.concatenate(kc), np.concatenate(jc), np.concatenate(vals)
+        order = np.lexsort((jc, kc))
+        out.append(PairStats(k, j, np.ascontiguousarray(kc[order]), np.ascontiguousarray(jc[order]),
+                             np.ascontiguousarray(v[order])))
+    return frames, Statistics(terms, np.zeros((0, 0)), np.zeros(0), 0.0, 0, out, None, 0)
+
+
+def _local_chain(n_levels: list[int], factors: list[tuple[str, ...]]) -> list[int]:
+    """The single-machine order of the terms (pipeline._chain): most levels first."""
+    return sorted(range(len(n_levels)), key=lambda k: (-n_levels[k], -len(factors[k]), k))
+
+
+def _orient(pairs: list[PairStats], chain: list[int]) -> list[PairStats]:
+    """Pair statistics as (finer, coarser) in ``chain``'s order, as the single-machine Reducer keeps them."""
+    have = {(pr.k, pr.j): pr for pr in pairs}
+    out = []
+    for k, j in _pairs("crossed", chain):
+        pr = have.get((k, j))
+        if pr is None:
+            f = have[(j, k)]
+            order = np.lexsort((f.kcodes, f.jcodes))
+            pr = PairStats(k, j, np.ascontiguousarray(f.jcodes[order]), np.ascontiguousarray(f.kcodes[order]),
+                           np.ascontiguousarray(np.swapaxes(f.vals, 1, 2)[order]))
+        out.append(pr)
+    return out
 
 
 def _open_input(client: Client, data: Any) -> tuple[list, dict, pl.DataFrame, bool, dict]:
@@ -247,17 +375,66 @@ def _open_input(client: Client, data: Any) -> tuple[list, dict, pl.DataFrame, bo
     return files, schema, proto, False, partial
 
 
-def _first_scaling(proto: pl.DataFrame, plan: _Plan) -> Scaling:
+def _first_scaling(proto: pl.DataFrame, design: Design) -> Scaling:
     """The transform the partial sums are taken under: from the prototype's complete rows.
 
-    Only their conditioning depends on it (the fit uses the canonical transform chosen
-    from all rows); identity if the first rows hold no complete row.
+    Only their conditioning depends on it (the fit uses the canonical transform chosen from
+    all rows); identity if the first rows hold no complete row.
     """
     sample = proto.head(SCALING_SAMPLE_ROWS)
-    y, X, Z = plan.design.matrices(sample)
-    ok = (sample.get_column(plan.group).is_not_null().to_numpy() & np.isfinite(y)
-          & np.isfinite(X).all(axis=1) & np.isfinite(Z).all(axis=1))
-    return scaling_from_sample(X[ok], Z[ok], y[ok], plan.design) if ok.any() else Scaling.identity(plan.p, plan.q)
+    src = open_source(sample)
+    sc = _sample_scaling(sample, design, [TermIndex.from_source(src, t.factors) for t in design.terms])
+    return sc if sc is not None else Scaling.identity(design.p, design.q)
+
+
+def _choose_layout(client: Client, parts: list, design: Design, dtypes: dict) -> tuple[str, tuple]:
+    """``("single", (0,))``, ``("nested", chain finest to coarsest)`` or ``("crossed", chain)``.
+
+    A term is nested in another if it is in every partition (a cheap pass over the key columns).
+    Terms that pair one to one in every partition are ordered as the single-machine path breaks
+    ties; if that is wrong across partitions, the nesting check after the shuffle falls back to
+    the crossed layout.
+    """
+    K = len(design.terms)
+    if K == 1:
+        return "single", (0,)
+    factors = [t.factors for t in design.terms]
+    res = client.gather(client.compute([dask.delayed(_nesting_part, pure=True)(part, factors, dtypes)
+                                        for part in parts]))
+    inside = np.logical_and.reduce([r[1] for r in res])
+    counts = np.sum([r[0] for r in res], axis=0)
+    rank = inside.sum(axis=1)
+    chain = sorted(range(K), key=lambda a: (-rank[a], -len(factors[a]), a))
+    if all(inside[chain[x], chain[y]] for x in range(K) for y in range(x + 1, K)):
+        return "nested", tuple(chain)
+    return "crossed", tuple(_local_chain(list(counts), factors))
+
+
+def _owner_graph(reduced: list, canon, job: _Job, k: int, slots: list, shuffle_method: str, token: str):
+    """Owner tasks over the reduced partitions (and, for nested terms, the nesting check)."""
+    metas = empty_frames(job)
+    frames = {name: dd.from_delayed([dask.delayed(_frame_of, pure=True)(r, name) for r in reduced], meta=meta,
+                                    verify_meta=False) for name, meta in metas.items()}
+    on = CROUTE if job.layout == "crossed" else NROUTE
+    shuffled = {name: f.shuffle(on=on, npartitions=k, shuffle_method=shuffle_method).to_delayed()
+                for name, f in frames.items()}
+    owners = []
+    for j in range(k):
+        # Spread the owners over the workers by threads: left alone, the scheduler put both owners
+        # on one of 2 workers, and evaluations follow the data.  Loose, so a lost owner goes anywhere.
+        with dask.annotate(workers=[slots[j % len(slots)]], allow_other_workers=True):
+            owners.append(dask.delayed(_combine, pure=True)(
+                [shuffled[f"t{t}"][j] for t in range(job.K)], [shuffled[f"p{a}_{b}"][j] for a, b in job.pairs],
+                job, canon, dask_key_name=f"bigmixed-owner-{token}-{j}"))
+    check = None
+    if job.layout == "nested":
+        parts = []
+        for t in range(job.K):
+            if t != job.root:
+                d = frames[f"t{t}"][[CROUTE, NROUTE]].shuffle(on=CROUTE, npartitions=k, shuffle_method=shuffle_method)
+                parts += [dask.delayed(_check_nesting, pure=True)(x) for x in d.to_delayed()]
+        check = dask.delayed(sum, pure=True)(parts, dask_key_name=f"bigmixed-check-{token}")
+    return owners, check
 
 
 def build_distributed(
@@ -284,16 +461,18 @@ def build_distributed(
         Parquet path(s), glob(s) or directory - read by the workers, so the paths must be
         valid there -, a Dask DataFrame, or an in-memory pandas/polars frame.
     spec
-        The model (:func:`~bigmixed.formula.spec_from_lmer` or statsmodels' spelling).
+        The model (:func:`~bigmixed.formula.spec_from_lmer` or statsmodels' spelling): one or
+        more random-effects terms, nested or crossed, weights and offsets.
     missing, chunk_rows, levels
         As in :func:`~bigmixed.pipeline.build_statistics`; ``chunk_rows`` bounds each
         reading task's memory on top of its partition's statistics.
     mode
-        ``"resident"`` (statistics stay on the workers), ``"gathered"`` (merged into one
-        Statistics on the driver) or ``"auto"`` (gathered if at most ``gather_limit`` bytes).
+        ``"resident"`` (statistics stay on the workers; one term or nested terms),
+        ``"gathered"`` (merged into one Statistics on the driver) or ``"auto"`` (gathered if at
+        most ``gather_limit`` bytes, and always for crossed terms).
     n_owners
-        Owner partitions the groups are hashed into (one task per owner and evaluation); default
-        the cluster's worker threads at build time.
+        Owner partitions the outer groups are hashed into (one task per owner and evaluation);
+        default the cluster's worker threads at build time.
     shuffle_method
         For ``dask.dataframe.DataFrame.shuffle``; ``"tasks"`` keeps each owner recomputable
         task by task from its lineage.
@@ -301,7 +480,7 @@ def build_distributed(
     Returns
     -------
     DistributedBuild
-        The attributes :class:`~bigmixed.model.MixedLM` and the results use.
+        The :class:`~bigmixed.pipeline.BuildResult` :class:`~bigmixed.model.MixedLM` and the results use.
     """
     if not isinstance(client, Client):
         raise TypeError(f"client must be a dask.distributed.Client, not {type(client).__name__}; "
@@ -313,7 +492,7 @@ def build_distributed(
     chunk_rows = int(chunk_rows or DEFAULT_CHUNK_ROWS)
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be a positive number of rows")
-    if spec.group == GROUP_COLUMN:
+    if GROUP_COLUMN in spec.key_columns:
         raise ValueError("with client=, pass groups as a column name of the data, not an array of labels")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -322,7 +501,7 @@ def build_distributed(
     if not parts:
         raise ValueError("the data has no partitions")
     schema_only = Source([], schema, in_memory=in_memory, partial=partial)
-    schema_only.check_columns([spec.group])
+    schema_only.check_columns(list(spec.key_columns))
     design = Design(spec, proto, levels)
     schema_only.check_columns(design.columns)
     if not in_memory and design.categorical and levels is None:  # levels over all rows
@@ -332,40 +511,45 @@ def build_distributed(
             for c in cols:
                 found[c].update(d[c])
         design = Design(spec, proto, {c: sorted(v, key=lambda v: (str(type(v)), v)) for c, v in found.items()})
-    key_dtype = schema[spec.group]
-    # one key dtype for every partition (int32 in one file, int64 in another)
-    key_dtype = (pl.Int64 if key_dtype.is_integer() else pl.Float64 if key_dtype.is_float()
-                 else pl.String if key_dtype == pl.String or isinstance(key_dtype, (pl.Categorical, pl.Enum))
-                 else key_dtype)
-    plan = _Plan(design, schema, key_dtype, missing, chunk_rows)
-    plan = replace(plan, scaling=_first_scaling(proto, plan))
-    p, q = plan.p, plan.q
+    dtypes = {c: key_dtype(schema[c]) for c in design.key_columns}
+    layout, chain = _choose_layout(client, parts, design, dtypes)
+    if layout == "crossed" and mode == "resident":
+        raise ValueError(_CROSSED_RESIDENT.format(terms=" and ".join(f"'{t.name}'" for t in design.terms)))
+    job = _Job(design, schema, dtypes, missing, chunk_rows, _first_scaling(proto, design), layout, chain)
     timings["prepare"] = time.perf_counter() - t0
 
-    # The graph: reduce each partition, pick the canonical transform, shuffle on the key, sum per owner.
+    # The graph: reduce each partition, pick the canonical transform, shuffle on the keys, sum per owner.
     t1 = time.perf_counter()
     token = uuid.uuid4().hex[:8]
-    reduced = [dask.delayed(_reduce_part, nout=2, pure=True)(
-        part, i, plan, dask_key_name=f"bigmixed-reduce-{token}-{i}") for i, part in enumerate(parts)]
-    canon = dask.delayed(_canonical, pure=True)([r[1] for r in reduced], plan,
-                                                dask_key_name=f"bigmixed-totals-{token}")
-    meta = _partial_frame(pl.Series("key", [], dtype=key_dtype), Statistics.empty(0, p, q), 0, plan)
-    partial = dd.from_delayed([r[0] for r in reduced], meta=meta, verify_meta=False)
+    reduced = [dask.delayed(_reduce_part, pure=True)(part, i, job, dask_key_name=f"bigmixed-reduce-{token}-{i}")
+               for i, part in enumerate(parts)]
+    totals = [dask.delayed(_totals_of, pure=True)(r, dask_key_name=f"bigmixed-totals-{token}-{i}")
+              for i, r in enumerate(reduced)]
+    canon = dask.delayed(_canonical, pure=True)(totals, job, dask_key_name=f"bigmixed-canonical-{token}")
     nthreads = client.nthreads()
     k = int(n_owners or max(1, sum(nthreads.values())))
-    shuffled = partial.shuffle(on="key", npartitions=k, shuffle_method=shuffle_method)
-    # Spread the owners over the workers by threads: left alone, the scheduler put both owners on
-    # one of 2 workers, and evaluations follow the data.  Loose, so a lost owner goes anywhere.
     slots = [w for w, n in sorted(nthreads.items()) for _ in range(n)] or [None]
-    graph = []
-    for j, d in enumerate(shuffled.to_delayed()):
-        with dask.annotate(workers=[slots[j % len(slots)]], allow_other_workers=True):
-            graph.append(dask.delayed(_combine, pure=True)(d, plan, canon,
-                                                           dask_key_name=f"bigmixed-owner-{token}-{j}"))
-    futures = client.compute([*graph, canon])  # one submission: each partition is read once
-    owners = futures[:-1]
-    total, scaling = futures.pop().result()
+    owner_graph, check = _owner_graph(reduced, canon, job, k, slots, shuffle_method, token)
+    # One submission: each partition is read once.  With nested terms the reduced partitions are
+    # held until the nesting check says they need not be combined again as crossed.
+    extra = [check, *reduced] if check is not None else []
+    futures = client.compute([*owner_graph, canon, *extra])
+    owners, rest = futures[:k], futures[k:]
+    total, scaling = rest[0].result()
     info = client.gather(client.map(_owner_get, owners, what="info", pure=False))
+    if job.layout == "nested":
+        violations = rest[1].result() + sum(i["violations"] for i in info)
+        if violations or total.not_nested:  # not nested across partitions: the crossed handling
+            if mode == "resident":
+                raise ValueError(_CROSSED_RESIDENT.format(terms=" and ".join(f"'{t.name}'" for t in design.terms))
+                                 + " (the terms looked nested within every partition, but are not across them)")
+            job = job.crossed()
+            del owners, info
+            owner_graph, _ = _owner_graph(reduced, canon, job, k, slots, shuffle_method, token + "x")
+            owners = client.compute(owner_graph)
+            info = client.gather(client.map(_owner_get, owners, what="info", pure=False))
+            total.sample = None
+        del rest  # the reduced partitions are released (their lineage stays with the owners)
     timings["statistics"] = time.perf_counter() - t1
 
     if total.n_read == 0:
@@ -378,12 +562,14 @@ def build_distributed(
         warnings.warn(f"{total.n_dropped} of {total.n_read} rows dropped for missing or non-finite values "
                       f"(by column: {dropped}); pass missing='raise' to make this an error",
                       DroppedRowsWarning, stacklevel=3)
-    n_groups = sum(g for g, _ in info)
-    if n_groups < 2:
-        raise ValueError(f"the grouping column '{spec.group}' has {n_groups} group(s) after dropping "
-                         "incomplete rows; a mixed model needs at least two groups")
+    n_levels = [sum(i["levels"][t] for i in info) for t in range(job.K)]
+    for t, n in zip(design.terms, n_levels):
+        if n < 2:
+            what = "grouping column" if len(t.factors) == 1 else "grouping factor"
+            raise ValueError(f"the {what} '{':'.join(t.factors)}' has {n} level(s) after dropping incomplete rows; "
+                             "a mixed model needs at least two levels per grouping factor")
     drop = aliased_columns(total.XtX)  # dropped as lme4 does
-    kept = np.setdiff1d(np.arange(p), drop)
+    kept = np.setdiff1d(np.arange(job.p), drop)
     aliased = [design.fe_names[j] for j in drop]
     if aliased and warn:
         warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(aliased)} "
@@ -391,27 +577,47 @@ def build_distributed(
     if total.N <= len(kept):
         raise ValueError(f"{total.N} usable rows for {len(kept)} fixed effects; "
                          "a fit needs more rows than fixed effects")
+    nbytes = sum(i["nbytes"] for i in info)
     if mode == "auto":
-        mode = "gathered" if sum(b for _, b in info) <= gather_limit else "resident"
+        mode = "gathered" if (job.layout == "crossed" or nbytes <= gather_limit) else "resident"
+    sample = total.sample.subset_fixed(kept) if total.sample is not None else None
+    factors = [t.factors for t in design.terms]
 
     t2 = time.perf_counter()
     if mode == "gathered":
         owned = client.gather(owners)
-        del owners, futures
-        keys = pl.concat([o.keys for o in owned])
-        order = keys.arg_sort().to_numpy()  # sorted-key order, as build_statistics codes groups
-        stats = Statistics(*(np.ascontiguousarray(np.concatenate([getattr(o.stats, a) for o in owned])[order])
-                             for a in ("A", "B", "c", "n")), total.XtX, total.Xty, total.yty, total.N,
-                           np.ascontiguousarray(np.concatenate([o.stats.levels for o in owned])[order]),
-                           total.sample)
-        stats, backend, groups = stats.subset_fixed(kept) if aliased else stats, None, GroupIndex(keys)
+        del owners
+        frames, st = merge_owned([o.keys for o in owned], [o.stats for o in owned], factors, job.pairs,
+                                 [o.jkeys for o in owned] if job.layout == "crossed" else None)
+        del owned
+        layout, chain = job.layout, list(job.chain)
+        if layout == "crossed":  # the single-machine order of the terms, now that their levels are known
+            chain = _local_chain(n_levels, factors)
+            st.pairs = _orient(st.pairs, chain)
+        stats = Statistics(st.terms, total.XtX, total.Xty, total.yty, total.N, st.pairs,
+                           total.sample if layout != "crossed" else None,
+                           job.root if job.root is not None else 0, total.sum_log_w)
+        if aliased:
+            stats = stats.subset_fixed(kept)
+        terms = [replace(t, index=index_from_frame(f, t.factors)) for t, f in zip(design.terms, frames)]
+        backend = None
         timings["gather"] = time.perf_counter() - t2
     else:
         if aliased:
             owners = client.map(_owner_apply, owners, method="subset_fixed", arg=kept, pure=False)
-        groups = DistributedGroups(client, owners, [g for g, _ in info])
-        stats, backend = None, DistributedBackend(client, owners, groups, len(kept), q,
-                                                  total.XtX[np.ix_(kept, kept)], total.Xty[kept], total.yty, total.N,
-                                                  total.sample.subset_fixed(kept))
-    return BuildResult(stats, design, groups, scaling.subset_fixed(kept), total.n_read, total.n_dropped,
-                       dropped, aliased, kept, timings, backend=backend, mode=mode)
+        indexes = [DistributedTermIndex(client, owners, e, t.factors, n) for e, (t, n) in
+                   enumerate(zip(design.terms, n_levels))]
+        terms = [replace(t, index=ix) for t, ix in zip(design.terms, indexes)]
+        stats, layout, chain = None, job.layout, list(job.chain)
+        backend = DistributedBackend(client, owners, indexes, layout=layout, chain=chain, p=len(kept), qs=job.qs,
+                                     XtX=total.XtX[np.ix_(kept, kept)], Xty=total.Xty[kept], yty=total.yty,
+                                     N=total.N, sample=sample, sum_log_w=total.sum_log_w, nbytes=nbytes)
+    return BuildResult(stats, design, terms, scaling.subset_fixed(kept), total.n_read, total.n_dropped,
+                       dropped, aliased, kept, timings, backend=backend, mode=mode, layout=layout, chain=chain)
+
+
+_CROSSED_RESIDENT = (
+    "distributed_mode='resident' needs one random-effects term or nested terms, but {terms} are crossed: their "
+    "factor has a dense block coupling the levels of the coarser terms across all outer groups, which cannot be "
+    "split into independent owner partitions; use distributed_mode='gathered' (or 'auto'), which builds the "
+    "statistics on the workers and fits them on the driver")

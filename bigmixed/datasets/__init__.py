@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported when a data set is read, not with bigmixed
+    import pandas as pd
 
 __all__ = ["dietox", "sleepstudy", "dyestuff", "path"]
 
@@ -19,20 +21,22 @@ def path(name: str) -> str:
     return str(resources.files(__name__).joinpath(f"{name}.csv"))
 
 
-def _read(name: str, keys: dict) -> pd.DataFrame:
+def _read(name: str, keys: dict) -> "pd.DataFrame":
+    import pandas as pd
+
     return pd.read_csv(path(name), dtype=keys)
 
 
-def dietox() -> pd.DataFrame:
+def dietox() -> "pd.DataFrame":
     """Pig growth data: Weight by Time (week) for 72 pigs; Pig, Evit, Cu, Litter as strings."""
     return _read("dietox", {"Pig": str, "Evit": str, "Cu": str, "Litter": str})
 
 
-def sleepstudy() -> pd.DataFrame:
+def sleepstudy() -> "pd.DataFrame":
     """Reaction (ms) by Days of sleep deprivation for 18 subjects; Subject as string."""
     return _read("sleepstudy", {"Subject": str})
 
 
-def dyestuff() -> pd.DataFrame:
+def dyestuff() -> "pd.DataFrame":
     """Yield of dyestuff by Batch (A-F)."""
     return _read("dyestuff", {"Batch": str})
