@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--re-formula", metavar="FORMULA",
                      help="random-effects formula with --groups, e.g. '~x' (default: random intercept)")
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
+    fit.add_argument("--variance-se", action="store_true",
+                     help="also compute standard errors of the variance components (the Hessian: about one "
+                          "more pass over the groups per variance parameter)")
     fit.add_argument("--weights", metavar="COLUMN",
                      help="column of observation (precision) weights, as lme4's weights=")
     fit.add_argument("--out", metavar="DIR", help="write fit.json and ranef.parquet (and pred.parquet) here")
@@ -268,8 +271,9 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
         res = model.fit(reml=not args.ml, maxiter=args.maxiter)
         timings["optimize"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        record = res.to_dict()  # standard errors of the variance components: the Hessian
-        summary = str(res.summary())
+        # standard errors of the variance components need the Hessian: only when asked for
+        record = res.to_dict(variance_se=args.variance_se)
+        summary = str(res.summary(variance_se=args.variance_se))
         ranefs = {}
         if out_dir is not None:  # one file per term: ranef.parquet, or ranef-<term>.parquet for several
             for k, name in enumerate(res.terms):
@@ -335,7 +339,7 @@ def _cli_record(res, args: argparse.Namespace, timings: dict, written: list[str]
         "bigmixed_version": bm.__version__,
         "data": list(args.data),
         "fe_table": fe_table,
-        "bse_scale": res.bse_scale,
+        "bse_scale": res.bse_scale if args.variance_se else None,
         "timings": {k: round(float(v), 6) for k, v in timings.items()},
         "timings_detail": {k: float(v) for k, v in res.model._timings.items()},
         "outputs": written,

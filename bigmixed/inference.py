@@ -102,22 +102,19 @@ def _central_hessian(grad, x0: np.ndarray, rel: float = 1e-4) -> np.ndarray:
 
 
 def _pos_pinv(H: np.ndarray, tol: float = 1e-8) -> np.ndarray:
-    """Inverse on the positive eigenvalues (lmerTest's), judged on the diagonally scaled matrix."""
-    d = np.sqrt(np.where(np.abs(np.diag(H)) > 0, np.abs(np.diag(H)), 1.0))
-    Hs = H / np.outer(d, d)
-    w, V = np.linalg.eigh(Hs)
-    pos = w > tol * max(1.0, float(np.max(np.abs(w))))
-    inv = (V[:, pos] / w[pos]) @ V[:, pos].T
-    return inv / np.outer(d, d)
+    """2 x the inverse on the eigenvalues above ``tol`` (lmerTest's rule for ``vcov_varpar``)."""
+    w, V = np.linalg.eigh(H)
+    pos = w > tol
+    return 2.0 * (V[:, pos] / w[pos]) @ V[:, pos].T
 
 
-def _dF_dtheta(res) -> list[np.ndarray]:
-    """dF/dtheta_i (F = sigma^2 X'V^-1X of the transformed problem) from the backend's gradient tensors."""
-    obj, sol, tmap = res.objective_fn, res._sol, res.tmap
+def _dF_dtheta(res, lams) -> list[np.ndarray]:
+    """dF/dtheta~_i (F = sigma^2 X'V^-1X of the transformed problem) from the backend's gradient tensors."""
+    obj, tmap = res.objective_fn, res.tmap
     if not hasattr(obj.backend, "evaluate"):
         raise NotImplementedError("Satterthwaite's df need the statistics in this process (or a backend with "
                                   "evaluate()); statistics resident on Dask workers are not supported yet")
-    ev = obj.backend.evaluate(sol.lams, True)
+    ev = obj.backend.evaluate(lams, True)
     out = []
     for i in range(tmap.size):
         k = int(tmap.term_of[i])
@@ -128,23 +125,60 @@ def _dF_dtheta(res) -> list[np.ndarray]:
     return out
 
 
-def _satterthwaite(res) -> _Satt:
+def _phi(res, u: np.ndarray) -> np.ndarray:
+    """lme4's variance parameters u = (theta in lme4's order, sigma) -> (theta~, sigma~^2) of the fit."""
+    from .results import theta_order, theta_to_scaled
+
+    tmap = res.tmap
+    internal = np.empty(tmap.size)
+    internal[theta_order(res._terms, tmap)] = u[:-1]
+    parts = [theta_to_scaled(th, tt, res._term_scaling(k)) for k, (th, tt) in
+             enumerate(zip(tmap.split(internal), tmap.terms))]
+    s2 = (u[-1] / res.scaling.y_scale) ** 2
+    return np.append(np.concatenate(parts) if parts else np.zeros(0), s2)
+
+
+def _phi_jacobian(res, u: np.ndarray, rel: float = 1e-7) -> np.ndarray:
+    """d phi / d u by central differences (the map is a few q x q Cholesky factors: no data)."""
+    J = np.empty((u.size, u.size))
+    for j in range(u.size):
+        h = rel * max(abs(u[j]), 1e-3)
+        e = np.zeros(u.size)
+        e[j] = h
+        J[:, j] = (_phi(res, u + e) - _phi(res, u - e)) / (2.0 * h)
+    return J
+
+
+def _satterthwaite(res, varpar=None) -> _Satt:
+    """lmerTest's ingredients in lme4's variance parameters (theta, sigma), at the fit or at ``varpar``."""
     cache = _cache(res)
-    if "satt" in cache:
-        return cache["satt"]
+    key = ("satt", None if varpar is None else tuple(np.asarray(varpar, dtype=float).tolist()))
+    if key in cache:
+        return cache[key]
     obj, sol = res.objective_fn, res._sol
     if not sol.F.size:
         raise ValueError("the model has no fixed effects")
-    Finv = np.linalg.inv(sol.F)
-    s2 = float(sol.sigma2)
-    jac = [-s2 * Finv @ dF @ Finv for dF in _dF_dtheta(res)]
-    jac.append(Finv)  # d(sigma^2 F^-1)/d sigma^2
-    x0 = np.append(np.asarray(sol.theta, dtype=float), s2)
+    u0 = np.append(res.theta, res.sigma) if varpar is None else np.asarray(varpar, dtype=float).ravel()
+    if u0.size != res.tmap.size + 1 or not np.all(np.isfinite(u0)):
+        raise ValueError(f"varpar must be lme4's theta ({res.tmap.size} values) and sigma, finite")
+    phi0 = _phi(res, u0) if varpar is not None else np.append(sol.theta, sol.sigma2)
+    J0 = _phi_jacobian(res, u0)
+    at = obj.solve(phi0[:-1])
+    Finv = np.linalg.inv(at.F)
+    s2 = float(phi0[-1])
+    jphi = [-s2 * Finv @ dF @ Finv for dF in _dF_dtheta(res, at.lams)]
+    jphi.append(Finv)  # d(sigma^2 F^-1)/d sigma^2
+    jac = [sum(J0[i, j] * jphi[i] for i in range(len(jphi))) for j in range(u0.size)]
+
+    def grad_u(u):
+        ph = _phi(res, u)
+        return _phi_jacobian(res, u).T @ obj.unprofiled(ph[:-1], ph[-1])[1]
+
     with np.errstate(all="ignore"):
-        H = _central_hessian(lambda x: obj.unprofiled(x[:-1], x[-1])[1], x0)
+        H = _central_hessian(grad_u, u0)
     obj.solve(sol.theta)  # leave the objective's cache at the optimum
-    out = _Satt(s2 * Finv, jac, 2.0 * _pos_pinv(H), H)
-    cache["satt"] = out
+    out = _Satt(s2 * Finv, jac, _pos_pinv(H), H)
+    cache[key] = out
     return out
 
 
@@ -156,7 +190,7 @@ def _satt_1d(sa: _Satt, Lt: np.ndarray) -> tuple[float, float]:
     return var, (2.0 * var * var / denom if denom > 0 else np.inf)
 
 
-def satterthwaite_df(res, L=None) -> np.ndarray:
+def satterthwaite_df(res, L=None, varpar=None) -> np.ndarray:
     """Satterthwaite's denominator df of each row of ``L`` (default: every fixed effect), as lmerTest.
 
     Parameters
@@ -165,6 +199,9 @@ def satterthwaite_df(res, L=None) -> np.ndarray:
         A fitted :class:`~bigmixed.results.MixedLMResults`.
     L
         Contrasts, one row each (p columns); ``None`` gives the identity (one df per coefficient).
+    varpar
+        lme4's variance parameters ``(theta..., sigma)`` (theta in lme4's order) to evaluate
+        lmerTest's formula at instead of the fit's optimum, e.g. another program's estimates.
 
     Returns
     -------
@@ -172,7 +209,7 @@ def satterthwaite_df(res, L=None) -> np.ndarray:
         One df per row of ``L``.
     """
     Lm = np.eye(len(res.exog_names)) if L is None else _contrast_matrix(res, L)
-    sa = _satterthwaite(res)
+    sa = _satterthwaite(res, varpar)
     Tu = _user_map(res)
     return np.array([_satt_1d(sa, row @ Tu)[1] for row in Lm])
 

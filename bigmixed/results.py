@@ -328,21 +328,27 @@ class MixedLMResults:
         J[-1, -1] = sy2
         return J @ cov_phi @ J.T
 
-    def variance_table(self) -> pd.DataFrame:
+    def variance_table(self, se: bool = True) -> pd.DataFrame:
         """One row per variance-component parameter: term, statsmodels' name, estimate, standard error.
 
         Names as statsmodels prints them: ``Group Var``, ``Group x Time Cov``, ``Time Var`` for the
-        first term, ``<term> Var`` (``<term> <effect> Var`` ...) for the others.
+        first term, ``<term> Var`` (``<term> <effect> Var`` ...) for the others.  The standard errors
+        need the Hessian of the deviance (k + 1 gradient passes over the levels, k = len(theta) + 1);
+        ``se=False`` leaves them NaN and costs nothing.
         """
-        C = self._var_cov
-        se = np.sqrt(np.clip(np.diag(C)[:-1], 0.0, None))
+        if se:
+            C = self._var_cov
+            se_all = np.sqrt(np.clip(np.diag(C)[:-1], 0.0, None))
+            ok = np.isfinite(np.diag(C)[:-1])
+        else:
+            se_all, ok = np.full(len(self._pairs()), np.nan), np.zeros(len(self._pairs()), dtype=bool)
         rows = []
         for r, (k, a, b) in enumerate(self._pairs()):
             if not self.structural(a, b, k) and a != b:
                 continue
             t = self._terms[k]
             name = sm_var_name(t.re_names, a, b, None if k == 0 else t.name)
-            rows.append((t.name, name, self._covs[k][a, b], se[r] if np.isfinite(C[r, r]) else np.nan))
+            rows.append((t.name, name, self._covs[k][a, b], se_all[r] if ok[r] else np.nan))
         return pd.DataFrame(rows, columns=["term", "name", "estimate", "se"])
 
     @property
@@ -455,11 +461,11 @@ class MixedLMResults:
 
     # -- rendering ----------------------------------------------------------------------
 
-    def summary(self, alpha: float = 0.05):
-        """statsmodels-layout summary (``print(res.summary())``)."""
+    def summary(self, alpha: float = 0.05, variance_se: bool = True):
+        """statsmodels-layout summary (``print(res.summary())``); ``variance_se=False`` skips the Hessian."""
         from .summary import Summary
 
-        return Summary(self, alpha)
+        return Summary(self, alpha, variance_se)
 
     def __str__(self) -> str:
         from .summary import lme4_text
@@ -485,8 +491,8 @@ class MixedLMResults:
     def aliased(self) -> list[str]:
         return list(self.model.built.aliased)
 
-    def to_dict(self) -> dict:
-        """Everything estimated, as plain JSON-able types."""
+    def to_dict(self, variance_se: bool = True) -> dict:
+        """Everything estimated, as plain JSON-able types (``variance_se=False``: no Hessian, bse_re null)."""
         b = self.model.built
         vc = self.VarCorr
         one = len(self._terms) == 1
@@ -512,7 +518,7 @@ class MixedLMResults:
             "pvalues": _jsonable(self.pvalues.to_dict()),
             "cov_re": self._covs[0].tolist(),
             "re_names": self.exog_re_names,
-            "bse_re": _jsonable(self.bse_re.to_dict()),
+            "bse_re": _jsonable(self.bse_re.to_dict()) if variance_se else None,
             "scale": self.scale,
             "sigma": self.sigma,
             "theta": self.theta.tolist(),

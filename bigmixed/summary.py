@@ -36,7 +36,7 @@ class Summary:
     coefficient table as DataFrames.
     """
 
-    def __init__(self, res, alpha: float = 0.05) -> None:
+    def __init__(self, res, alpha: float = 0.05, variance_se: bool = True) -> None:
         self.res = res
         self.alpha = alpha
         sizes = res.group_sizes()
@@ -65,7 +65,7 @@ class Summary:
         self.header = _header_block(left, right)
         table = res.coef_table(alpha)
         self.coef = table
-        vt = res.variance_table()
+        vt = res.variance_table(se=variance_se)
         self.var_rows = list(zip(vt["name"], vt["estimate"], vt["se"]))
         self.tables = [pd.DataFrame(left + right, columns=["item", "value"]), table, vt]
 

@@ -54,7 +54,7 @@ def restore_threads():
 def test_fit_end_to_end(parts, tmp_path, capsys, restore_threads):
     out = tmp_path / "results"
     rc, stdout, err = _run(capsys, "fit", parts / "*.parquet", "-f", FORMULA, "--ml", "--out", out,
-                           "--predictions", "--timings", "--chunk-rows", "500", "--threads", "1")
+                           "--predictions", "--timings", "--chunk-rows", "500", "--threads", "1", "--variance-se")
     assert rc == 0, err
     assert "Mixed Linear Model Regression Results" in stdout and "Method:             ML" in stdout
     assert "Timings:" in stdout and "optimize" in stdout
@@ -70,6 +70,8 @@ def test_fit_end_to_end(parts, tmp_path, capsys, restore_threads):
         assert rec["bse_fe"][k] == pytest.approx(ref.bse_fe[k], rel=1e-9)
     np.testing.assert_allclose(rec["cov_re"], ref.cov_re.to_numpy(), rtol=1e-9)
     assert set(rec["bse_re"]) == {"Group Var", "Group x x Cov", "x Var"}
+    for k, v in ref.bse_re.items():
+        assert rec["bse_re"][k] == pytest.approx(v, rel=1e-6)
     assert rec["rows_dropped"] == 0 and rec["dropped_by_column"] == {}
     for k in ("read", "statistics", "optimize", "write", "total"):
         assert rec["timings"][k] >= 0.0
@@ -271,3 +273,18 @@ def test_killed_while_writing_predictions(big, tmp_path, sig):
     else:  # SIGTERM: unwinds, removes its temporary files, exit 143
         assert proc.returncode == 143
         assert names == [] and not tmp.exists()
+
+
+def test_variance_standard_errors_only_when_asked(parts, tmp_path, capsys, monkeypatch):
+    """Without --variance-se the fit computes no Hessian (no extra pass over the groups)."""
+    from bigmixed import results
+
+    calls = []
+    real = results.hessian
+    monkeypatch.setattr(results, "hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "r"
+    rc, stdout, err = _run(capsys, "fit", parts / "*.parquet", "-f", FORMULA, "--out", out)
+    assert rc == 0, err
+    assert calls == [] and json.loads((out / "fit.json").read_text())["bse_re"] is None
+    rc, stdout, err = _run(capsys, "fit", parts / "*.parquet", "-f", FORMULA, "--out", out, "--variance-se")
+    assert rc == 0 and calls == [1]
