@@ -18,9 +18,14 @@ worker processes x 1 thread (statistics resident on the workers):
 * per-group costs for docs/distributed.md: ns per group of pass 1 + pass 2 on one
   thread, bytes of statistics per group, worker RSS.
 
+With ``--nested CHILDREN``, also a nested model ``y ~ t + (t | child) + (t | school)``
+(:func:`bigmixed.simulate.simulate_nested`, 20 children per school, shuffled over the files) at
+CHILDREN / 10 and CHILDREN children: the owners hold whole schools and run the single-machine
+nested backend; the table shows that the bytes per evaluation stay flat there too.
+
 Usage::
 
-    python bench/distributed.py [--rows 20_000_000] [--out bench/distributed.md]
+    python bench/distributed.py [--rows 20_000_000] [--nested 1_000_000] [--out bench/distributed.md]
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ import psutil  # noqa: E402
 import bigmixed as bm  # noqa: E402
 from bigmixed import _kernels  # noqa: E402
 from bigmixed.formula import spec_from_lmer  # noqa: E402
-from bigmixed.simulate import simulate_to_parquet  # noqa: E402
+from bigmixed.simulate import simulate_nested, simulate_to_parquet, write_parquet  # noqa: E402
 
 FORMULA = "y ~ x + x2 + (x | subject)"
+NESTED = "y ~ t + (t | child) + (t | school)"
 
 
 def dataset(rows: int, files: int) -> list[str]:
@@ -61,6 +67,41 @@ def dataset(rows: int, files: int) -> list[str]:
         paths = simulate_to_parquet(d, groups, 10, files=files, seed=1, shuffle=True)
         print(f"generated {d} in {time.perf_counter() - t:.1f}s")
     return [str(p) for p in paths]
+
+
+def nested_dataset(children: int, files: int) -> list[str]:
+    d = HERE / "data" / f"nested_c{children}_f{files}"
+    paths = sorted(d.glob("part-*.parquet"))
+    if len(paths) != files:
+        df = simulate_nested(children, max(2, children // 20), 10, seed=1, shuffle=True)
+        paths = write_parquet(df, d, files=files)
+    return [str(p) for p in paths]
+
+
+def nested_run(client, files: list[str]) -> dict:
+    """Local vs resident fit of the nested model: build, fit, ms and bytes per evaluation, agreement."""
+    from bigmixed.formula import spec_from_lmer as spec
+
+    t = time.perf_counter()
+    m = bm.MixedLM(NESTED, files, spec=spec(NESTED))
+    build = time.perf_counter() - t
+    loc = m.fit()
+    t = time.perf_counter()
+    d = bm.MixedLM(NESTED, files, spec=spec(NESTED), client=client, distributed_mode="resident")
+    dbuild = time.perf_counter() - t
+    t = time.perf_counter()
+    res = d.fit()
+    dfit = time.perf_counter() - t
+    theta = res.optimizer.theta
+    w0 = worker_sent(client)
+    per_eval = eval_times(res.objective_fn, theta, 10)
+    w1 = worker_sent(client)
+    w2 = worker_sent(client)
+    agree = max(rel(res.fe_params, loc.fe_params), rel(res.llf, loc.llf), rel(res.theta, loc.theta))
+    return dict(children=m.ngroups["child"], schools=m.ngroups["school"], rows=m.nobs, build=build,
+                local_eval=eval_times(loc.objective_fn, loc.optimizer.theta, 10), dbuild=dbuild, dfit=dfit,
+                evals=res.optimizer.n_evals, per_eval=per_eval, bytes=(w1 - w0 - (w2 - w1)) / 11,
+                stats_bytes=d.built.backend.nbytes, agree=agree)
 
 
 def eval_times(obj, theta: np.ndarray, n: int = 20) -> float:
@@ -147,13 +188,13 @@ def task_compute(ts_data: list[dict], G: int) -> tuple[float, float]:
     total = 0.0
     for t in ts_data:
         key = str(t["key"])
-        if not key.startswith(("_pass1_task", "_pass2_task", "_fused_task")):
+        if not key.startswith(("_evaluate_task", "_gradient_task")):
             continue
         c = sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
         call = key.rsplit("-", 1)[0]  # one client.map call = one pass of one evaluation (fused: the only one)
         per_pass[call] = max(per_pass.get(call, 0.0), c)
         total += c
-    n_evals = max(1, sum(1 for k in per_pass if not k.startswith("_pass2_task")))
+    n_evals = max(1, sum(1 for k in per_pass if not k.startswith("_gradient_task")))
     return sum(per_pass.values()) / n_evals, 1e9 * total / n_evals / G
 
 
@@ -179,8 +220,8 @@ def cluster_run(client, files: list[str]) -> dict:
     probe_w, probe_l = w2 - w1, l2 - l1
     rss = client.run(lambda: psutil.Process().memory_info().rss)
     s = obj.solve(res.optimizer.theta)
-    args1 = len(pickle.dumps(np.ascontiguousarray(s.lam)))
-    args2 = len(pickle.dumps((s.lam, s.beta, np.linalg.inv(s.F), 1.0, True)))
+    args1 = len(pickle.dumps((s.lams, True)))  # an evaluation task: the Lambdas (and whether to return gradients)
+    args2 = len(pickle.dumps((s.lams, s.beta, np.linalg.inv(s.F), 1.0, True)))  # the gradient pass (p > 5)
     task_args = len(m.built.backend.owners) * (args1 if obj._fused else args1 + args2)
     compute, ns_worker = task_compute(ts.data, m.n_groups)
     rt = round_trip(client, m.built.backend.owners)
@@ -188,7 +229,8 @@ def cluster_run(client, files: list[str]) -> dict:
                 worker_bytes=(w1 - w0 - probe_w) / (n + 1), lo_bytes=(l1 - l0 - probe_l) / (n + 1),
                 owners=len(m.built.backend.owners), groups=m.n_groups, rows=m.nobs,
                 timings=dict(m.built.timings), worker_rss=list(rss.values()), worker_rss0=list(rss0.values()),
-                stats_bytes=m.built.backend.nbytes, compute=compute, ns_worker=ns_worker, round_trip=rt, task_args=task_args)
+                stats_bytes=m.built.backend.nbytes, compute=compute, ns_worker=ns_worker, round_trip=rt,
+                task_args=task_args)
 
 
 def rel(a, b) -> float:
@@ -199,6 +241,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20_000_000)
     ap.add_argument("--files", type=int, default=16)
+    ap.add_argument("--nested", type=int, default=0, help="children of the nested model (0: skip it)")
     ap.add_argument("--out", default=str(HERE / "distributed.md"))
     args = ap.parse_args()
     from dask.distributed import Client, LocalCluster
@@ -217,6 +260,13 @@ def main() -> None:
             print(f"{nrows:,} rows: local {loc['per_eval'] * 1e3:.1f} ms/eval, cluster "
                   f"{dist['per_eval'] * 1e3:.1f} ms/eval, {dist['worker_bytes']:.0f} B/eval from workers, "
                   f"{dist['lo_bytes']:.0f} B/eval loopback, agree {agree:.1e}", flush=True)
+        nested_out = []
+        for children in ([args.nested // 10, args.nested] if args.nested else []):
+            nested_out.append(nested_run(client, nested_dataset(children, args.files)))
+            n = nested_out[-1]
+            print(f"nested, {n['children']:,} children: local {n['local_eval'] * 1e3:.1f} ms/eval, cluster "
+                  f"{n['per_eval'] * 1e3:.1f} ms/eval, {n['bytes']:.0f} B/eval from workers, agree {n['agree']:.1e}",
+                  flush=True)
     finally:
         client.close()
         cluster.close()
@@ -251,14 +301,14 @@ def main() -> None:
     lines += [
         "",
         "Bytes per evaluation do not depend on the number of groups (compare the two sizes): each of the "
-        f"{dist['owners']} owner tasks returns logdet, SF (p x p), Sg, Sh and, from the fused pass, the gradient "
-        "tensors (or, from a second pass, the q x q gradient), plus pickle overhead ('from workers': "
+        f"{dist['owners']} owner tasks returns one packed array: logdet, SF (p x p), Sg, Sh and, from the fused pass, "
+        "the gradient tensors (or, from a second pass, the q x q gradient), plus pickle overhead ('from workers': "
         "the workers' `transfer_outgoing_bytes_total`; 'task arguments': the pickled arguments sent with the "
         "tasks; Dask's message headers come on top).  "
         "*of which in tasks*: the slowest owner task of "
         "each map of the evaluation (from Dask's task stream); the rest is Dask's round trips.  With p <= 5 the "
         "objective uses the fused pass: one map per evaluation returning the pass-1 sums and the gradient tensors "
-        "(GA: q x q, S: q x q x (p+1) x (p+1)).",
+        "(GA: q x q, S: q x q x (p+1) x (p+1)), computed on each owner by the single-machine backend.",
         "",
         "Agreement with the single-process fit (max relative difference of fixed effects, log-likelihood, "
         "theta): " + ", ".join(f"{r[0]:,} rows {r[3]:.1e}" for r in rows_out) + ".",
@@ -282,6 +332,24 @@ def main() -> None:
         f"{'the fused pass needs one per evaluation' if loc['fused'] else 'pass 1 and pass 2 need one each'}).",
         "",
     ]
+    if nested_out:
+        lines += [
+            f"## Nested terms: `{NESTED}`",
+            "",
+            "Resident: owners hold whole schools (all their children and the child-in-school blocks) and answer with "
+            "the single-machine nested backend; 'bytes / evaluation' as above.",
+            "",
+            "| rows | children | schools | | build s | fit s | evals | ms / evaluation "
+            "| bytes / evaluation from workers | statistics on workers | agreement |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n in nested_out:
+            lines.append(f"| {n['rows']:,} | {n['children']:,} | {n['schools']:,} | local | {n['build']:.1f} | - | - | "
+                         f"{n['local_eval'] * 1e3:.1f} | - | - | - |")
+            lines.append(f"| | | | cluster | {n['dbuild']:.1f} | {n['dfit']:.2f} | {n['evals']} | "
+                         f"{n['per_eval'] * 1e3:.1f} | {n['bytes']:,.0f} | {n['stats_bytes'] / 2**20:,.1f} MiB | "
+                         f"{n['agree']:.1e} |")
+        lines.append("")
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -79,7 +79,9 @@ class _Job:
     def pairs(self) -> list[tuple[int, int]]:
         """The pairs of terms (k, j) the Reducer keeps, in its order (k finer than j in the chain)."""
         ch = self.chain
-        return [] if self.layout == "single" else [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
+        if self.layout == "single":
+            return []
+        return [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
 
     def factors(self, k: int) -> tuple[str, ...]:
         return self.design.terms[k].factors
@@ -188,6 +190,10 @@ def _part_levels(part: str | pd.DataFrame | pl.DataFrame, columns: list[str]) ->
     return {c: lf.select(pl.col(c).drop_nulls().unique()).collect().to_series().to_list() for c in columns}
 
 
+def _part_columns(part: str | pd.DataFrame | pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    return _part_source(part).lazy().select(columns).collect()
+
+
 def _nesting_part(part, factors: list[tuple[str, ...]], dtypes: dict) -> tuple[list[int], np.ndarray]:
     """This partition's levels per term, and ``inside[a, b]``: every level of term a has one level of b here.
 
@@ -266,8 +272,8 @@ def pair_frame(kkeys: pl.DataFrame, jkeys: pl.DataFrame, vals: np.ndarray, index
                croute: np.ndarray) -> pd.DataFrame:
     n = vals.shape[0]
     keys = pl.concat([kkeys, jkeys], how="horizontal")
-    return _flat(keys, vals.reshape(n, vals.shape[1] * vals.shape[2]), {PART: np.full(n, index, dtype=np.int32), NROUTE: nroute,
-                                              CROUTE: croute})
+    flat = vals.reshape(n, vals.shape[1] * vals.shape[2])
+    return _flat(keys, flat, {PART: np.full(n, index, dtype=np.int32), NROUTE: nroute, CROUTE: croute})
 
 
 def _prefixed(frame: pl.DataFrame, prefix: str) -> pl.DataFrame:
@@ -514,6 +520,24 @@ def _modes_task(o: _Owner, lams: list, beta: np.ndarray) -> list:
         return [(np.zeros((0, t.q)), np.zeros((0, t.q, t.q))) for t in o.stats.terms]
     with _single_thread():
         return o.backend().conditional_modes(lams, beta)
+
+
+def _moment_task(o: _Owner, beta: np.ndarray) -> np.ndarray:
+    """Per term, ``sum_l n_l b_l b_l'``, ``sum_l n_l A_l^+`` and ``sum_l n_l`` (b_l = A_l^+ Z_l'(y - X beta)),
+    packed: this owner's share of :func:`bigmixed.start.moment_start`."""
+    out = []
+    for t in o.stats.terms:
+        q = t.q
+        if t.n_groups == 0:
+            out += [np.zeros(2 * q * q), np.zeros(1)]
+            continue
+        e = t.c - np.einsum("gqp,p->gq", t.B, beta)
+        Ainv = np.linalg.pinv(t.A, hermitian=True)
+        b = np.einsum("gab,gb->ga", Ainv, e)
+        n = t.n.astype(float)
+        out += [np.einsum("g,ga,gb->ab", n, b, b).ravel(), np.einsum("g,gab->ab", n, Ainv).ravel(),
+                np.array([n.sum()])]
+    return np.concatenate(out)
 
 
 def _sample_task(o: _Owner, level: int) -> tuple[list, Statistics]:

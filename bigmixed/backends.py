@@ -25,7 +25,7 @@ import numpy as np
 from scipy.linalg import lapack
 
 from . import _kernels
-from .stats import PairStats, Statistics, default_threads
+from .stats import Statistics, blas_threads, default_threads
 
 __all__ = ["Evaluation", "StatsBackend", "LocalBackend", "NestedBackend", "CrossedBackend", "make_backend",
            "subsample_backend", "NumericalError", "dense_bytes"]
@@ -399,6 +399,12 @@ class CrossedBackend:
         cut = _chunks(bwork + 1e-9, N_CHUNKS)
         self.row_chunks = np.concatenate((self.bstart[cut[:-1]], [self.m])).astype(np.int64)
 
+    def _blas(self):
+        """All threads for LAPACK on a large dense block (the fit otherwise runs BLAS single-threaded)."""
+        import contextlib
+
+        return blas_threads(self.nthreads) if self.m >= 256 else contextlib.nullcontext()
+
     def _lamR(self, lams) -> np.ndarray:
         out = np.zeros((len(self.rest), self.Qr, self.Qr))
         for r, k in enumerate(self.rest):
@@ -419,10 +425,11 @@ class CrossedBackend:
         Om, OmD = _kernels.rest_sandwich(self.AR, self.DR, self.bstart, self.bq, self.bterm, lamR)
         Om[np.diag_indices(self.m)] += 1.0
         _kernels.crossed_update(self.ptr, self.pcol, self.pterm, self.qR, V, P, self.row_chunks, Om, OmD)
-        Lr, info = lapack.dpotrf(Om, lower=1, clean=1, overwrite_a=1)
-        if info != 0:
-            raise NumericalError("the dense block of the crossed terms is not positive definite")
-        E, info = lapack.dtrtrs(Lr, OmD, lower=1)
+        with self._blas():
+            Lr, info = lapack.dpotrf(Om, lower=1, clean=1, overwrite_a=1)
+            if info != 0:
+                raise NumericalError("the dense block of the crossed terms is not positive definite")
+            E, info = lapack.dtrtrs(Lr, OmD, lower=1)
         logdet = float(ld.sum()) + 2.0 * float(np.sum(np.log(np.diag(Lr))))
         SFD = SFD.sum(axis=0) + E.T @ E
         res = (logdet, SFD, L, P, V, Lr, E, lam0, lamR)
@@ -431,8 +438,9 @@ class CrossedBackend:
 
     def _backward(self, lams, grad, modes, g, cf, kappa, reml):
         logdet, SFD, L, P, V, Lr, E, lam0, lamR = self._forward(lams)
-        RR, info = lapack.dtrtrs(Lr, E, lower=1, trans=1)
-        Sig, info = lapack.dpotri(Lr, lower=1)
+        with self._blas():
+            RR, info = lapack.dtrtrs(Lr, E, lower=1, trans=1)
+            Sig, info = lapack.dpotri(Lr, lower=1)
         Sig = np.tril(Sig) + np.tril(Sig, -1).T
         GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward(
             self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, self.qR, L, P, V,

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--re-formula", metavar="FORMULA",
                      help="random-effects formula with --groups, e.g. '~x' (default: random intercept)")
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
+    fit.add_argument("--ddf", choices=("Satterthwaite", "Kenward-Roger"),
+                     help="t-tests of the fixed effects with these denominator df (lmerTest's; Kenward-Roger: REML "
+                          "only): printed in lme4/lmerTest's layout and written to fit.json ('ddf')")
+    fit.add_argument("--plots", metavar="DIR",
+                     help="write a caterpillar plot of the BLUPs (ranef*.png) and residual plots (residuals.png) "
+                          "to DIR; needs matplotlib (bigmixed[plot])")
     fit.add_argument("--variance-se", action="store_true",
                      help="also compute standard errors of the variance components (the Hessian: about one "
                           "more pass over the groups per variance parameter)")
@@ -242,6 +248,7 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
     keep = [c.strip() for c in args.keep.split(",") if c.strip()]
     if keep and not args.predictions:
         raise UsageError("--keep applies to --predictions")
+    plots_dir = _plots_dir(args)
     _set_threads(args.threads)
     import bigmixed as bm
 
@@ -274,6 +281,11 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
         # standard errors of the variance components need the Hessian: only when asked for
         record = res.to_dict(variance_se=args.variance_se)
         summary = str(res.summary(variance_se=args.variance_se))
+        if args.ddf:  # lmerTest's layout, and the table for fit.json
+            ddf_table = res.coef_table(ddf=args.ddf)
+            summary = str(res.summary(ddf=args.ddf))
+            record["ddf"] = {"method": args.ddf, "table": {str(n): {str(k): float(v) for k, v in row.items()}
+                                                             for n, row in ddf_table.iterrows()}}
         ranefs = {}
         if out_dir is not None:  # one file per term: ranef.parquet, or ranef-<term>.parquet for several
             for k, name in enumerate(res.terms):
@@ -281,6 +293,9 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
                 ranefs[fname] = res.random_effects_frame("polars", term=k)
         timings["inference"] = time.perf_counter() - t2
         _say(args.quiet, summary.rstrip("\n"))
+        if plots_dir is not None:
+            src = None if getattr(model, "data", None) is not None else data
+            _say(args.quiet, f"wrote {', '.join(_write_plots(res, plots_dir, src))}")
 
         written: list[str] = []
         if out_dir is not None:
@@ -313,6 +328,40 @@ def _fit_run(args: argparse.Namespace, t_start: float, caught: list[str], out_di
         if client is not None:
             client.close()
     return 0
+
+
+def _plots_dir(args: argparse.Namespace) -> Path | None:
+    """``--plots DIR``, checked before the fit: a directory (or a new one) and matplotlib installed."""
+    if not args.plots:
+        return None
+    import importlib.util
+
+    path = Path(args.plots)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--plots {path} exists and is not a directory")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plots needs matplotlib: pip install 'bigmixed[plot]'")
+    return path
+
+
+def _write_plots(res, plots_dir: Path, data: Any) -> list[str]:
+    """The caterpillar plot of every term and the residual plots, written together (OutputSet)."""
+    import matplotlib.pyplot as plt
+
+    from ._io import OutputSet
+    from .plots import plot_ranef, plot_residuals
+
+    figs = {}
+    for k, name in enumerate(res.terms):
+        figs["ranef.png" if len(res.terms) == 1 else f"ranef-{_file_name(name)}.png"] = plot_ranef(res, k)
+    figs["residuals.png"] = plot_residuals(res, data=data)
+    written = []
+    with OutputSet() as outs:
+        for fname, fig in figs.items():
+            fig.savefig(outs.path(plots_dir / fname), dpi=120, format="png", bbox_inches="tight")
+            plt.close(fig)
+            written.append(str(plots_dir / fname))
+    return written
 
 
 def _file_name(term: str) -> str:

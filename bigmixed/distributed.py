@@ -58,7 +58,8 @@ from .data import GROUP_COLUMN, Source, open_source
 from .design import Design
 from .formula import ModelSpec
 from .keys import TermIndex
-from .pipeline import DEFAULT_CHUNK_ROWS, SCALING_SAMPLE_ROWS, BuildResult, DroppedRowsWarning, _sample_scaling
+from .pipeline import (DEFAULT_CHUNK_ROWS, SCALING_SAMPLE_ROWS, BuildResult, DroppedRowsWarning, _sample_scaling,
+                       _stateful)
 from .scaling import Scaling
 from .stats import PairStats, SampleSums, Statistics, TermStats, aliased_columns
 from ._dist_worker import (
@@ -74,9 +75,11 @@ from ._dist_worker import (
     _inspect_files,
     _Job,
     _modes_task,
+    _moment_task,
     _nesting_part,
     _owner_apply,
     _owner_get,
+    _part_columns,
     _part_levels,
     _prefixed,
     _reduce_part,
@@ -236,6 +239,39 @@ class DistributedBackend:
             K = np.concatenate([m[k][1] for m in parts])[ix.order]
             out.append((np.ascontiguousarray(b), np.ascontiguousarray(K)))
         return out
+
+    def moment_start(self, tmap, floor: float = 1e-2) -> np.ndarray:
+        """:func:`bigmixed.start.moment_start` from the owners' per-level sums (one map, O(q^2) numbers each)."""
+        from .start import _pattern  # the single-machine formula; only the sums over levels come from the owners
+
+        p = self.p
+        if p:
+            try:
+                beta = np.linalg.solve(self.XtX, self.Xty)
+            except np.linalg.LinAlgError:
+                beta = np.linalg.lstsq(self.XtX, self.Xty, rcond=None)[0]
+            r2 = float(self.yty - self.Xty @ beta)
+        else:
+            beta, r2 = np.zeros(0), float(self.yty)
+        s2 = max(r2 / max(self.N - p, 1), 1e-300)
+        parts = self._map(_moment_task, beta=np.ascontiguousarray(beta, dtype=float))
+        acc = parts[0].copy()
+        for part in parts[1:]:
+            acc += part
+        out, at = [], 0
+        for q, tt in zip(self.qs, tmap.terms):
+            Sbb = acc[at:at + q * q].reshape(q, q)
+            SA = acc[at + q * q:at + 2 * q * q].reshape(q, q)
+            n = acc[at + 2 * q * q]
+            at += 2 * q * q + 1
+            psi = Sbb / max(n, 1.0) - s2 * SA / max(n, 1.0)
+            rel = _pattern(psi / s2, tt)
+            vals, vecs = np.linalg.eigh(rel)
+            rel = (vecs * np.maximum(vals, floor**2)) @ vecs.T
+            th = tt.theta(np.linalg.cholesky(rel))
+            out.append(np.where(tt.is_diag, np.maximum(th, floor), th))
+        theta = np.concatenate(out) if out else np.zeros(0)
+        return theta if np.all(np.isfinite(theta)) else tmap.start()
 
     def subsample(self, level: int):
         """The warm-start subsample (outer levels of sampling level >= ``level`` with all nested in them).
@@ -511,6 +547,13 @@ def build_distributed(
             for c in cols:
                 found[c].update(d[c])
         design = Design(spec, proto, {c: sorted(v, key=lambda v: (str(type(v)), v)) for c, v in found.items()})
+    if not in_memory and _stateful(design):
+        # scale(x), poly(x, 2), ...: their state comes from every row, as in R and on one machine; the
+        # columns of the design come to the driver once (the single-machine path reads them too)
+        cols = list(design.columns)
+        proto = pl.concat(client.gather(client.compute([dask.delayed(_part_columns)(part, cols) for part in parts])),
+                          how="diagonal_relaxed")
+        design = Design(spec, proto, design.categorical)
     dtypes = {c: key_dtype(schema[c]) for c in design.key_columns}
     layout, chain = _choose_layout(client, parts, design, dtypes)
     if layout == "crossed" and mode == "resident":
@@ -535,6 +578,7 @@ def build_distributed(
     extra = [check, *reduced] if check is not None else []
     futures = client.compute([*owner_graph, canon, *extra])
     owners, rest = futures[:k], futures[k:]
+    del futures
     total, scaling = rest[0].result()
     info = client.gather(client.map(_owner_get, owners, what="info", pure=False))
     if job.layout == "nested":

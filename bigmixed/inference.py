@@ -57,6 +57,34 @@ def ddf_method(ddf: str) -> str:
     return _DDF[key]
 
 
+# Below this many random-effect levels the numba kernels run on one thread inside these
+# routines: each evaluation is then microseconds, and waking a thread team costs more than that
+# (measured: 0.09 ms on one thread, 4 ms on two when the other core is busy, 72 groups).
+SERIAL_LEVELS = 20_000
+
+
+class serial_kernels:
+    """Context manager: numba kernels on one thread for small models (see ``SERIAL_LEVELS``)."""
+
+    def __init__(self, res) -> None:
+        self.small = sum(int(t.n_levels) for t in res._terms) < SERIAL_LEVELS
+        self.old = None
+
+    def __enter__(self) -> "serial_kernels":
+        if self.small:
+            import numba
+
+            self.old = numba.get_num_threads()
+            numba.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            import numba
+
+            numba.set_num_threads(self.old)
+
+
 def _cache(res) -> dict:
     c = res.__dict__.get("_inference_cache")
     if c is None:

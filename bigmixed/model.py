@@ -22,6 +22,7 @@ from .params import MixedLMParams, frame_from_arrays, structure_from_free
 from .pipeline import BuildResult, build_statistics
 from .results import MixedLMResults, theta_order, theta_to_scaled
 from .scaling import Scaling
+from .start import moment_start
 from .stats import one_blas_thread
 from .terms import ThetaMap
 
@@ -280,6 +281,9 @@ class MixedLM:
 
     def _start(self, start_params, tmap: ThetaMap, scaling: Scaling) -> np.ndarray:
         if start_params is None:
+            stats = self._built.stats
+            if len(self._built.terms) > 1 and stats is not None:
+                return moment_start(stats, tmap)  # several terms: lme4's Lambda = I can be far off
             return tmap.start()
         terms = self._built.terms
         if isinstance(start_params, MixedLMParams):

@@ -340,7 +340,7 @@ class Reducer:
             raise ValueError(f"weights column {d.spec.weights!r} holds {int(neg.sum())} negative value(s){where} "
                              f"(e.g. {float(w[neg][0])}); weights must be >= 0 (0 leaves a row out), or use "
                              "missing='drop' to leave such rows out")
-        bad = ~(w > 0)  # zero, negative or NaN
+        bad = ~((w > 0) & np.isfinite(w))  # zero, negative, NaN or infinite
         if bad.any():
             for c in codes:
                 c[bad] = -1
@@ -400,7 +400,7 @@ class Reducer:
         if self.plan.missing == "raise":
             bad = [c for c, k in zip(exprs, counts) if k and c not in (ZERO_WEIGHT, NEGATIVE_WEIGHT)]
             if not bad and skipped == counts[-2]:  # only zero weights: those rows are left out
-                self.dropped[ZERO_WEIGHT] += int(skipped)
+                self.dropped[ZERO_WEIGHT] = self.dropped.get(ZERO_WEIGHT, 0) + int(skipped)
                 self.n_dropped += skipped
                 return
             where = "" if label == "data" else f" in {label}"

@@ -187,8 +187,16 @@ class MixedLMResults:
         se = self.bse_fe.to_numpy()
         return pd.DataFrame({0: self._beta - z * se, 1: self._beta + z * se}, index=self.exog_names)
 
-    def coef_table(self, alpha: float = 0.05) -> pd.DataFrame:
-        """The fixed-effects table as a DataFrame (columns as in statsmodels' summary)."""
+    def coef_table(self, alpha: float = 0.05, ddf: str | None = None) -> pd.DataFrame:
+        """The fixed-effects table as a DataFrame (columns as in statsmodels' summary).
+
+        ``ddf="Satterthwaite"`` or ``"Kenward-Roger"``: lmerTest's table instead (Estimate, Std. Error,
+        df, t value, Pr(>|t|); :func:`bigmixed.inference.coef_table`).
+        """
+        if ddf is not None:
+            from .inference import coef_table
+
+            return coef_table(self, ddf)
         ci = self.conf_int(alpha)
         lo, hi = f"[{alpha / 2:g}", f"{1 - alpha / 2:g}]"
         return pd.DataFrame(
@@ -461,11 +469,14 @@ class MixedLMResults:
 
     # -- rendering ----------------------------------------------------------------------
 
-    def summary(self, alpha: float = 0.05, variance_se: bool = True):
-        """statsmodels-layout summary (``print(res.summary())``); ``variance_se=False`` skips the Hessian."""
+    def summary(self, alpha: float = 0.05, variance_se: bool = True, ddf: str | None = None):
+        """statsmodels-layout summary (``print(res.summary())``); ``variance_se=False`` skips the Hessian.
+
+        ``ddf="Satterthwaite"`` or ``"Kenward-Roger"``: lme4/lmerTest's layout with df and p-values.
+        """
         from .summary import Summary
 
-        return Summary(self, alpha, variance_se)
+        return Summary(self, alpha, variance_se, ddf=ddf)
 
     def __str__(self) -> str:
         from .summary import lme4_text
@@ -530,6 +541,45 @@ class MixedLMResults:
             "optimizer": self.optimizer.to_dict(),
             "timings": dict(self.model._timings, optimize=self.optimizer.seconds),
         }
+
+    # -- inference (bigmixed.inference, profile, bootstrap, plots) --------------------------------
+
+    def contest(self, L, ddf: str = "Satterthwaite", joint: bool = True, rhs=0.0) -> pd.DataFrame:
+        """lmerTest's ``contest``: F test (``joint``) or t tests of the contrasts ``L beta = rhs``."""
+        from .inference import contest
+
+        return contest(self, L, ddf, joint, rhs)
+
+    def vcov_adjusted(self) -> pd.DataFrame:
+        """pbkrtest's ``vcovAdj``: the Kenward-Roger adjusted covariance of the fixed effects (REML)."""
+        from .inference import adjusted_vcov
+
+        return adjusted_vcov(self)
+
+    def confint(self, parm=None, level: float = 0.95, method: str = "profile", nsim: int = 500,
+                seed: int | None = None, boot_type: str = "perc") -> pd.DataFrame:
+        """lme4's ``confint(fit, method = "profile" | "Wald" | "boot", oldNames = FALSE)``."""
+        from .profile import confint
+
+        return confint(self, parm, level, method, nsim, seed, boot_type)
+
+    def bootstrap(self, nsim: int = 1000, seed: int | None = None, threads: int | None = None) -> pd.DataFrame:
+        """Parametric bootstrap from the statistics (lme4's ``bootMer``): one row of parameters per replicate."""
+        from .bootstrap import bootstrap
+
+        return bootstrap(self, nsim, seed, threads=threads)
+
+    def plot_ranef(self, term: int | str | None = None, path=None, **kwargs: Any):
+        """Caterpillar plot of the BLUPs with conditional intervals (:func:`bigmixed.plots.plot_ranef`)."""
+        from .plots import plot_ranef
+
+        return plot_ranef(self, term, path, **kwargs)
+
+    def plot_residuals(self, path=None, **kwargs: Any):
+        """Residuals vs fitted and a normal QQ plot (:func:`bigmixed.plots.plot_residuals`)."""
+        from .plots import plot_residuals
+
+        return plot_residuals(self, path, **kwargs)
 
 
 def _jsonable(d: dict) -> dict:

@@ -52,6 +52,17 @@ def one_blas_thread(fn):
     return wrapper
 
 
+def blas_threads(n: int):
+    """Context manager: BLAS with ``n`` threads (inside :func:`one_blas_thread`, for the large dense
+    factorisations of crossed terms, where LAPACK's threads pay)."""
+    global _BLAS_CONTROLLER
+    from threadpoolctl import ThreadpoolController
+
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=int(n), user_api="blas")
+
+
 def default_threads() -> int:
     """Threads the kernels may use (numba's setting, e.g. NUMBA_NUM_THREADS)."""
     return int(numba.get_num_threads())

@@ -36,9 +36,14 @@ class Summary:
     coefficient table as DataFrames.
     """
 
-    def __init__(self, res, alpha: float = 0.05, variance_se: bool = True) -> None:
+    def __init__(self, res, alpha: float = 0.05, variance_se: bool = True, ddf: str | None = None) -> None:
         self.res = res
         self.alpha = alpha
+        self.ddf = ddf
+        if ddf is not None:  # lme4/lmerTest's layout, with df and p-values (lme4_text)
+            self.coef = res.coef_table(ddf=ddf)
+            self.header, self.var_rows, self.tables = [], [], [self.coef]
+            return
         sizes = res.group_sizes()
         groups = res.ngroups
         left = [
@@ -70,6 +75,8 @@ class Summary:
         self.tables = [pd.DataFrame(left + right, columns=["item", "value"]), table, vt]
 
     def as_text(self) -> str:
+        if self.ddf is not None:
+            return lme4_text(self.res, ddf=self.ddf, table=self.coef) + "\n"
         t = self.coef
         names = list(t.index) + [r[0] for r in self.var_rows]
         wn = max(len(n) for n in names) + 1
@@ -132,10 +139,48 @@ def _random_rows(res) -> list[list[str]]:
     return rows
 
 
-def lme4_text(res) -> str:
-    """lme4's ``summary(fit)``-like text: criterion, random effects, fixed effects."""
+def _pval(p: float) -> str:
+    """R's ``format.pval`` as ``printCoefmat`` shows it (3 significant digits, ``< 2e-16``)."""
+    if not np.isfinite(p):
+        return "NA"
+    if p < 2.2e-16:
+        return "< 2e-16"
+    return f"{p:.3g}" if p >= 1e-4 else f"{p:.2e}"
+
+
+def _stars(p: float) -> str:
+    if not np.isfinite(p):
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else "." if p < 0.1 else ""
+
+
+def _ddf_lines(table: pd.DataFrame) -> list[str]:
+    """lmerTest's fixed-effects block: Estimate, Std. Error, df, t value, Pr(>|t|) and stars."""
+    rows = [[str(n), f"{r['Estimate']:.4g}", f"{r['Std. Error']:.4g}", f"{r['df']:.2f}", f"{r['t value']:.3f}",
+             _pval(float(r["Pr(>|t|)"])), _stars(float(r["Pr(>|t|)"]))] for n, r in table.iterrows()]
+    head = ["", "Estimate", "Std. Error", "df", "t value", "Pr(>|t|)", ""]
+    w = [max(len(head[j]), *(len(r[j]) for r in rows)) for j in range(7)]
+    fmt = lambda r: (f"{r[0]:<{w[0]}}" + "".join(f" {r[j]:>{w[j]}}" for j in range(1, 6)) + f" {r[6]}").rstrip()
+    out = [fmt(head)] + [fmt(r) for r in rows]
+    if any(r[6] for r in rows):
+        out += ["---", "Signif. codes:  0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1"]
+    return out
+
+
+def lme4_text(res, ddf: str | None = None, table: pd.DataFrame | None = None) -> str:
+    """lme4's ``summary(fit)``-like text: criterion, random effects, fixed effects.
+
+    With ``ddf`` (``"Satterthwaite"``, ``"Kenward-Roger"``) lmerTest's layout: the fixed effects get
+    df and p-values (``table``: a precomputed ``res.coef_table(ddf=ddf)``).
+    """
     kind = "REML" if res.reml else "maximum likelihood"
-    out = [f"Linear mixed model fit by {kind} ['lmerMod' via bigmixed]"]
+    if ddf is not None:
+        from .inference import ddf_method
+
+        method = ddf_method(ddf)
+        out = [f"Linear mixed model fit by {kind}. t-tests use {method}'s method ['lmerModLmerTest' via bigmixed]"]
+    else:
+        out = [f"Linear mixed model fit by {kind} ['lmerMod' via bigmixed]"]
     out.append(f"Formula: {res.model.formula if isinstance(res.model.formula, str) else res.model.spec.lmer_formula()}")
     if res.reml:
         out.append(f"REML criterion at convergence: {res.objective:.4f}")
@@ -156,6 +201,13 @@ def lme4_text(res) -> str:
     out.append(f"Number of obs: {res.nobs}, groups:  {groups}")
     out.append("")
     out.append("Fixed effects:")
+    if ddf is not None:
+        out += _ddf_lines(table if table is not None else res.coef_table(ddf=ddf))
+        if res.is_singular:
+            out.append("boundary (singular) fit: see results.is_singular")
+        if not res.converged:
+            out.append(f"optimizer (L-BFGS-B) convergence code: {res.optimizer.message}")
+        return "\n".join(out)
     t = pd.DataFrame(
         {"Estimate": res.fe_params.to_numpy(), "Std. Error": res.bse_fe.to_numpy(), "t value": res.tvalues.to_numpy()},
         index=list(res.fixef.index),

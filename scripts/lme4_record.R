@@ -135,12 +135,13 @@ lmertest_record <- function(m) {
 
 # Fit lmer(formula, d, REML) and return list(model = m, record = <JSON record>).
 fit_lmer <- function(data_rel, formula, REML = TRUE, factors = character(), bigmixed_formula = formula,
-                     d = NULL, lmertest = NULL, extra = list(), alt_optimizer = NULL, note = NULL) {
+                     d = NULL, lmertest = NULL, extra = list(), alt_optimizer = NULL, note = NULL, weights = NULL) {
   if (is.null(d)) d <- load_csv(data_rel, factors)
   msgs <- character()
   f <- as.formula(formula)
   environment(f) <- environment()   # update() (lmerTest, profile, anova) finds `d` here
-  cl <- bquote(lmer(.(f), data = d, REML = .(REML)))
+  cl <- if (is.null(weights)) bquote(lmer(.(f), data = d, REML = .(REML))) else
+    bquote(lmer(.(f), data = d, REML = .(REML), weights = .(as.name(weights))))
   tm <- system.time(w <- with_messages(eval(cl)))
   m0 <- w$value; msgs <- w$messages
   # lme4's default stopping rules leave theta good to ~1e-5 (and worse where it stops short):
@@ -152,9 +153,10 @@ fit_lmer <- function(data_rel, formula, REML = TRUE, factors = character(), bigm
                   logLik = as.numeric(logLik(m0)), theta = named(getME(m0, "theta")), fixef = named(fixef(m0)),
                   sigma = sigma(m0), singular = isSingular(m0), optimizer = oi0$optimizer, feval = oi0$feval)
   th0 <- getME(m0, "theta")
-  cl_t <- bquote(lmer(.(f), data = d, REML = .(REML), start = list(theta = .(th0)),
-                      control = lmerControl(optimizer = "bobyqa", calc.derivs = FALSE,
-                                            optCtrl = list(rhobeg = 1e-3, rhoend = 1e-10, maxfun = 1e5))))
+  cl_t <- cl
+  cl_t$start <- list(theta = th0)
+  cl_t$control <- quote(lmerControl(optimizer = "bobyqa", calc.derivs = FALSE,
+                                    optCtrl = list(rhobeg = 1e-3, rhoend = 1e-10, maxfun = 1e5)))
   wt <- with_messages(eval(cl_t))
   m <- if (as.numeric(if (REML) getME(wt$value, "devcomp")$cmp[["REML"]] else getME(wt$value, "devcomp")$cmp[["dev"]])
            <= default$objective) wt$value else m0
@@ -164,7 +166,7 @@ fit_lmer <- function(data_rel, formula, REML = TRUE, factors = character(), bigm
                    tag("optinfo$warnings:", unlist(oi$warnings))))
   cmp <- getME(m, "devcomp")$cmp
   V <- as.matrix(vcov(m))
-  rec <- list(data = data_rel, formula = formula, REML = REML, factors = as.list(factors),
+  rec <- list(data = data_rel, formula = formula, REML = REML, factors = as.list(factors), weights = weights,
               bigmixed_formula = bigmixed_formula,
               objective = as.numeric(if (REML) cmp[["REML"]] else cmp[["dev"]]),
               logLik = as.numeric(logLik(m)), nobs = nobs(m), nrow_csv = nrow(d),

@@ -12,7 +12,8 @@ The references are fits by R's lme4 1.1-31 (R 4.2.2), written by committed scrip
 * ``traps.json`` - synthetic data (``scripts/make_traps.py``, known truth) on which a bounded
   gradient optimiser stops at a false "singular" point (bigmixed 0.1.0 did, on every case);
 * ``statsmodels_lme.json`` - statsmodels' published test data ``lme00..11.csv`` (no fixed
-  intercept; random effects on a column of ones).
+  intercept; random effects on a column of ones);
+* ``weights.json`` - observation weights (``weights = w``) and ``offset()``, one and several terms.
 
 Regenerate them with ``sh scripts/run_all.sh`` from the repository root (R with lme4, nlme,
 lmerTest, pbkrtest, mlmRev and jsonlite; see ``scripts/README.md``).  Each record's estimates
@@ -43,7 +44,7 @@ import pytest
 import bigmixed as bm
 
 DATA = Path(__file__).parent / "data"
-FILES = ("single.json", "multi.json", "traps.json", "statsmodels_lme.json")
+FILES = ("single.json", "multi.json", "traps.json", "statsmodels_lme.json", "weights.json")
 REFS = {f: json.loads((DATA / "lme4" / f).read_text())["fits"] for f in FILES}
 CASES = [(f, k) for f in FILES for k in REFS[f]]
 # lme4's optimum found by another route when its default stops short (see scripts/README.md)
@@ -60,7 +61,7 @@ def fitted(case):
     df = pd.read_csv(DATA / rec["data"], dtype={c: str for c in rec["factors"]})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = bm.lmer(rec["bigmixed_formula"], df, REML=rec["REML"])
+        res = bm.lmer(rec["bigmixed_formula"], df, REML=rec["REML"], weights=rec.get("weights"))
     return res, [str(w.message) for w in caught]
 
 
