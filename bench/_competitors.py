@@ -477,6 +477,45 @@ def lme4_available() -> tuple[bool, str]:
     return True, p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "?"
 
 
+# --------------------------------------------------------------------------
+# parent side: results
+# --------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary name and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def log_tail(log: Path, n: int = 3) -> str:
+    """The last ``n`` lines of a child's log, joined (for error messages)."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])[-600:]
+
+
+def finish_record(rec: dict[str, Any], run: Any, out: Path, log: Path) -> dict[str, Any]:
+    """Merge a child's JSON record (result, or the exception it caught) into ``rec``."""
+    child = json.loads(out.read_text()) if out.exists() and run.status != "timeout" else None
+    if run.status == "ok" and child is not None:
+        rec.update(child)
+        rec["status"] = "ok"
+    elif run.status == "ok":
+        rec["status"] = "error"
+        rec["error"] = "child exited 0 but wrote no result; " + log_tail(log)
+    elif run.status == "error":
+        if child is not None and child.get("error"):
+            rec["error"] = child["error"]
+            rec["stage"] = child.get("stage")
+        else:
+            rec["error"] = f"exit {run.returncode}: " + log_tail(log)
+    return rec
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--rusage"]:
         sys.exit(_rusage_launcher(sys.argv[2:]))

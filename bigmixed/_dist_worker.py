@@ -1,7 +1,7 @@
 """Worker-side tasks of :mod:`bigmixed.distributed`: reading, reducing, combining, per-owner calls.
 
 Everything here runs on Dask workers (or, in tests, in-process).  A partition is reduced by
-the single-machine :class:`~bigmixed.pipeline.Reducer` (the same kernels, weights, offsets,
+the single-machine :class:`~bigmixed.reduce.Reducer` (the same kernels, weights, offsets,
 dropped-row accounting, nested pair blocks or crossed pair lists) with that partition's own
 level indexes; its statistics leave the task as flat frames keyed by key *values* (one row per
 level, or per pair of levels, and partition), which are shuffled to owners and summed there in
@@ -29,7 +29,8 @@ from .backends import LocalBackend, NestedBackend
 from .data import Source, open_source
 from .design import Design
 from .keys import _GOLDEN, GroupIndex, TermIndex, _hash_keys, frame_levels, group_levels
-from .pipeline import NotNested, Plan, Reducer, _check_finite, _prototype
+from .pipeline import Plan, _check_finite, _prototype
+from .reduce import NotNested, Reducer
 from .scaling import Scaling, canonical_scaling, same_scaling, transform_statistics, z_may_centre
 from .stats import PairStats, SampleSums, Statistics, TermStats
 

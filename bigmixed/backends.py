@@ -17,7 +17,6 @@ side instead (many fixed effects); ``conditional_modes`` gives each term's BLUPs
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,14 +24,18 @@ import numpy as np
 from scipy.linalg import lapack
 
 from . import _kernels
+from .start import moment_start
 from .stats import Statistics, blas_threads, default_threads
+from .terms import check_crossed_memory, crossed_lead
 
 __all__ = ["Evaluation", "StatsBackend", "LocalBackend", "NestedBackend", "CrossedBackend", "make_backend",
-           "subsample_backend", "NumericalError", "dense_bytes"]
+           "subsample_backend", "NumericalError"]
 
 # Work is split in at most this many chunks whatever the number of threads, so the sums (and
 # the optimiser's path) are the same bits on any machine.
 N_CHUNKS = 64
+# A warm-start sample of nested terms keeps at least this many outer groups.
+MIN_SAMPLE_UNITS = 32
 
 
 class NumericalError(ArithmeticError):
@@ -70,6 +73,8 @@ class StatsBackend(Protocol):
     def subsample(self, level: int) -> "StatsBackend | None": ...
 
     def transform_z(self, Ms: list) -> "StatsBackend": ...
+
+    def moment_start(self, tmap) -> np.ndarray: ...
 
 
 def _chunks(weights: np.ndarray, n: int) -> np.ndarray:
@@ -142,6 +147,10 @@ class LocalBackend:
         """Backend for the random-effects design Z M (statistics transformed exactly)."""
         return LocalBackend(self.stats.transform_z(Ms), self.nthreads)
 
+    def moment_start(self, tmap) -> np.ndarray:
+        """theta from moments of the statistics (:func:`bigmixed.start.moment_start`)."""
+        return moment_start(self.stats, tmap)
+
 
 def subsample_backend(sub: Statistics, sample, level: int, nthreads: int | None):
     """A backend for the sampled levels: their statistics ``sub`` and their rows' sums from ``sample``."""
@@ -167,6 +176,9 @@ class NestedBackend:
     The levels are laid out once as nodes grouped by outer group.
     """
 
+    # True: always the generic K-term kernel (tests compare the two)
+    generic = False
+
     def __init__(self, stats: Statistics, chain: list[int], nthreads: int | None = None) -> None:
         self.stats, self.chain = stats, list(chain)
         self.nthreads = nthreads or default_threads()
@@ -180,7 +192,10 @@ class NestedBackend:
         K = len(ch)
         root = ch[-1]
         pair = {(pr.k, pr.j): pr for pr in st.pairs}
-        self.n_groups = st.terms[root].n_groups
+        # the warm start's size is counted in levels of the finest term (what an evaluation costs);
+        # it samples whole outer groups (their hash level), so it stays an exact sub-data set
+        self.n_groups = st.terms[ch[0]].n_groups
+        self.n_units = st.terms[root].n_groups
         # the root (outer group) of every level of every term
         roots_of = [pair[(k, root)].jcodes if k != root else np.arange(st.terms[k].n_groups) for k in ch]
         counts = [st.terms[k].n_groups for k in ch]
@@ -212,7 +227,7 @@ class NestedBackend:
                 anc[ps, s] = self.pos[e2][pr.jcodes]
         self.A, self.D, self.up, self.anc = A, D, up, anc
         self.qv = np.array([self.qs[k] for k in ch], dtype=np.int64)
-        rc = np.bincount(rootk, minlength=self.n_groups)
+        rc = np.bincount(rootk, minlength=self.n_units)
         self.roots = np.concatenate(([0], np.cumsum(rc))).astype(np.int64)
         self.chunks = _chunks(rc.astype(float), N_CHUNKS)
         self.maxlen = int(rc.max()) if rc.size else 0
@@ -228,9 +243,14 @@ class NestedBackend:
     def _run(self, lams, grad, modes, g=None, cf=None, kappa=0.0, reml=False):
         g = np.zeros(self.p + 1) if g is None else np.ascontiguousarray(g, dtype=float)
         cf = np.zeros((0, 0)) if cf is None else np.ascontiguousarray(cf, dtype=float)
-        out = _kernels.nested_evaluate(self.term, self.qv, self.A, self.D, self.up, self.anc, self.roots,
-                                       self.chunks, self._lams(lams), self.maxlen, bool(grad), bool(modes), g, cf,
-                                       float(kappa), bool(reml))
+        if len(self.chain) == 2 and not self.generic and tuple(int(q) for q in self.qv) in _kernels.NESTED2_SIZES:
+            out = _kernels.nested2_evaluate(int(self.qv[0]), int(self.qv[1]), self.A, self.D, self.up, self.roots,
+                                            self.chunks, self._lams(lams), self.maxlen, bool(grad), bool(modes), g,
+                                            cf, float(kappa), bool(reml))
+        else:
+            out = _kernels.nested_evaluate(self.term, self.qv, self.A, self.D, self.up, self.anc, self.roots,
+                                           self.chunks, self._lams(lams), self.maxlen, bool(grad), bool(modes), g,
+                                           cf, float(kappa), bool(reml))
         if not out[5].all():
             raise NumericalError("a block of Lambda' Z'Z Lambda + I is not positive definite")
         return out
@@ -272,6 +292,8 @@ class NestedBackend:
         if lv is None or st.sample is None:
             return None
         keep_root = lv >= level
+        if int(keep_root.sum()) < MIN_SAMPLE_UNITS:
+            return None  # too few outer groups to stand for the others
         pair = {(pr.k, pr.j): pr for pr in st.pairs}
         keeps = []
         for k in range(len(st.terms)):
@@ -282,22 +304,11 @@ class NestedBackend:
     def transform_z(self, Ms) -> "NestedBackend":
         return NestedBackend(self.stats.transform_z(Ms), self.chain, self.nthreads)
 
+    def moment_start(self, tmap) -> np.ndarray:
+        return moment_start(self.stats, tmap)
+
 
 # ---------------------------------------------------------------------------------- crossed
-def dense_bytes(levels_q: list[tuple[int, int]]) -> int:
-    """Bytes the dense rest block needs: three m x m matrices, m = sum of levels x q."""
-    m = sum(int(l) * int(q) for l, q in levels_q)
-    return 3 * 8 * m * m
-
-
-def _memory_limit() -> int:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
-        total = 16 * 2**30
-    return int(0.6 * total)
-
-
 class CrossedBackend:
     """Crossed terms: leading term in closed form, the others in one dense block (:mod:`._crossed`).
 
@@ -314,18 +325,10 @@ class CrossedBackend:
         self.qs = [t.q for t in stats.terms]
         self.n_groups = 0  # no warm-start sample
         K = len(stats.terms)
-        self.lead = max(range(K), key=lambda k: (stats.terms[k].n_groups * self.qs[k], -k))
+        levels_q = [(stats.terms[k].n_groups, self.qs[k]) for k in range(K)]
+        check_crossed_memory(levels_q, self.names)
+        self.lead = crossed_lead(levels_q)
         self.rest = [k for k in range(K) if k != self.lead]
-        need = dense_bytes([(stats.terms[k].n_groups, self.qs[k]) for k in self.rest])
-        if need > _memory_limit():
-            desc = ", ".join(f"'{self.names[k]}' ({stats.terms[k].n_groups:,} levels x {self.qs[k]})"
-                             for k in self.rest)
-            m = sum(stats.terms[k].n_groups * self.qs[k] for k in self.rest)
-            raise MemoryError(
-                f"crossed random effects: the terms {desc} form a dense block of ({m:,})^2 x 8 bytes, and the fit "
-                f"needs three such matrices ({need / 2**30:.1f} GB), more than this machine's memory allows "
-                f"({_memory_limit() / 2**30:.1f} GB); fit fewer levels (e.g. drop or merge rare ones), or make the "
-                "term with the most levels the only crossed one")
         self._layout()
         self._cache = None
 
@@ -494,6 +497,9 @@ class CrossedBackend:
 
     def transform_z(self, Ms) -> "CrossedBackend":
         return CrossedBackend(self.stats.transform_z(Ms), self.names, self.nthreads)
+
+    def moment_start(self, tmap) -> np.ndarray:
+        return moment_start(self.stats, tmap)
 
 
 def make_backend(stats: Statistics, layout: str, chain: list[int] | None = None, names: list[str] | None = None,

@@ -5,7 +5,7 @@ for the transformed rows the statistics hold; with weights these are the rows ti
 residual covariance is sigma^2 I) the design parts of the statistics - Z'Z, Z'X, X'X - do not change
 with y.  Only ``c = Z'y``, ``X'y`` and ``y'y`` do, and their joint law given the design is exact per
 block of random effects (a group; an outer group of nested terms; all of them for crossed terms,
-:func:`bigmixed.inference.design_blocks`).  Split each block's residuals with the projection P on the
+:func:`design_blocks`).  Split each block's residuals with the projection P on the
 columns of its Z (``A = Z'Z = V diag(l) V'``)::
 
     Z'e       = sigma V l^(1/2) w                     w ~ N(0, I)
@@ -31,19 +31,146 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
+from . import inference
 from .backends import make_backend
-from .inference import design_blocks
 from .objective import NumericalError, Objective
 from .optimize import hessian, minimize
 from .stats import Statistics, TermStats
 
-__all__ = ["bootstrap"]
+__all__ = ["bootstrap", "Blocks", "design_blocks"]
 
+# Padded per-group blocks (nested terms) may hold at most this many doubles per array.
+_MAX_BLOCK_ELEMENTS = 50_000_000
 NEWTON_MAXITER = 25
 # A replicate's refit stops when the Newton decrement g'H^-1g/2 is below this many deviance units and
 # takes that last step: its estimates are then within ~1e-4 of their standard errors of the optimum.
 NEWTON_ACCEPT = 1e-4
 _EIG_TOL = 1e-10  # eigenvalues of a block's Z'Z below this fraction of its largest are 0 (rank)
+
+
+# ----------------------------------------------------------------------------------- blocks of random effects
+@dataclass
+class Blocks:
+    """The random effects laid out in independent blocks (padded to a common size ``m``).
+
+    ``A (nb, m, m) = Z'Z``, ``B (nb, m, p) = Z'X``, ``c (nb, m) = Z'y`` of each block (transformed
+    rows); ``term``, ``eff``, ``level`` (nb, m) name each column's term, effect and level (-1 for
+    padding).  Columns of one level of a term are contiguous, in effect order.
+    """
+
+    A: np.ndarray
+    B: np.ndarray
+    c: np.ndarray
+    term: np.ndarray
+    eff: np.ndarray
+    level: np.ndarray
+
+    @property
+    def m(self) -> int:
+        return int(self.A.shape[1])
+
+    def lam(self, lams: list) -> np.ndarray:
+        """Block-diagonal Lambda of every block (nb, m, m)."""
+        nb, m = self.term.shape
+        out = np.zeros((nb, m, m))
+        for k, L in enumerate(lams):
+            q = L.shape[0]
+            for b in range(q):
+                bi, ci = np.nonzero((self.term == k) & (self.eff == b))
+                for a in range(b, q):
+                    if L[a, b] != 0.0:
+                        out[bi, ci + (a - b), ci] = L[a, b]
+        return out
+
+
+def design_blocks(res) -> Blocks:
+    """The blocks of the fitted model's random effects (see :class:`Blocks`).
+
+    One block per level (one term), per outer level (nested terms), or one block of all random
+    effects (crossed terms; at most :data:`bigmixed.inference.KR_MAX_DENSE`).
+
+    Raises
+    ------
+    NotImplementedError
+        Statistics not held in this process, or crossed terms with too many random effects.
+    """
+    be = res.objective_fn.backend
+    st = getattr(be, "stats", None)
+    if st is None:
+        raise NotImplementedError("this needs the statistics in this process; statistics resident on Dask "
+                                  "workers are not supported yet (fit with distributed_mode='gathered')")
+    K = len(st.terms)
+    layout = type(be).__name__
+    if K == 1:
+        roots = [np.arange(st.terms[0].n_groups)]
+    elif layout == "NestedBackend":
+        root = be.chain[-1]
+        pair = {(pr.k, pr.j): pr for pr in st.pairs}
+        roots = [np.arange(st.terms[k].n_groups) if k == root else pair[(k, root)].jcodes for k in range(K)]
+    else:
+        m = sum(t.n_groups * t.q for t in st.terms)
+        if m > inference.KR_MAX_DENSE:
+            desc = " + ".join(f"{t.n_groups:,} x {t.q}" for t in st.terms)
+            raise NotImplementedError(
+                f"crossed random effects: {m:,} random effects in all ({desc}), more than the "
+                f"{inference.KR_MAX_DENSE:,} "
+                "this computation handles as one dense block (m^3 work); Satterthwaite's df and the profile "
+                "intervals work at any size")
+        roots = [np.zeros(t.n_groups, dtype=np.int64) for t in st.terms]
+    return _build_blocks(st, roots)
+
+
+def _build_blocks(st, roots: list[np.ndarray]) -> Blocks:
+    K = len(st.terms)
+    qs = [t.q for t in st.terms]
+    nt = [t.n_groups for t in st.terms]
+    node_term = np.concatenate([np.full(n, k, dtype=np.int64) for k, n in enumerate(nt)])
+    node_level = np.concatenate([np.arange(n, dtype=np.int64) for n in nt])
+    node_root = np.concatenate([np.asarray(r, dtype=np.int64) for r in roots])
+    node_q = np.asarray(qs, dtype=np.int64)[node_term]
+    order = np.lexsort((node_level, node_term, node_root))
+    nb = int(node_root.max()) + 1 if node_root.size else 0
+    q_sorted = node_q[order]
+    r_sorted = node_root[order]
+    csum = np.cumsum(q_sorted) - q_sorted
+    first = np.searchsorted(r_sorted, np.arange(nb), side="left")
+    off_sorted = csum - csum[first][r_sorted]
+    size = np.bincount(r_sorted, weights=q_sorted, minlength=nb).astype(np.int64)
+    m = int(size.max()) if nb else 0
+    if nb * m * m > _MAX_BLOCK_ELEMENTS:
+        raise NotImplementedError(f"the random effects form {nb:,} blocks of up to {m:,} effects; more than this "
+                                  f"computation holds in memory ({_MAX_BLOCK_ELEMENTS:,} doubles per array)")
+    offset = np.empty_like(off_sorted)
+    offset[order] = off_sorted
+    starts = np.concatenate(([0], np.cumsum(nt)))
+    off_of = [offset[starts[k]:starts[k + 1]] for k in range(K)]
+    root_of = [node_root[starts[k]:starts[k + 1]] for k in range(K)]
+    p = st.p
+    A = np.zeros((nb, m, m))
+    B = np.zeros((nb, m, p))
+    c = np.zeros((nb, m))
+    term = np.full((nb, m), -1, dtype=np.int64)
+    eff = np.full((nb, m), -1, dtype=np.int64)
+    level = np.full((nb, m), -1, dtype=np.int64)
+    for k, t in enumerate(st.terms):
+        q = qs[k]
+        rb, cols = root_of[k][:, None], off_of[k][:, None] + np.arange(q)[None, :]
+        A[rb[:, :, None], cols[:, :, None], cols[:, None, :]] = t.A
+        B[rb, cols, :] = t.B
+        c[rb, cols] = t.c
+        term[rb, cols] = k
+        eff[rb, cols] = np.arange(q)[None, :]
+        level[rb, cols] = np.arange(t.n_groups)[:, None]
+    for pr in st.pairs:  # Z_j'Z_k blocks: rows of j's level, columns of k's level
+        rk, rj = root_of[pr.k][pr.kcodes], root_of[pr.j][pr.jcodes]
+        if pr.n_pairs and not np.array_equal(rk, rj):  # pragma: no cover - the layouts guarantee it
+            raise ValueError("a pair of levels spans two blocks")
+        ck = off_of[pr.k][pr.kcodes][:, None] + np.arange(qs[pr.k])[None, :]
+        cj = off_of[pr.j][pr.jcodes][:, None] + np.arange(qs[pr.j])[None, :]
+        rb = rk[:, None, None]
+        np.add.at(A, (rb, cj[:, :, None], ck[:, None, :]), pr.vals)
+        np.add.at(A, (rb, ck[:, :, None], cj[:, None, :]), np.swapaxes(pr.vals, 1, 2))
+    return Blocks(A, B, c, term, eff, level)
 
 
 @dataclass
@@ -169,27 +296,27 @@ def _replicate_backend(res, st: Statistics, cs, Xty, yty):
     return make_backend(new, layout, chain, [t.name for t in res._terms], getattr(be, "nthreads", None))
 
 
-def _newton(obj: Objective, theta0: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Newton steps with BFGS updates of H from theta0; (theta, converged).
+def _newton(obj: Objective, theta0: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Newton steps with BFGS updates of H from theta0: ``(theta, last_step, converged)``.
 
-    Once the Newton decrement ``g'H^-1g / 2`` is below ``NEWTON_ACCEPT`` the last step is taken
-    without evaluating the gradient there (its error is of the order of the decrement squared).
+    Once the Newton decrement ``g'H^-1g / 2`` is below ``NEWTON_ACCEPT`` the last step is not
+    evaluated: the answer is ``theta + last_step`` (its error is of the order of the decrement squared).
     """
     theta = theta0.copy()
     try:
         f, g = obj(theta)
     except NumericalError:
-        return theta, False
+        return theta, None, False
     for _ in range(NEWTON_MAXITER):
         try:
             step = -np.linalg.solve(H, g)
         except np.linalg.LinAlgError:
-            return theta, False
+            return theta, None, False
         slope = float(g @ step)
         if slope >= 0.0:
-            return theta, False
+            return theta, None, False
         if -0.5 * slope <= NEWTON_ACCEPT:
-            return theta + step, True
+            return theta, step, True
         t = 1.0
         for _ in range(6):
             try:
@@ -200,14 +327,43 @@ def _newton(obj: Objective, theta0: np.ndarray, H: np.ndarray) -> tuple[np.ndarr
                 break
             t *= 0.5
         else:
-            return theta, False
+            return theta, None, False
         s_, y_ = t * step, gn - g
         sy = float(s_ @ y_)
         if sy > 1e-12 * float(np.linalg.norm(s_) * np.linalg.norm(y_)):
             Hs = H @ s_
             H = H - np.outer(Hs, Hs) / float(s_ @ Hs) + np.outer(y_, y_) / sy
         theta, f, g = theta + s_, fn, gn
-    return theta, False
+    return theta, None, False
+
+
+def _estimates_after_step(obj: Objective, theta: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, float]:
+    """beta~ and sigma~^2 at theta + step, to first order from the evaluation at theta (no new pass).
+
+    ``D = [y | X]``, ``d(D'V^-1D sigma^2)/dLambda_ab = -(S_ab + S_ab')`` (the fused pass's tensors): F, g, h
+    are moved along the step; the error is of the order of the step squared, and the step is the last
+    Newton step (decrement below ``NEWTON_ACCEPT``).
+    """
+    s = obj.solve(theta)
+    if s.S is None or s.exact:
+        return _estimates(obj, theta + step)
+    tmap = obj.map
+    g = s.F @ s.beta
+    W = np.zeros((s.F.shape[0] + 1,) * 2)
+    W[1:, 1:] = s.F
+    W[1:, 0] = W[0, 1:] = g
+    W[0, 0] = s.r2 + float(g @ s.beta)
+    for i in range(tmap.size):
+        k = int(tmap.term_of[i])
+        tt = tmap.terms[k]
+        loc = i - int(tmap.offsets[k])
+        Sab = s.S[k][int(tt.rows[loc]), int(tt.cols[loc])]
+        W -= step[i] * (Sab + Sab.T)
+    beta = np.linalg.solve(W[1:, 1:], W[1:, 0]) if s.F.size else np.zeros(0)
+    r2 = float(W[0, 0] - W[1:, 0] @ beta)
+    if not (np.isfinite(r2) and r2 > 0):
+        return _estimates(obj, theta + step)
+    return beta, r2 / obj.dof
 
 
 def _estimates(obj: Objective, theta: np.ndarray) -> tuple[np.ndarray, float]:
@@ -257,7 +413,8 @@ def bootstrap(res, nsim: int = 1000, seed: int | None = None, *, threads: int | 
     st = getattr(be, "stats", None)
     if st is None:
         raise NotImplementedError("the parametric bootstrap needs the statistics in this process; statistics "
-                                  "resident on Dask workers are not supported yet")
+                                  "resident on Dask workers are not supported yet (fit with "
+                                  "distributed_mode='gathered')")
     if any(tt.held for tt in res.tmap.terms):
         raise NotImplementedError("the bootstrap of a model with a variance held at a fixed value is not supported")
     d = _design(res)
@@ -268,14 +425,19 @@ def bootstrap(res, nsim: int = 1000, seed: int | None = None, *, threads: int | 
     if res.scaling.x_intercept >= 0:
         shift[res.scaling.x_intercept] = res.scaling.y_shift
     theta_hat = np.asarray(res._sol.theta, dtype=float)
-    with np.errstate(all="ignore"):
-        H0 = hessian(res.objective_fn, theta_hat) if theta_hat.size else np.zeros((0, 0))
-    res.objective_fn.solve(theta_hat)
-    try:
-        np.linalg.cholesky(H0)
-        newton_ok = True
-    except np.linalg.LinAlgError:
-        newton_ok = False
+    # A diagonal theta at 0 is a stationary point for any data (DESIGN.md section 9): Newton steps from
+    # there never leave it, so such fits are refitted by minimize(), from just off 0, with its probes.
+    near_zero = res.tmap.is_diag & (np.abs(theta_hat) < 1e-3)
+    start = np.where(near_zero, np.where(theta_hat < 0, -1e-3, 1e-3), theta_hat)
+    newton_ok = bool(theta_hat.size) and not np.any(near_zero)
+    if newton_ok:
+        with np.errstate(all="ignore"):
+            H0 = hessian(res.objective_fn, theta_hat)
+        res.objective_fn.solve(theta_hat)
+        try:
+            np.linalg.cholesky(H0)
+        except np.linalg.LinAlgError:
+            newton_ok = False
     streams = np.random.SeedSequence(seed).spawn(nsim)
     out = np.full((nsim, len(pars)), np.nan)
     fallback = np.zeros(nsim, dtype=bool)
@@ -285,14 +447,16 @@ def bootstrap(res, nsim: int = 1000, seed: int | None = None, *, threads: int | 
         cs, Xty, yty = _simulate(d, st, rng)
         obj = Objective(_replicate_backend(res, st, cs, Xty, yty), res.tmap, res.reml, 0.0)
         try:
-            theta, ok = _newton(obj, theta_hat, H0) if newton_ok and theta_hat.size else (theta_hat, False)
-            if not ok:
+            theta, step, ok = _newton(obj, theta_hat, H0) if newton_ok else (theta_hat, None, False)
+            if ok:
+                beta, s2 = _estimates_after_step(obj, theta, step)
+                theta = res.tmap.rectify(theta + step)
+            else:
                 fallback[r] = True
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    theta = minimize(obj, theta_hat, warm_start=False).theta
-            theta = res.tmap.rectify(theta)
-            beta, s2 = _estimates(obj, theta)
+                    theta = res.tmap.rectify(minimize(obj, start, warm_start=False).theta)
+                beta, s2 = _estimates(obj, theta)
         except (NumericalError, ValueError, np.linalg.LinAlgError):
             return
         out[r, :len(vpars)] = sdcor_values(res, vpars, theta, s2)

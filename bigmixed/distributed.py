@@ -53,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "fitting on a Dask cluster needs dask[distributed]; install it with `pip install bigmixed[dask]`"
     ) from exc
 
+from . import backends
 from .backends import Evaluation, subsample_backend
 from .data import GROUP_COLUMN, Source, open_source
 from .design import Design
@@ -179,7 +180,9 @@ class DistributedBackend:
         self.p, self.qs = int(p), [int(q) for q in qs]
         self.q = self.qs[0]
         self.root = self.chain[-1]
-        self.n_groups = int(indexes[self.root].n_groups)  # sampling units: the outer term's levels
+        # as NestedBackend: the warm start's size in levels of the finest term, its sample in outer levels
+        self.n_groups = int(indexes[self.chain[0]].n_groups)
+        self.n_units = int(indexes[self.root].n_groups)
         self.XtX, self.Xty, self.yty, self.N = XtX, Xty, float(yty), int(N)
         self.sample, self.sum_log_w, self._nbytes = sample, float(sum_log_w), int(nbytes)
 
@@ -285,6 +288,8 @@ class DistributedBackend:
         parts = self._map(_sample_task, level=int(level))
         factors = [ix.factors for ix in self.indexes]
         _, sub = merge_owned([pt[0] for pt in parts], [pt[1] for pt in parts], factors, _pairs(self.layout, self.chain))
+        if len(self.chain) > 1 and sub.terms[self.root].n_groups < backends.MIN_SAMPLE_UNITS:
+            return None  # too few outer groups to stand for the others (as NestedBackend)
         sub = Statistics(sub.terms, self.XtX, self.Xty, self.yty, self.N, sub.pairs, None, self.root)
         return subsample_backend(sub, self.sample, level, None)
 

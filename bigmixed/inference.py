@@ -7,11 +7,14 @@ are invariant under that linear change of coordinates (and Satterthwaite's also 
 reparametrisation of the variance parameters at an interior optimum).
 
 **Satterthwaite** (lmerTest's ``contest1D``): ``df = 2 (L C L')^2 / (g' W g)`` with ``C = Cov(beta)``,
-``g_r = L (dC / dphi_r) L'`` and ``W = 2 H^-1``, ``H`` the Hessian of the REML (ML) deviance in the
-variance parameters ``phi = (theta, sigma^2)`` with beta profiled.  ``dC/dtheta`` is analytic:
-``C = sigma^2 F^-1`` and ``dF/dLambda_ab = -(S_ab + S_ab')`` from the backend's per-term gradient
-tensors (DESIGN.md sections 3 and 8, every backend); ``H`` is a central difference of the analytic
-gradient.  Several contrasts at once: lmerTest's ``contestMD`` (eigen-decomposition of ``L C L'``).
+``g_r = L (dC / du_r) L'`` and ``W = 2 H^-1``, ``H`` the Hessian of the REML (ML) deviance in lme4's
+variance parameters ``u = (theta, sigma)`` with beta profiled (lmerTest's parametrisation and its rule
+for dropping eigenvalues, so that ``varpar=`` reproduces lmerTest at any estimates, e.g. lme4's).
+``dC/du`` is analytic in the transformed ``(theta~, sigma~^2)``: ``C = sigma^2 F^-1`` and
+``dF/dLambda_ab = -(S_ab + S_ab')`` from the backend's per-term gradient tensors (DESIGN.md sections 3
+and 8, every backend, also statistics resident on Dask workers), chained with the Jacobian of the map
+``u -> (theta~, sigma~^2)`` (a few q x q Cholesky factors, by differences); ``H`` is a central
+difference of the analytic gradient.  Several contrasts at once: lmerTest's ``contestMD``.
 
 **Kenward-Roger** (pbkrtest's ``vcovAdj`` and ``Lb_ddf``): the covariance parameters are the entries
 of every Psi_k and sigma^2 (``V`` is linear in them, ``G_r = dV/dgamma_r``); the expected REML
@@ -21,8 +24,8 @@ approximation of the F distribution need traces of ``V^-1 G_r V^-1 G_s`` and pro
 all of them are sums over blocks of the random effects of ``C = A - AKA``, ``H = B - AKB``,
 ``R = I - KA`` (``A = Z'Z``, ``B = Z'X`` of the block): one block per group (one term), per outer
 group (nested terms), or one dense block of all random effects (crossed terms, at most
-``KR_MAX_DENSE`` of them).  Weights: the statistics are of the rows times sqrt(w), where the
-residual covariance is sigma^2 I; pbkrtest instead takes ``G = I`` for the residual of the
+``KR_MAX_DENSE`` of them; :func:`bigmixed.bootstrap.design_blocks`).  Weights: the statistics are
+of the rows times sqrt(w), where the residual covariance is sigma^2 I; pbkrtest instead takes ``G = I`` for the residual of the
 *unweighted* rows (it ignores the weights in V while its Phi uses them), so for weighted fits
 bigmixed gives the Kenward-Roger df of the weighted model and pbkrtest another number
 (docs/inference.md).
@@ -36,14 +39,12 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-__all__ = ["coef_table", "contest", "satterthwaite_df", "kenward_roger", "ddf_method", "Blocks", "design_blocks",
-           "KR_MAX_DENSE"]
+__all__ = ["coef_table", "contest", "satterthwaite_df", "kenward_roger", "adjusted_vcov", "ddf_method",
+           "serial_kernels", "KR_MAX_DENSE"]
 
 # Crossed terms: Kenward-Roger works on one dense block of all random effects; above this many
 # the m^3 algebra (and m^2 memory) is left undone.
 KR_MAX_DENSE = 5000
-# Padded per-group blocks (nested terms) may hold at most this many doubles per array.
-_MAX_BLOCK_ELEMENTS = 50_000_000
 
 _DDF = {"satterthwaite": "Satterthwaite", "kenward-roger": "Kenward-Roger", "kenwardroger": "Kenward-Roger",
         "kr": "Kenward-Roger"}
@@ -139,9 +140,6 @@ def _pos_pinv(H: np.ndarray, tol: float = 1e-8) -> np.ndarray:
 def _dF_dtheta(res, lams) -> list[np.ndarray]:
     """dF/dtheta~_i (F = sigma^2 X'V^-1X of the transformed problem) from the backend's gradient tensors."""
     obj, tmap = res.objective_fn, res.tmap
-    if not hasattr(obj.backend, "evaluate"):
-        raise NotImplementedError("Satterthwaite's df need the statistics in this process (or a backend with "
-                                  "evaluate()); statistics resident on Dask workers are not supported yet")
     ev = obj.backend.evaluate(lams, True)
     out = []
     for i in range(tmap.size):
@@ -202,7 +200,7 @@ def _satterthwaite(res, varpar=None) -> _Satt:
         ph = _phi(res, u)
         return _phi_jacobian(res, u).T @ obj.unprofiled(ph[:-1], ph[-1])[1]
 
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), serial_kernels(res):
         H = _central_hessian(grad_u, u0)
     obj.solve(sol.theta)  # leave the objective's cache at the optimum
     out = _Satt(s2 * Finv, jac, _pos_pinv(H), H)
@@ -240,130 +238,6 @@ def satterthwaite_df(res, L=None, varpar=None) -> np.ndarray:
     sa = _satterthwaite(res, varpar)
     Tu = _user_map(res)
     return np.array([_satt_1d(sa, row @ Tu)[1] for row in Lm])
-
-
-# ----------------------------------------------------------------------------------- blocks of random effects
-@dataclass
-class Blocks:
-    """The random effects laid out in independent blocks (padded to a common size ``m``).
-
-    ``A (nb, m, m) = Z'Z``, ``B (nb, m, p) = Z'X``, ``c (nb, m) = Z'y`` of each block (transformed
-    rows); ``term``, ``eff``, ``level`` (nb, m) name each column's term, effect and level (-1 for
-    padding).  Columns of one level of a term are contiguous, in effect order.
-    """
-
-    A: np.ndarray
-    B: np.ndarray
-    c: np.ndarray
-    term: np.ndarray
-    eff: np.ndarray
-    level: np.ndarray
-
-    @property
-    def m(self) -> int:
-        return int(self.A.shape[1])
-
-    def lam(self, lams: list) -> np.ndarray:
-        """Block-diagonal Lambda of every block (nb, m, m)."""
-        nb, m = self.term.shape
-        out = np.zeros((nb, m, m))
-        for k, L in enumerate(lams):
-            q = L.shape[0]
-            for b in range(q):
-                bi, ci = np.nonzero((self.term == k) & (self.eff == b))
-                for a in range(b, q):
-                    if L[a, b] != 0.0:
-                        out[bi, ci + (a - b), ci] = L[a, b]
-        return out
-
-
-def design_blocks(res) -> Blocks:
-    """The blocks of the fitted model's random effects (see :class:`Blocks`).
-
-    One block per level (one term), per outer level (nested terms), or one block of all random
-    effects (crossed terms; at most ``KR_MAX_DENSE``).
-
-    Raises
-    ------
-    NotImplementedError
-        Statistics not held in this process, or crossed terms with too many random effects.
-    """
-    be = res.objective_fn.backend
-    st = getattr(be, "stats", None)
-    if st is None:
-        raise NotImplementedError("this needs the statistics in this process; statistics resident on Dask "
-                                  "workers are not supported yet (fit with the statistics gathered)")
-    K = len(st.terms)
-    layout = type(be).__name__
-    if K == 1:
-        roots = [np.arange(st.terms[0].n_groups)]
-    elif layout == "NestedBackend":
-        root = be.chain[-1]
-        pair = {(pr.k, pr.j): pr for pr in st.pairs}
-        roots = [np.arange(st.terms[k].n_groups) if k == root else pair[(k, root)].jcodes for k in range(K)]
-    else:
-        m = sum(t.n_groups * t.q for t in st.terms)
-        if m > KR_MAX_DENSE:
-            desc = " + ".join(f"{t.n_groups:,} x {t.q}" for t in st.terms)
-            raise NotImplementedError(
-                f"crossed random effects: {m:,} random effects in all ({desc}), more than the {KR_MAX_DENSE:,} "
-                "this computation handles as one dense block (m^3 work); Satterthwaite's df and the profile "
-                "intervals work at any size")
-        roots = [np.zeros(t.n_groups, dtype=np.int64) for t in st.terms]
-    return _build_blocks(st, roots)
-
-
-def _build_blocks(st, roots: list[np.ndarray]) -> Blocks:
-    K = len(st.terms)
-    qs = [t.q for t in st.terms]
-    nt = [t.n_groups for t in st.terms]
-    node_term = np.concatenate([np.full(n, k, dtype=np.int64) for k, n in enumerate(nt)])
-    node_level = np.concatenate([np.arange(n, dtype=np.int64) for n in nt])
-    node_root = np.concatenate([np.asarray(r, dtype=np.int64) for r in roots])
-    node_q = np.asarray(qs, dtype=np.int64)[node_term]
-    order = np.lexsort((node_level, node_term, node_root))
-    nb = int(node_root.max()) + 1 if node_root.size else 0
-    q_sorted = node_q[order]
-    r_sorted = node_root[order]
-    csum = np.cumsum(q_sorted) - q_sorted
-    first = np.searchsorted(r_sorted, np.arange(nb), side="left")
-    off_sorted = csum - csum[first][r_sorted]
-    size = np.bincount(r_sorted, weights=q_sorted, minlength=nb).astype(np.int64)
-    m = int(size.max()) if nb else 0
-    if nb * m * m > _MAX_BLOCK_ELEMENTS:
-        raise NotImplementedError(f"the random effects form {nb:,} blocks of up to {m:,} effects; more than this "
-                                  f"computation holds in memory ({_MAX_BLOCK_ELEMENTS:,} doubles per array)")
-    offset = np.empty_like(off_sorted)
-    offset[order] = off_sorted
-    starts = np.concatenate(([0], np.cumsum(nt)))
-    off_of = [offset[starts[k]:starts[k + 1]] for k in range(K)]
-    root_of = [node_root[starts[k]:starts[k + 1]] for k in range(K)]
-    p = st.p
-    A = np.zeros((nb, m, m))
-    B = np.zeros((nb, m, p))
-    c = np.zeros((nb, m))
-    term = np.full((nb, m), -1, dtype=np.int64)
-    eff = np.full((nb, m), -1, dtype=np.int64)
-    level = np.full((nb, m), -1, dtype=np.int64)
-    for k, t in enumerate(st.terms):
-        q = qs[k]
-        rb, cols = root_of[k][:, None], off_of[k][:, None] + np.arange(q)[None, :]
-        A[rb[:, :, None], cols[:, :, None], cols[:, None, :]] = t.A
-        B[rb, cols, :] = t.B
-        c[rb, cols] = t.c
-        term[rb, cols] = k
-        eff[rb, cols] = np.arange(q)[None, :]
-        level[rb, cols] = np.arange(t.n_groups)[:, None]
-    for pr in st.pairs:  # Z_j'Z_k blocks: rows of j's level, columns of k's level
-        rk, rj = root_of[pr.k][pr.kcodes], root_of[pr.j][pr.jcodes]
-        if pr.n_pairs and not np.array_equal(rk, rj):  # pragma: no cover - the layouts guarantee it
-            raise ValueError("a pair of levels spans two blocks")
-        ck = off_of[pr.k][pr.kcodes][:, None] + np.arange(qs[pr.k])[None, :]
-        cj = off_of[pr.j][pr.jcodes][:, None] + np.arange(qs[pr.j])[None, :]
-        rb = rk[:, None, None]
-        np.add.at(A, (rb, cj[:, :, None], ck[:, None, :]), pr.vals)
-        np.add.at(A, (rb, ck[:, :, None], cj[:, None, :]), np.swapaxes(pr.vals, 1, 2))
-    return Blocks(A, B, c, term, eff, level)
 
 
 # ----------------------------------------------------------------------------------- Kenward-Roger
@@ -408,7 +282,12 @@ def _kenward_roger(res) -> _KR:
         raise ValueError("Kenward-Roger's method is only available for REML fits (as in lmerTest and pbkrtest); "
                          "refit with REML=True")
     sol = res._sol
-    st = res.objective_fn.backend.stats if hasattr(res.objective_fn.backend, "stats") else None
+    st = res.model.built.stats
+    if st is None:
+        raise NotImplementedError("Kenward-Roger's df need the statistics in this process; they are resident on "
+                                  "the Dask workers (build them with mode='gathered', or use ddf='Satterthwaite')")
+    from .bootstrap import design_blocks
+
     blk = design_blocks(res)
     s2 = float(sol.sigma2)
     XtX = st.XtX

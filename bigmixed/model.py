@@ -22,7 +22,6 @@ from .params import MixedLMParams, frame_from_arrays, structure_from_free
 from .pipeline import BuildResult, build_statistics
 from .results import MixedLMResults, theta_order, theta_to_scaled
 from .scaling import Scaling
-from .start import moment_start
 from .stats import one_blas_thread
 from .terms import ThetaMap
 
@@ -267,7 +266,7 @@ class MixedLM:
         offset = dof * np.log(scaling.y_scale**2) - (2.0 * logdetT if reml else 0.0) - self._sum_log_w()
         obj = Objective(backend, tmap, reml, offset)
         with np.errstate(all="ignore"):  # an absurd start overflows: reported just below
-            theta0 = self._start(start_params, tmap, scaling)
+            theta0 = self._start(start_params, tmap, scaling, backend)
         if not np.all(np.isfinite(theta0)):
             raise ValueError("start_params give a non-finite covariance factor; give smaller values")
         # A diagonal theta at exactly 0 (with its column) is a stationary point of the deviance
@@ -279,12 +278,10 @@ class MixedLM:
             _warn(res, state)
         return res
 
-    def _start(self, start_params, tmap: ThetaMap, scaling: Scaling) -> np.ndarray:
+    def _start(self, start_params, tmap: ThetaMap, scaling: Scaling, backend) -> np.ndarray:
         if start_params is None:
-            stats = self._built.stats
-            if len(self._built.terms) > 1 and stats is not None:
-                return moment_start(stats, tmap)  # several terms: lme4's Lambda = I can be far off
-            return tmap.start()
+            # several terms: lme4's Lambda = I can be far off (see bigmixed.start)
+            return backend.moment_start(tmap) if len(self._built.terms) > 1 else tmap.start()
         terms = self._built.terms
         if isinstance(start_params, MixedLMParams):
             cov = start_params.cov_re

@@ -130,8 +130,7 @@ def minimize(
     # rounded to powers of 2), and so would every test relative to |f|: measure it from the
     # no-random-effects deviance instead, plus a unit-free size, so the path and the stopping
     # point do not depend on those units (y -> c y gives beta -> c beta to round-off).
-    shift = objective.dof * (1.0 + np.log(2.0 * np.pi)) - objective.ols_deviance() \
-        if hasattr(objective, "ols_deviance") else 0.0
+    shift = objective.dof * (1.0 + np.log(2.0 * np.pi)) - objective.ols_deviance()
 
     def fg(th):
         try:
@@ -154,7 +153,7 @@ def minimize(
         return bool(np.max(np.abs(pg) * np.maximum(1.0, np.abs(theta))) <= gtol * scale) if pg.size else True
 
     start, n_iter, message, done = theta0, 0, "", False
-    if warm_start and hasattr(objective, "subsample"):
+    if warm_start:
         want = min(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)), WARM_GROUPS_MAX)
         sub = objective.subsample(want)
         guess = _subsample_guess(sub, theta0, objective.map, objective.N, gtol) if sub is not None else None

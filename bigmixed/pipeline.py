@@ -33,9 +33,10 @@ from .data import Source, failing_part
 from .design import Design
 from .formula import ModelSpec
 from .keys import TermIndex
+from .reduce import NEGATIVE_WEIGHT, NON_FINITE, ZERO_WEIGHT, NotNested, Reducer, complete
 from .scaling import Scaling, canonical_scaling, same_scaling, scaling_from_sample, transform_statistics, z_may_centre
 from .stats import PairStats, Statistics, aliased_columns, default_threads
-from .terms import ReTerm
+from .terms import ReTerm, check_crossed_memory
 
 __all__ = ["BuildResult", "Plan", "prepare", "Reducer", "finalise", "build_statistics", "DEFAULT_CHUNK_ROWS",
            "DroppedRowsWarning"]
@@ -51,9 +52,7 @@ IN_MEMORY_CHUNK_ROWS = 1 << 17
 SCALING_SAMPLE_ROWS = 10_000
 # Formula functions whose state is learnt from the data (formulaic's stateful transforms).
 _STATEFUL = ("scale(", "center(", "poly(", "standardize(", "bs(", "cr(", "cs(", "cc(", "te(", "hashed(")
-NON_FINITE = "(non-finite after transformation)"
-ZERO_WEIGHT = "(zero weight)"
-NEGATIVE_WEIGHT = "(negative weight)"
+
 
 
 class DroppedRowsWarning(UserWarning):
@@ -146,21 +145,10 @@ def _sample_scaling(proto: pl.DataFrame, design: Design, indexes: list) -> Scali
     if sample.height == 0:
         return None
     y, X, Z = design.matrices(sample)
-    ok = _complete([ix.codes(sample) for ix in indexes], y, X, Z)
+    ok = complete([ix.codes(sample) for ix in indexes], y, X, Z)
     if not ok.any():
         return None
     return scaling_from_sample(X[ok], Z[ok], y[ok], design)
-
-
-def _complete(codes: list, y: np.ndarray, X: np.ndarray, Z: np.ndarray) -> np.ndarray:
-    """Rows with known levels of every term and finite values (column by column: X and Z are Fortran-ordered)."""
-    ok = np.isfinite(y)
-    for c in codes:
-        ok &= c >= 0
-    for M in (X, Z):
-        for j in range(M.shape[1]):
-            ok &= np.isfinite(M[:, j])
-    return ok
 
 
 def _discover_levels(source: Source, design: Design) -> dict[str, list]:
@@ -180,10 +168,6 @@ def _discover_levels(source: Source, design: Design) -> dict[str, list]:
         where = failing_part(source, cols)
         raise ValueError(f"cannot read the categorical column(s) {cols}{where}: {str(exc).splitlines()[0]}") from None
     return {col: sorted(out[col][0].to_list(), key=lambda v: (str(type(v)), v)) for col in cols}
-
-
-class NotNested(Exception):
-    """Raised by the reducer when terms assumed nested share a level across two outer levels."""
 
 
 @dataclass
@@ -259,190 +243,6 @@ def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, miss
 def _stateful(design: Design) -> bool:
     texts = [design.spec.fixed] + [e for t in design.spec.terms for e in t.exprs]
     return any(f in t.replace(" ", "") for t in texts for f in _STATEFUL)
-
-
-class Reducer:
-    """Adds chunks of rows to the statistics of a :class:`Plan`.
-
-    ``add`` may raise :class:`NotNested` (terms assumed nested are not): the caller starts
-    again with ``layout="crossed"``.
-    """
-
-    def __init__(self, plan: Plan, nthreads: int | None = None) -> None:
-        self.plan = plan
-        self.nthreads = int(nthreads or default_threads())
-        d, terms = plan.design, plan.terms
-        lv = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
-        self.stats = Statistics.empty([t.n_levels for t in terms], d.p, [t.q for t in terms], lv,
-                                      sample_term=plan.sample_term if plan.sample_term is not None else 0)
-        if plan.sample_term is None:
-            self.stats.sample = None
-        if plan.keep_xx:
-            root = self.stats.terms[plan.sample_term if plan.sample_term is not None else 0]
-            root.XX = np.zeros((root.n_groups, d.p, d.p))
-        ch = plan.chain
-        if plan.layout == "nested":
-            self._pairs = [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
-            self._up = {pr: np.zeros((terms[pr[0]].n_levels, terms[pr[1]].q, terms[pr[0]].q)) for pr in self._pairs}
-            self._parent = {pr: np.full(terms[pr[0]].n_levels, -1, dtype=np.int64) for pr in self._pairs}
-        elif plan.layout == "crossed":
-            self._pairs = [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))]
-            self._lists: dict = {pr: [] for pr in self._pairs}
-        else:
-            self._pairs = []
-        self.dropped = dict.fromkeys(d.columns, 0)
-        self.dropped[NON_FINITE] = 0
-        self.n_read = 0
-        self.n_dropped = 0
-        self.t_reduce = 0.0
-        self.scaling = plan.scaling
-
-    def add(self, chunk: pl.DataFrame, label: str, warm=None) -> None:
-        """Reduce one chunk (a polars frame holding the design's columns)."""
-        plan, d = self.plan, self.plan.design
-        self.n_read += chunk.height
-        y, X, Z = d.matrices(chunk)
-        off = d.offset(chunk)
-        if off is not None:  # a known part of the mean: the model is fitted to y - offset
-            y = y - off
-        codes = [t.index.codes(chunk) for t in plan.terms]
-        w = self._weights(chunk, label, codes)
-        if self.scaling is None:
-            # no complete row among the first rows read: the transform comes from this chunk's
-            ok = _complete(codes, y, X, Z)
-            if not ok.any():
-                self._count(chunk, label, chunk.height, y, X, Z)
-                return
-            self.scaling = scaling_from_sample(X[ok], Z[ok], y[ok], d)
-        if warm is not None:  # the first chunk was read while the kernels loaded
-            warm.wait_statistics()
-        t0 = time.perf_counter()
-        skipped = self._reduce(codes, y, X, Z, w)
-        if plan.keep_xx:
-            self._level_xx(codes, y, X, Z, w)
-        self.t_reduce += time.perf_counter() - t0
-        if skipped:
-            self._count(chunk, label, skipped, y, X, Z)
-
-    def _weights(self, chunk: pl.DataFrame, label: str, codes: list) -> np.ndarray | None:
-        """The chunk's weights, with rows of zero or (under missing='drop') negative weight dropped.
-
-        Dropped rows get code -1 in every term, so the kernels skip them and :meth:`_count`
-        counts them under "(zero weight)" / "(negative weight)".
-        """
-        d = self.plan.design
-        w = d.weights(chunk)
-        if w is None:
-            return None
-        neg = w < 0
-        if neg.any() and self.plan.missing == "raise":
-            where = "" if label == "data" else f" in {label}"
-            raise ValueError(f"weights column {d.spec.weights!r} holds {int(neg.sum())} negative value(s){where} "
-                             f"(e.g. {float(w[neg][0])}); weights must be >= 0 (0 leaves a row out), or use "
-                             "missing='drop' to leave such rows out")
-        bad = ~((w > 0) & np.isfinite(w))  # zero, negative, NaN or infinite
-        if bad.any():
-            for c in codes:
-                c[bad] = -1
-            w = np.where(bad, 1.0, w)
-        return w
-
-    def _level_xx(self, codes: list, y, X, Z, w) -> None:
-        k = self.plan.sample_term if self.plan.sample_term is not None else 0
-        ok = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), np.ascontiguousarray(X.T),
-                                    np.ascontiguousarray(Z.T), y, self.nthreads)
-        sc = self.scaling
-        _kernels.accumulate_level_xx(np.where(ok, codes[k], -1), np.ascontiguousarray(X.T), sc.x_shift,
-                                     1.0 / sc.x_scale, np.zeros(0) if w is None else w, self.stats.terms[k].XX)
-
-    def _reduce(self, codes: list, y, X, Z, w=None) -> int:
-        plan, sc, nt = self.plan, self.scaling, self.nthreads
-        terms = plan.terms
-        if plan.layout == "single":
-            return self.stats.add_rows(codes[0], X, Z, y, nt, sc, w=w)
-        ok = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), np.ascontiguousarray(X.T),
-                                    np.ascontiguousarray(Z.T), y, nt)
-        if not ok.all():
-            codes = [np.where(ok, c, -1) for c in codes]
-        first = plan.sample_term if plan.sample_term is not None else 0
-        Zs = [np.asfortranarray(Z[:, t.offset:t.offset + t.q]) for t in terms]
-        skipped = self.stats.add_rows(codes[first], X, Zs[first], y, nt, sc.term(terms[first].offset,
-                                                                                  terms[first].q), term=first, w=w)
-        for k, t in enumerate(terms):
-            if k != first:
-                self.stats.add_rows(codes[k], X, Zs[k], y, nt, sc.term(t.offset, t.q), term=k, with_globals=False,
-                                    w=w)
-        ww = np.zeros(0) if w is None else w
-        for k, j in self._pairs:
-            tk, tj = terms[k], terms[j]
-            zk, zj = sc.term(tk.offset, tk.q), sc.term(tj.offset, tj.q)
-            args = (np.ascontiguousarray(Zs[k].T), np.ascontiguousarray(Zs[j].T), zk.z_shift, 1.0 / zk.z_scale,
-                    zj.z_shift, 1.0 / zj.z_scale)
-            if plan.layout == "nested":
-                bad = _kernels.accumulate_nested_pairs(codes[k], codes[j], *args, self._up[(k, j)],
-                                                       self._parent[(k, j)], ww)
-                if bad:
-                    raise NotNested(f"{tk.name} in {tj.name}")
-            else:
-                self._lists[(k, j)].append(_kernels.pair_products(codes[k], codes[j], tj.n_levels, *args, ww))
-        return skipped
-
-    def _count(self, chunk, label, skipped, y, X, Z) -> None:
-        """Attribute the skipped rows to columns (only now, when there are some)."""
-        d = self.plan.design
-        exprs = {c: _missing_expr(c, chunk.schema) for c in d.columns}
-        wc = d.spec.weights
-        if wc is not None:  # weights that leave a row out (NaN/inf are counted under the column)
-            finite = pl.col(wc).is_not_null() & pl.col(wc).is_finite()
-            exprs[ZERO_WEIGHT] = finite & (pl.col(wc) == 0)
-            exprs[NEGATIVE_WEIGHT] = finite & (pl.col(wc) < 0)
-        counts = chunk.select([e.sum().alias(c) for c, e in exprs.items()]).row(0)
-        if self.plan.missing == "raise":
-            bad = [c for c, k in zip(exprs, counts) if k and c not in (ZERO_WEIGHT, NEGATIVE_WEIGHT)]
-            if not bad and skipped == counts[-2]:  # only zero weights: those rows are left out
-                self.dropped[ZERO_WEIGHT] = self.dropped.get(ZERO_WEIGHT, 0) + int(skipped)
-                self.n_dropped += skipped
-                return
-            where = "" if label == "data" else f" in {label}"
-            names = [d.response_name] * int(not np.isfinite(y).all()) + \
-                [n for n, ok in zip(d.fe_names, np.isfinite(X).all(axis=0)) if not ok] + \
-                [n for n, ok in zip(d.re_names, np.isfinite(Z).all(axis=0)) if not ok]
-            what = (f"column(s) {', '.join(repr(b) for b in bad)} hold null/NaN/inf values" if bad
-                    else f"{skipped} row(s) give non-finite values after the formula's transformations "
-                         f"(in {', '.join(repr(t) for t in dict.fromkeys(names))})")
-            raise ValueError(f"{what}{where}; use missing='drop' to leave such rows out")
-        for c, k in zip(exprs, counts):
-            self.dropped[c] = self.dropped.get(c, 0) + int(k)
-        flagged = int(chunk.select(pl.any_horizontal(list(exprs.values())).sum()).item())
-        self.dropped[NON_FINITE] += skipped - flagged
-        self.n_dropped += skipped
-
-    def pairs(self) -> list[PairStats]:
-        """The pair statistics gathered so far (nested blocks, or merged pair lists)."""
-        out = []
-        terms = self.plan.terms
-        for k, j in self._pairs:
-            if self.plan.layout == "nested":
-                n_k = terms[k].n_levels
-                out.append(PairStats(k, j, np.arange(n_k, dtype=np.int64), self._parent[(k, j)], self._up[(k, j)]))
-                continue
-            parts = self._lists[(k, j)]
-            nj = terms[j].n_levels
-            if parts:
-                keys = np.concatenate([p[0] for p in parts])
-                vals = np.concatenate([p[1] for p in parts])
-                keys, vals = _kernels.merge_pairs(keys, vals) if len(parts) > 1 else (keys, vals)
-            else:
-                keys, vals = np.zeros(0, np.int64), np.zeros((0, terms[j].q, terms[k].q))
-            out.append(PairStats(k, j, keys // max(nj, 1), keys % max(nj, 1), vals))
-        return out
-
-
-def _missing_expr(c: str, schema) -> pl.Expr:
-    e = pl.col(c).is_null()
-    if schema.get(c) in (pl.Float32, pl.Float64):
-        e = e | pl.col(c).is_nan() | pl.col(c).is_infinite()
-    return e
 
 
 def reduce_source(source: Source, plan: Plan, *, nthreads: int | None = None,
@@ -570,11 +370,12 @@ def build_statistics(
     try:
         red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
     except NotNested:
-        # Terms that looked nested share levels: read again keeping pair lists (crossed layout).
+        # Terms that looked nested share levels: read again keeping pair lists (crossed layout),
+        # unless the crossed terms' dense block could not fit anyway.
+        check_crossed_memory([(t.n_levels, t.q) for t in plan.terms], [t.name for t in plan.terms])
         plan = replace(plan, layout="crossed", sample_term=None)
         red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
     stats = red.stats
-    stats.pairs = red.pairs()
     scaling = red.scaling if red.scaling is not None else Scaling.identity(plan.design.p, plan.design.q)
     return finalise(stats, plan, scaling, n_read=red.n_read, n_dropped=red.n_dropped, dropped=red.dropped,
                     warn=warn)

@@ -23,11 +23,7 @@ __all__ = ["plot_ranef", "plot_residuals", "ranef_intervals", "save_figure"]
 
 def _pyplot():
     try:
-        import matplotlib
-
-        if "matplotlib.pyplot" not in __import__("sys").modules:
-            matplotlib.use("Agg")  # no display needed; an already chosen backend is kept
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # without a display matplotlib picks Agg itself
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'bigmixed[plot]'") from None
     return plt

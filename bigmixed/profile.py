@@ -177,11 +177,45 @@ class _Profiler:
         return float(np.sign(v - self.estimate(w)) * np.sqrt(max(dev - self.base, 0.0))), x
 
     def point(self, w: int, v: float, x0: np.ndarray) -> tuple[float, np.ndarray]:
-        """min f(x) over x with x[iw] = v: Newton steps (Hessian by differences), else L-BFGS-B."""
-        fg, _, lo, hi, iw = self.full(w)
-        rest = np.array([i for i in range(x0.size) if i != iw], dtype=np.int64)
+        """min f(x) over x with x[iw] = v, escaping the stationary points where a column of Lambda is 0."""
+        _, _, lo, hi, iw = self.full(w)
         x = np.clip(np.asarray(x0, dtype=float).copy(), lo, hi)
         x[iw] = v
+        f, x = self._descend(w, x)
+        for _ in range(3):
+            esc = self.escape(w, x, f)
+            if esc is None:
+                break
+            f, x = self._descend(w, esc)
+        return f, x
+
+    def _even(self, w: int) -> list[tuple[int, float]]:
+        """(coordinate, scale) of the free coordinates the deviance is even in (theta diagonals, SDs)."""
+        if self.pars[w].kind == "beta":
+            return [(int(i), 1.0) for i in np.flatnonzero(self.res.tmap.is_diag)]
+        return [(i, float(self.s_hat[-1])) for i, p in enumerate(self.vpars) if p.kind == "sd" and i != w]
+
+    def escape(self, w: int, x: np.ndarray, f: float) -> np.ndarray | None:
+        """A point off a zero theta diagonal / SD with a lower deviance (lme4's boundary probe), or None.
+
+        The deviance is even in such a coordinate, so its derivative there is 0 for any data: Newton
+        steps and L-BFGS-B stay at 0 even where the minimum is in the interior (DESIGN.md section 9).
+        """
+        fg, _, lo, hi, _ = self.full(w)
+        for k, sc in self._even(w):
+            if abs(x[k]) > 1e-6 * sc:
+                continue
+            for step in (1e-3, 1e-2, 1e-1):
+                y = x.copy()
+                y[k] = min(step * sc, hi[k])
+                if fg(y)[0] < f - 1e-10 * max(1.0, abs(f)):
+                    return y
+        return None
+
+    def _descend(self, w: int, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """min f over the coordinates other than w from x: Newton steps (Hessian by differences), else L-BFGS-B."""
+        fg, _, lo, hi, iw = self.full(w)
+        rest = np.array([i for i in range(x.size) if i != iw], dtype=np.int64)
         f, g = fg(x)
         if rest.size == 0:
             return f, x
@@ -316,6 +350,8 @@ class _Profiler:
             x = x + step
             if abs(step[iw]) <= 1e-10 * max(abs(x[iw]), 1e-8 + abs(x0[iw])) and abs(f - goal) < 1e-8:
                 if np.sign(x[iw] - x0[iw]) != np.sign(target) or np.any(x < lo) or np.any(x > hi):
+                    return None
+                if self.escape(w, x, fg(x)[0]) is not None:  # a stationary point, not the minimum
                     return None
                 return float(x[iw])
         return None

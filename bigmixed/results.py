@@ -491,7 +491,7 @@ class MixedLMResults:
         b = self.model.built
         k = self._term_index(term)
         if b.stats is None and b.backend is not None:
-            return b.backend.group_sizes()  # resident on Dask workers (bigmixed.distributed)
+            return b.backend.group_sizes(k)  # resident on Dask workers (bigmixed.distributed)
         return np.asarray(b.stats.terms[k].n)
 
     @property

@@ -331,26 +331,35 @@ class Statistics:
             scaling = Scaling.identity(p, q)
         ts = self.terms[term]
         levels = ts.levels if (with_globals and ts.levels is not None and self.sample is not None) else _NO_LEVELS
-        XtX, Xty, yty, used, skipped, sXtX, sXty, syty, sN, lw = _kernels.accumulate_stats(
+        G = ts.n_groups
+        stride = _kernels.record_layout(q, p)[0]
+        R = np.zeros(G * stride)
+        tr = (scaling.x_shift, 1.0 / scaling.x_scale, scaling.z_shift, 1.0 / scaling.z_scale,
+              float(scaling.y_shift), 1.0 / float(scaling.y_scale))
+        XtX, Xty, out, sXtX, sXty, syty, sN = _kernels.accumulate_records(
             np.ascontiguousarray(codes, dtype=np.int64),
             np.ascontiguousarray(X.T, dtype=np.float64),
             np.ascontiguousarray(Z.T, dtype=np.float64),
             np.ascontiguousarray(y, dtype=np.float64),
-            scaling.x_shift, 1.0 / scaling.x_scale, scaling.z_shift, 1.0 / scaling.z_scale,
-            float(scaling.y_shift), 1.0 / float(scaling.y_scale),
-            ts.A, ts.B, ts.c, ts.n, levels,
-            int(nthreads),
             _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64),
+            tr, R, stride, levels, NO_ANCESTORS, bool(with_globals), int(nthreads),
         )
+        A, B, c, n = np.empty_like(ts.A), np.empty_like(ts.B), np.empty_like(ts.c), np.empty_like(ts.n)
+        _kernels.split_records(R, stride, q, p, A, B, c, n, max(1, min(G, 64)))
+        ts.A += A
+        ts.B += B
+        ts.c += c
+        ts.n += n
+        skipped = out[:, 2]
         if not with_globals:
             return int(skipped.sum())
         if self.sample is not None:
             self.sample = self.sample.plus(sXtX.sum(axis=0), sXty.sum(axis=0), syty.sum(axis=0), sN.sum(axis=0))
         self.XtX += XtX.sum(axis=0)
         self.Xty += Xty.sum(axis=0)
-        self.yty += float(yty.sum())
-        self.N += int(used.sum())
-        self.sum_log_w += float(lw.sum())
+        self.yty += float(out[:, 0].sum())
+        self.N += int(out[:, 1].sum())
+        self.sum_log_w += float(out[:, 3].sum())
         return int(skipped.sum())
 
     def merge(self, other: "Statistics") -> "Statistics":
@@ -414,6 +423,9 @@ def _mask(keep: np.ndarray, n: int) -> np.ndarray:
 
 _NO_LEVELS = np.zeros(0, dtype=np.int8)
 _NO_WEIGHTS = np.zeros(0)
+# the ``an`` argument of :func:`bigmixed._kernels.accumulate_records` for a term with no ancestors
+NO_ANCESTORS = (np.zeros((0, 0), np.int64), np.zeros((0, 0)), np.zeros(0), np.zeros(0), np.zeros(1, np.int64),
+                np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 def aliased_columns(XtX: np.ndarray, tol: float = 1e-10) -> np.ndarray:

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import os
+
 import numpy as np
 
 from .formula import TermSpec
 
-__all__ = ["ReTerm", "TermTheta", "ThetaMap", "lme4_bar_order"]
+__all__ = ["ReTerm", "TermTheta", "ThetaMap", "lme4_bar_order", "crossed_lead", "dense_bytes", "check_crossed_memory"]
 
 
 class TermTheta:
@@ -230,3 +232,45 @@ def lme4_bar_order(n_levels: Sequence[int]) -> list[int]:
         return list(range(len(nl)))
     asc = sorted(range(len(nl)), key=lambda i: nl[i])
     return asc[::-1]
+
+
+# ------------------------------------------------------------------------- crossed terms: memory
+def crossed_lead(levels_q: list[tuple[int, int]]) -> int:
+    """The crossed term fitted in closed form: the one with the most random effects (levels x q)."""
+    return max(range(len(levels_q)), key=lambda k: (levels_q[k][0] * levels_q[k][1], -k))
+
+
+def dense_bytes(levels_q: list[tuple[int, int]]) -> int:
+    """Bytes the dense block of the other crossed terms needs: three m x m matrices, m = sum of levels x q."""
+    m = sum(int(lv) * int(q) for lv, q in levels_q)
+    return 3 * 8 * m * m
+
+
+def memory_limit() -> int:
+    """What a fit may use: 60% of the machine's physical memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        total = 16 * 2**30
+    return int(0.6 * total)
+
+
+def check_crossed_memory(levels_q: list[tuple[int, int]], names: list[str], limit: int | None = None) -> None:
+    """Raise ``MemoryError`` naming the terms when crossed terms' dense block would not fit in memory.
+
+    Called before the rows of a crossed model are reduced (levels from the key index) and again by
+    the backend (levels after dropped rows).
+    """
+    lead = crossed_lead(levels_q)
+    rest = [k for k in range(len(levels_q)) if k != lead]
+    need = dense_bytes([levels_q[k] for k in rest])
+    limit = memory_limit() if limit is None else int(limit)
+    if need <= limit:
+        return
+    desc = ", ".join(f"'{names[k]}' ({levels_q[k][0]:,} levels x {levels_q[k][1]})" for k in rest)
+    m = sum(levels_q[k][0] * levels_q[k][1] for k in rest)
+    raise MemoryError(
+        f"crossed random effects: the terms {desc} form a dense block of ({m:,})^2 x 8 bytes, and the fit "
+        f"needs three such matrices ({need / 2**30:.1f} GB), more than this machine's memory allows "
+        f"({limit / 2**30:.1f} GB); fit fewer levels (e.g. drop or merge rare ones), or make the "
+        "term with the most levels the only crossed one")

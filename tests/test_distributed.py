@@ -309,7 +309,8 @@ def test_nested_resident_and_gathered_match_single_machine(nested_local, nested_
     assert lb.layout == "nested"
     assert b.mode == "resident" and b.layout == "nested" and b.stats is None
     assert b.chain == lb.chain
-    assert b.backend.n_groups == lb.terms[lb.chain[-1]].n_levels  # owners hold whole schools
+    assert b.backend.n_units == lb.terms[lb.chain[-1]].n_levels  # owners hold whole schools
+    assert b.backend.n_groups == lb.terms[lb.chain[0]].n_levels
     ref = nested_local.fit(reml=reml)
     res = nested_resident.fit(reml=reml)
     assert res.converged
@@ -321,10 +322,9 @@ def test_nested_resident_and_gathered_match_single_machine(nested_local, nested_
         assert g.terms[k].index.frame().equals(lb.terms[k].index.frame())  # the same level coding
         np.testing.assert_array_equal(g.stats.terms[k].n, lb.stats.terms[k].n)
         np.testing.assert_array_equal(b.backend.group_sizes(k), lb.stats.terms[k].n)
-    if hasattr(bm.model, "moment_start"):  # the resident start equals the single-machine one
-        tmap = ref.tmap
-        np.testing.assert_allclose(b.backend.moment_start(tmap), bm.model.moment_start(lb.stats, tmap),
-                                   rtol=1e-12, atol=1e-12)
+    tmap = ref.tmap  # the resident start equals the single-machine one
+    np.testing.assert_allclose(b.backend.moment_start(tmap), nested_local.fit().objective_fn.backend.moment_start(tmap),
+                               rtol=1e-12, atol=1e-12)
     for pg, pl_ in zip(g.stats.pairs, lb.stats.pairs):
         assert (pg.k, pg.j) == (pl_.k, pl_.j)
         np.testing.assert_array_equal(pg.jcodes, pl_.jcodes)
@@ -365,15 +365,18 @@ def test_dietox_pigs_in_litters(client, tmp_path):
 
 
 def test_nested_warm_start_sample(nested_local, nested_resident, monkeypatch):
-    from bigmixed import optimize
+    from bigmixed import backends, optimize
 
-    monkeypatch.setattr(optimize, "WARM_GROUPS_MIN", 2)  # 50 schools: a sample of a few
+    lb = nested_local.built
+    want = lb.terms[lb.chain[0]].n_levels // 20  # in children: a sample of a few of the 50 schools
+    monkeypatch.setattr(optimize, "WARM_GROUPS_MIN", want)
+    monkeypatch.setattr(backends, "MIN_SAMPLE_UNITS", 2)
     monkeypatch.setattr(optimize, "WARM_FRACTION", 0.0)
     ref, res = nested_local.fit(), nested_resident.fit()
     assert "Newton" in ref.optimizer.message and res.optimizer.message == ref.optimizer.message
     assert_same(res, ref)
-    sub_local = ref.objective_fn.subsample(2)
-    sub_dist = res.objective_fn.subsample(2)
+    sub_local = ref.objective_fn.subsample(want)
+    sub_dist = res.objective_fn.subsample(want)
     assert sub_local is not None and sub_dist is not None
     a, b = sub_local.backend.stats, sub_dist.backend.stats
     assert a.N == b.N and a.yty == pytest.approx(b.yty, rel=1e-12)

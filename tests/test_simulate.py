@@ -1,4 +1,4 @@
-"""Tests for bigmixed.simulate (kept small: the whole module runs in ~1 s)."""
+"""Tests for bigmixed.simulate and bigmixed.simulate_multi (kept small: the whole module runs in ~2 s)."""
 
 from __future__ import annotations
 
@@ -331,7 +331,7 @@ def test_crossed_parameters_recovered_by_moments() -> None:
 
 
 def test_crossed_streaming_matches_in_memory(tmp_path: Path, monkeypatch) -> None:
-    import bigmixed.simulate as sim_mod
+    import bigmixed.simulate_multi as sim_mod
 
     # small chunks, so files start and end mid-chunk and span several chunks
     monkeypatch.setattr(sim_mod, "_CROSSED_CHUNK", 997)
@@ -343,3 +343,25 @@ def test_crossed_streaming_matches_in_memory(tmp_path: Path, monkeypatch) -> Non
     assert pl.read_parquet(paths).equals(ref)
     # every file mixes (almost) all items
     assert min(pl.read_parquet(p)["item"].n_unique() for p in paths) > 140
+
+
+def test_multi_term_generators_are_re_exported() -> None:
+    import bigmixed.simulate as sim_mod
+    import bigmixed.simulate_multi as multi
+
+    for name in ("simulate_nested", "simulate_crossed", "simulate_crossed_to_parquet"):
+        assert getattr(sim_mod, name) is getattr(multi, name)
+        assert name in sim_mod.__all__ and name in dir(sim_mod)
+    assert simulate_nested is multi.simulate_nested
+    with pytest.raises(AttributeError):
+        sim_mod.no_such_generator  # noqa: B018
+
+
+def test_simulate_multi_imports_first_without_a_cycle() -> None:
+    # a fresh interpreter that imports simulate_multi before simulate
+    import subprocess
+    import sys
+
+    code = ("import bigmixed.simulate_multi as m; from bigmixed.simulate import simulate_nested; "
+            "assert simulate_nested is m.simulate_nested")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

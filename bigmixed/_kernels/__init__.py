@@ -37,10 +37,10 @@ from ._groups import (
 )
 from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_pieces, rest_sandwich
 from ._nested import nested_evaluate
+from ._pass import accumulate_records, record_layout, split_records
+from ._nested2 import NESTED2_SIZES, nested2_evaluate
 from ._rows import (
     accumulate_level_xx,
-    accumulate_nested_pairs,
-    accumulate_stats,
     complete_rows,
     dense_codes,
     hash_levels,
@@ -54,7 +54,6 @@ from ._rows import (
 __all__ = [
     "LEVEL_MIN",
     "LEVEL_MAX",
-    "accumulate_stats",
     "mark_keys",
     "number_keys",
     "dense_codes",
@@ -66,11 +65,15 @@ __all__ = [
     "conditional_modes",
     "transform_groups",
     "complete_rows",
+    "accumulate_records",
+    "record_layout",
+    "split_records",
     "accumulate_level_xx",
-    "accumulate_nested_pairs",
     "pair_products",
     "merge_pairs",
     "nested_evaluate",
+    "nested2_evaluate",
+    "NESTED2_SIZES",
     "crossed_forward",
     "crossed_update",
     "crossed_backward",

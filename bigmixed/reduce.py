@@ -1,0 +1,283 @@
+"""Step 2 of the pass over the rows: chunks of rows -> per-level statistics of every term.
+
+A :class:`Reducer` takes the chunks of one data set (all of it, or one file or Dask partition)
+for a :class:`~bigmixed.pipeline.Plan` and keeps, per term, one record per level (the
+layout of :mod:`bigmixed._kernels._pass`: Z'Z, Z'X, Z'y, n and, for nested terms, the pair
+blocks with the ancestors in the same record), the global sums and the accounting of dropped
+rows.  :attr:`Reducer.stats` turns the records into the contiguous arrays the objective reads.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import polars as pl
+
+from . import _kernels
+from ._kernels._pass import record_layout
+from .scaling import scaling_from_sample
+from .stats import NO_ANCESTORS, PairStats, SampleSums, Statistics, TermStats, default_threads
+
+__all__ = ["Reducer", "NotNested", "NON_FINITE", "ZERO_WEIGHT", "NEGATIVE_WEIGHT", "complete"]
+
+NON_FINITE = "(non-finite after transformation)"
+ZERO_WEIGHT = "(zero weight)"
+NEGATIVE_WEIGHT = "(negative weight)"
+_NO_INT8 = np.zeros(0, dtype=np.int8)
+
+
+class NotNested(Exception):
+    """Raised by the reducer when terms assumed nested share a level across two outer levels."""
+
+
+def complete(codes: list, y: np.ndarray, X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Rows with known levels of every term and finite values (column by column: X and Z are Fortran-ordered)."""
+    ok = np.isfinite(y)
+    for c in codes:
+        ok &= c >= 0
+    for M in (X, Z):
+        for j in range(M.shape[1]):
+            ok &= np.isfinite(M[:, j])
+    return ok
+
+
+def _missing_expr(c: str, schema) -> pl.Expr:
+    e = pl.col(c).is_null()
+    if schema.get(c) in (pl.Float32, pl.Float64):
+        e = e | pl.col(c).is_nan() | pl.col(c).is_infinite()
+    return e
+
+
+class _Records:
+    """One term's records during the pass (see :mod:`bigmixed._kernels._pass`)."""
+
+    def __init__(self, G: int, q: int, p: int, anc_q: tuple[int, ...]) -> None:
+        self.G, self.q, self.p, self.anc_q = G, q, p, anc_q
+        self.stride, self.ups, self.pars = record_layout(q, p, anc_q)
+        R = np.empty(G * self.stride)
+        R.fill(0.0)  # written here: the kernel's threads would take the page faults serially
+        self.R = R
+
+    def ancestors(self, codes: list[np.ndarray], Zs: list[np.ndarray], scales: list) -> tuple:
+        """The ``an`` argument of the kernel: codes, Z rows and transforms of the ancestors."""
+        if not self.anc_q:
+            return NO_ANCESTORS
+        aoff = np.concatenate(([0], np.cumsum(self.anc_q))).astype(np.int64)
+        return (np.ascontiguousarray(np.vstack(codes)), np.ascontiguousarray(np.vstack([Z.T for Z in Zs])),
+                np.concatenate([s.z_shift for s in scales]), np.concatenate([1.0 / s.z_scale for s in scales]),
+                aoff, np.asarray(self.anc_q, np.int64), np.asarray(self.ups, np.int64),
+                np.asarray(self.pars, np.int64))
+
+    def split(self, levels, XX) -> TermStats:
+        q, p, G = self.q, self.p, self.G
+        A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
+        _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, max(1, min(G, 64)))
+        return TermStats(A, B, c, n, levels, XX)
+
+    def pair(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(parent codes, blocks (G, q_a, q)) of the e-th ancestor."""
+        R = self.R.reshape(self.G, self.stride)
+        qa = self.anc_q[e]
+        up = np.ascontiguousarray(R[:, self.ups[e]:self.ups[e] + qa * self.q].reshape(self.G, qa, self.q))
+        return R[:, self.pars[e]].astype(np.int64) - 1, up
+
+
+class Reducer:
+    """Adds chunks of rows to the statistics of a :class:`~bigmixed.pipeline.Plan`.
+
+    ``add`` may raise :class:`NotNested` (terms assumed nested are not): the caller starts
+    again with ``layout="crossed"``.
+    """
+
+    def __init__(self, plan, nthreads: int | None = None) -> None:
+        self.plan = plan
+        self.nthreads = int(nthreads or default_threads())
+        d, terms = plan.design, plan.terms
+        ch = plan.chain
+        anc = {k: () for k in range(len(terms))}
+        if plan.layout == "nested":  # every finer term keeps its blocks with all coarser ones
+            anc = {ch[a]: tuple(ch[a + 1:]) for a in range(len(ch))}
+        self._anc = anc
+        self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k])) for k, t in enumerate(terms)]
+        self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
+        self._first = plan.sample_term if plan.sample_term is not None else 0
+        self._XX = np.zeros((terms[self._first].n_levels, d.p, d.p)) if plan.keep_xx else None
+        p = d.p
+        self._glob = Statistics([], np.zeros((p, p)), np.zeros(p), 0.0, 0, [],
+                                SampleSums.zeros(p) if plan.sample_term is not None else None,
+                                self._first)
+        self._pairs = [(ch[a], ch[b]) for a in range(len(ch)) for b in range(a + 1, len(ch))] \
+            if plan.layout in ("nested", "crossed") else []
+        self._lists: dict = {pr: [] for pr in self._pairs}
+        self._stats: Statistics | None = None
+        self.dropped = dict.fromkeys(d.columns, 0)
+        self.dropped[NON_FINITE] = 0
+        self.n_read = 0
+        self.n_dropped = 0
+        self.t_reduce = 0.0
+        self.scaling = plan.scaling
+
+    # -- the statistics -------------------------------------------------------------
+
+    @property
+    def stats(self) -> Statistics:
+        """The statistics of the rows added so far (the records split into per-level arrays)."""
+        if self._stats is None:
+            st = self._glob
+            terms = [r.split(self._levels[k], self._XX if k == self._first else None) for k, r in enumerate(self._rec)]
+            self._stats = Statistics(terms, st.XtX, st.Xty, st.yty, st.N, self.pairs(), st.sample, st.sample_term,
+                                     st.sum_log_w)
+        return self._stats
+
+    def pairs(self) -> list[PairStats]:
+        """The pair statistics gathered so far (nested blocks, or merged pair lists)."""
+        out = []
+        terms = self.plan.terms
+        for k, j in self._pairs:
+            if self.plan.layout == "nested":
+                parent, up = self._rec[k].pair(self._anc[k].index(j))
+                out.append(PairStats(k, j, np.arange(terms[k].n_levels, dtype=np.int64), parent, up))
+                continue
+            parts = self._lists[(k, j)]
+            nj = terms[j].n_levels
+            if parts:
+                keys = np.concatenate([p[0] for p in parts])
+                vals = np.concatenate([p[1] for p in parts])
+                keys, vals = _kernels.merge_pairs(keys, vals) if len(parts) > 1 else (keys, vals)
+            else:
+                keys, vals = np.zeros(0, np.int64), np.zeros((0, terms[j].q, terms[k].q))
+            out.append(PairStats(k, j, keys // max(nj, 1), keys % max(nj, 1), vals))
+        return out
+
+    # -- adding rows -------------------------------------------------------------------
+
+    def add(self, chunk: pl.DataFrame, label: str, warm=None) -> None:
+        """Reduce one chunk (a polars frame holding the design's columns)."""
+        plan, d = self.plan, self.plan.design
+        self._stats = None
+        self.n_read += chunk.height
+        y, X, Z = d.matrices(chunk)
+        off = d.offset(chunk)
+        if off is not None:  # a known part of the mean: the model is fitted to y - offset
+            y = y - off
+        codes = [t.index.codes(chunk) for t in plan.terms]
+        w = self._weights(chunk, label, codes)
+        if self.scaling is None:
+            # no complete row among the first rows read: the transform comes from this chunk's
+            ok = complete(codes, y, X, Z)
+            if not ok.any():
+                self._count(chunk, label, chunk.height, y, X, Z)
+                return
+            self.scaling = scaling_from_sample(X[ok], Z[ok], y[ok], d)
+        if warm is not None:  # the first chunk was read while the kernels loaded
+            warm.wait_statistics()
+        t0 = time.perf_counter()
+        skipped = self._reduce(codes, y, X, Z, w)
+        self.t_reduce += time.perf_counter() - t0
+        if skipped:
+            self._count(chunk, label, skipped, y, X, Z)
+
+    def _weights(self, chunk: pl.DataFrame, label: str, codes: list) -> np.ndarray | None:
+        """The chunk's weights, with rows of zero or (under missing='drop') negative weight dropped.
+
+        Dropped rows get code -1 in every term, so the kernels skip them and :meth:`_count`
+        counts them under "(zero weight)" / "(negative weight)".
+        """
+        d = self.plan.design
+        w = d.weights(chunk)
+        if w is None:
+            return None
+        neg = w < 0
+        if neg.any() and self.plan.missing == "raise":
+            where = "" if label == "data" else f" in {label}"
+            raise ValueError(f"weights column {d.spec.weights!r} holds {int(neg.sum())} negative value(s){where} "
+                             f"(e.g. {float(w[neg][0])}); weights must be >= 0 (0 leaves a row out), or use "
+                             "missing='drop' to leave such rows out")
+        bad = ~((w > 0) & np.isfinite(w))  # zero, negative, NaN or infinite
+        if bad.any():
+            for c in codes:
+                c[bad] = -1
+            w = np.where(bad, 1.0, w)
+        return w
+
+    def _reduce(self, codes: list, y, X, Z, w=None) -> int:
+        plan, sc, nt = self.plan, self.scaling, self.nthreads
+        terms = plan.terms
+        ww = np.zeros(0) if w is None else np.ascontiguousarray(w, dtype=np.float64)
+        XT = np.ascontiguousarray(X.T, dtype=np.float64)
+        y = np.ascontiguousarray(y, dtype=np.float64)
+        if plan.layout != "single":
+            ok = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), XT, np.ascontiguousarray(Z.T), y, nt)
+            if not ok.all():
+                codes = [np.where(ok, c, -1) for c in codes]
+        Zs = [Z[:, t.offset:t.offset + t.q] for t in terms]
+        scales = [sc.term(t.offset, t.q) if len(terms) > 1 else sc for t in terms]
+        skipped = 0
+        order = [self._first] + [k for k in range(len(terms)) if k != self._first]
+        for k in order:  # the sampling (outermost) term first: it also takes the global sums
+            rec, s = self._rec[k], scales[k]
+            an = rec.ancestors([codes[j] for j in self._anc[k]], [Zs[j] for j in self._anc[k]],
+                               [scales[j] for j in self._anc[k]])
+            tr = (s.x_shift, 1.0 / s.x_scale, s.z_shift, 1.0 / s.z_scale, float(s.y_shift), 1.0 / float(s.y_scale))
+            glob = k == self._first
+            lv = self._levels[k] if (glob and self._levels[k] is not None and self._glob.sample is not None) \
+                else _NO_INT8
+            XtX, Xty, out, sXtX, sXty, syty, sN = _kernels.accumulate_records(
+                np.ascontiguousarray(codes[k], dtype=np.int64), XT, np.ascontiguousarray(Zs[k].T, dtype=np.float64),
+                y, ww, tr, rec.R, rec.stride, lv, an, glob, nt)
+            if out[:, 4].sum():
+                raise NotNested(f"{terms[k].name} in {', '.join(terms[j].name for j in self._anc[k])}")
+            if glob:
+                self._add_globals(XtX, Xty, out, sXtX, sXty, syty, sN)
+                skipped = int(out[:, 2].sum())
+        for k, j in self._pairs if plan.layout == "crossed" else ():
+            zk, zj = scales[k], scales[j]
+            self._lists[(k, j)].append(_kernels.pair_products(
+                codes[k], codes[j], terms[j].n_levels, np.ascontiguousarray(Zs[k].T), np.ascontiguousarray(Zs[j].T),
+                zk.z_shift, 1.0 / zk.z_scale, zj.z_shift, 1.0 / zj.z_scale, ww))
+        if self._XX is not None:
+            k = self._first
+            okr = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), XT, np.ascontiguousarray(Z.T), y, nt)
+            _kernels.accumulate_level_xx(np.where(okr, codes[k], -1), XT, sc.x_shift, 1.0 / sc.x_scale, ww, self._XX)
+        return skipped
+
+    def _add_globals(self, XtX, Xty, out, sXtX, sXty, syty, sN) -> None:
+        st = self._glob
+        st.XtX += XtX.sum(axis=0)
+        st.Xty += Xty.sum(axis=0)
+        st.yty += float(out[:, 0].sum())
+        st.N += int(out[:, 1].sum())
+        st.sum_log_w += float(out[:, 3].sum())
+        if st.sample is not None:
+            st.sample = st.sample.plus(sXtX.sum(axis=0), sXty.sum(axis=0), syty.sum(axis=0), sN.sum(axis=0))
+
+    def _count(self, chunk, label, skipped, y, X, Z) -> None:
+        """Attribute the skipped rows to columns (only now, when there are some)."""
+        d = self.plan.design
+        exprs = {c: _missing_expr(c, chunk.schema) for c in d.columns}
+        wc = d.spec.weights
+        if wc is not None:  # weights that leave a row out (NaN/inf are counted under the column)
+            finite = pl.col(wc).is_not_null() & pl.col(wc).is_finite()
+            exprs[ZERO_WEIGHT] = finite & (pl.col(wc) == 0)
+            exprs[NEGATIVE_WEIGHT] = finite & (pl.col(wc) < 0)
+        counts = chunk.select([e.sum().alias(c) for c, e in exprs.items()]).row(0)
+        if self.plan.missing == "raise":
+            bad = [c for c, k in zip(exprs, counts) if k and c not in (ZERO_WEIGHT, NEGATIVE_WEIGHT)]
+            if not bad and skipped == counts[-2]:  # only zero weights: those rows are left out
+                self.dropped[ZERO_WEIGHT] = self.dropped.get(ZERO_WEIGHT, 0) + int(skipped)
+                self.n_dropped += skipped
+                return
+            where = "" if label == "data" else f" in {label}"
+            names = [d.response_name] * int(not np.isfinite(y).all()) + \
+                [n for n, ok in zip(d.fe_names, np.isfinite(X).all(axis=0)) if not ok] + \
+                [n for n, ok in zip(d.re_names, np.isfinite(Z).all(axis=0)) if not ok]
+            what = (f"column(s) {', '.join(repr(b) for b in bad)} hold null/NaN/inf values" if bad
+                    else f"{skipped} row(s) give non-finite values after the formula's transformations "
+                         f"(in {', '.join(repr(t) for t in dict.fromkeys(names))})")
+            raise ValueError(f"{what}{where}; use missing='drop' to leave such rows out")
+        for c, k in zip(exprs, counts):
+            self.dropped[c] = self.dropped.get(c, 0) + int(k)
+        flagged = int(chunk.select(pl.any_horizontal(list(exprs.values())).sum()).item())
+        self.dropped[NON_FINITE] += skipped - flagged
+        self.n_dropped += skipped
