@@ -121,8 +121,10 @@ def predict_chunk(res, chunk: pl.DataFrame, include_random: bool) -> np.ndarray:
     built = res.model.built
     design = built.design
     cols = [c for c in design.predictor_columns if c in chunk.columns]
-    bad = pl.any_horizontal([pl.col(c).is_null() for c in cols]) if cols else pl.lit(False)
-    okmask = ~chunk.select(bad.alias("b")).to_series().to_numpy()
+    if cols:
+        okmask = ~chunk.select(pl.any_horizontal([pl.col(c).is_null() for c in cols])).to_series().to_numpy()
+    else:  # an intercept-only model: no predictor can be missing
+        okmask = np.ones(chunk.height, dtype=bool)
     out = np.full(chunk.height, np.nan)
     if not okmask.any():
         return out

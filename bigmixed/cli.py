@@ -36,7 +36,7 @@ PROG = "bigmixed"
 # Exceptions that mean "the input or the usage is wrong": exit 2 with their message.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, NotImplementedError, FileNotFoundError, PermissionError, IsADirectoryError,
-    NotADirectoryError, FileExistsError,
+    NotADirectoryError, FileExistsError, MemoryError,  # MemoryError: the crossed-terms guard (docs/errors.md)
 )
 
 

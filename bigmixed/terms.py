@@ -271,6 +271,13 @@ def check_crossed_memory(levels_q: list[tuple[int, int]], names: list[str], limi
     m = sum(levels_q[k][0] * levels_q[k][1] for k in rest)
     raise MemoryError(
         f"crossed random effects: the terms {desc} form a dense block of ({m:,})^2 x 8 bytes, and the fit "
-        f"needs three such matrices ({need / 2**30:.1f} GB), more than this machine's memory allows "
-        f"({limit / 2**30:.1f} GB); fit fewer levels (e.g. drop or merge rare ones), or make the "
+        f"needs three such matrices ({_size(need)}), more than this machine's memory allows "
+        f"({_size(limit)}); fit fewer levels (e.g. drop or merge rare ones), or make the "
         "term with the most levels the only crossed one")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"

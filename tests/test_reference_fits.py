@@ -167,3 +167,43 @@ def test_every_trap_trapped_the_old_optimiser():
 
 def test_battery_size():
     assert len(REFS["single.json"]) >= 20 and len(REFS["multi.json"]) >= 10
+
+
+
+WARM_TRAPS = [(f, k) for f, k in CASES if f == "traps.json" and sum(REFS[f][k]["ngroups"].values()) >= 100]
+
+
+@lru_cache(maxsize=None)
+def warm_fitted(case):
+    """The trap fitted with the warm start forced on (a hash sample of about 8 groups, then Newton)."""
+    from bigmixed import optimize
+
+    rec = _ref(case)
+    df = pd.read_csv(DATA / rec["data"], dtype={c: str for c in rec["factors"]})
+    saved = optimize.WARM_GROUPS_MIN, optimize.WARM_FRACTION
+    optimize.WARM_GROUPS_MIN, optimize.WARM_FRACTION = 8, 0.0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = bm.lmer(rec["bigmixed_formula"], df, REML=rec["REML"])
+    finally:
+        optimize.WARM_GROUPS_MIN, optimize.WARM_FRACTION = saved
+    return res, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("case", WARM_TRAPS, ids=[k for _, k in WARM_TRAPS])
+def test_traps_on_the_warm_route(case):
+    """The subsample + Newton route also ends at lme4's optimum, and never at a false boundary.
+
+    Where the sample's optimum is near a bound the route hands over to L-BFGS-B and the probes.
+    """
+    rec = _ref(case)
+    res, caught = warm_fitted(case)
+    target = min(rec["objective"], rec["default"]["objective"], _best(rec)["objective"])
+    assert res.converged and res.objective <= target + 1e-8 * abs(target)
+    assert not res.is_singular and not any("singular" in m for m in caught)
+
+
+def test_most_traps_take_the_warm_route():
+    newton = [k for case in WARM_TRAPS if "Newton" in warm_fitted(case)[0].optimizer.message for k in [case[1]]]
+    assert len(newton) >= len(WARM_TRAPS) // 2, newton
