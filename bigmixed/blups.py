@@ -58,7 +58,7 @@ def ranef_frame(res, k: int) -> pd.DataFrame:
     """lme4's ``ranef(fit)[[term]]``: BLUPs indexed by level (``"a:b"`` labels for an interaction)."""
     term = res.model.built.terms[k]
     b = res._modes[k][0]
-    from .results import r_name
+    from .names import r_name
 
     cols = [r_name(n, res._factor_vars) for n in term.re_names]
     idx = pd.Index(term.index.keys.to_list(), name=term.name)

@@ -285,7 +285,7 @@ def _kenward_roger(res) -> _KR:
     st = res.model.built.stats
     if st is None:
         raise NotImplementedError("Kenward-Roger's df need the statistics in this process; they are resident on "
-                                  "the Dask workers (build them with mode='gathered', or use ddf='Satterthwaite')")
+                                  "the Dask workers (fit with distributed_mode='gathered', or use ddf='Satterthwaite')")
     from .bootstrap import design_blocks
 
     blk = design_blocks(res)

@@ -46,7 +46,8 @@ class _Par:
 
 def _params(res) -> list[_Par]:
     """lme4's profile parameters in its order: per bar, vech of its covariance; sigma; fixed effects."""
-    from .results import _lme4_bars, r_name
+    from .names import r_name
+    from .results import _lme4_bars
 
     out = []
     for k, bar in _lme4_bars(res._terms):

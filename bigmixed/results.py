@@ -26,6 +26,7 @@ from scipy.special import ndtr, ndtri
 from . import blups
 from .objective import R2_FLOOR, NumericalError, Objective
 from .optimize import OptimizerState, hessian
+from .names import r_name, sm_names, sm_var_name
 from .terms import TermTheta, lme4_bar_order
 
 __all__ = ["MixedLMResults", "theta_to_scaled", "safe_cholesky", "theta_order"]
@@ -510,6 +511,8 @@ class MixedLMResults:
         return {
             "formula": self.model.formula if isinstance(self.model.formula, str) else self.model.spec.lmer_formula(),
             "method": self.method,
+            "weights": self.model.spec.weights,  # the column of precision weights (or None)
+            "offset": list(self.model.spec.offset),
             "nobs": self.nobs,
             "n_groups": self.n_groups,
             "ngroups": self.ngroups,
@@ -585,43 +588,3 @@ class MixedLMResults:
 def _jsonable(d: dict) -> dict:
     return {str(k): (None if v is None or (isinstance(v, float) and not np.isfinite(v)) else float(v))
             for k, v in d.items()}
-
-
-_LEVEL = re.compile(r"(?<=[\w)])\[(?:T\.)?([^\]]*)\]")
-_POLY = re.compile(r"(poly\([^()]*\))\[(\d+)\]")
-
-
-def r_name(name: str, factor_vars: frozenset = frozenset()) -> str:
-    """R's spelling of a model-matrix column: ``(Intercept)``, ``recipeB``, ``poly(x, 2)1``, ``I(x^2)``.
-
-    formulaic writes ``recipe[T.B]``, ``poly(x, 2)[1]`` and ``I(x ** 2)``; ``factor(x)`` was read
-    as ``C(x)`` (``factor_vars``: the variables the user wrapped in ``factor``).
-    """
-    if name == "Intercept":
-        return "(Intercept)"
-    out = _POLY.sub(r"\1\2", name)
-    out = _LEVEL.sub(r"\1", out)
-    out = out.replace(" ** ", "^")
-    for v in factor_vars:
-        out = out.replace(f"C({v})", f"factor({v})")
-    return out
-
-
-def sm_names(names: list[str]) -> list[str]:
-    """statsmodels' names of the random effects: the intercept is called ``Group``."""
-    return ["Group" if n == "Intercept" else n for n in names]
-
-
-def sm_var_name(names: list[str], a: int, b: int, term: str | None = None) -> str:
-    """statsmodels' row names: 'Group Var', 'Group x Time Cov', 'Time Var' (other terms: '<term> Var')."""
-    if term is not None:
-        lab = ["" if n == "Intercept" else f" {n}" for n in names]
-        if a == b:
-            return f"{term}{lab[a]} Var"
-        return f"{term}{lab[b]} x{lab[a] or ' Intercept'} Cov"
-    lab = sm_names(names)
-    if len(names) == 1:
-        return "Group Var"
-    if a == b:
-        return f"{lab[a]} Var"
-    return f"{lab[b]} x {lab[a]} Cov"

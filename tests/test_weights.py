@@ -135,6 +135,7 @@ def test_weights_from_the_command_line(dietox_w, tmp_path):
                  "--out", str(out), "--quiet"]) == 0
     rec = json.loads((out / "fit.json").read_text())
     assert rec["llf"] == pytest.approx(REF["dietox_weights"]["logLik"], rel=1e-8)
+    assert rec["weights"] == "w" and rec["offset"] == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["fit", str(tmp_path / "d.parquet"), "-f", "Weight ~ Time + (Time | Pig)", "--weights", "nope",
