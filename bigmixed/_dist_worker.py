@@ -32,6 +32,7 @@ from .keys import _GOLDEN, GroupIndex, TermIndex, _hash_keys, frame_levels, grou
 from .pipeline import Plan, _check_finite, _prototype
 from .reduce import NotNested, Reducer
 from .scaling import Scaling, canonical_scaling, same_scaling, transform_statistics, z_may_centre
+from .start import term_moments
 from .stats import PairStats, SampleSums, Statistics, TermStats
 
 PART, NROUTE, CROUTE, COUNT = "__part", "__nroute", "__croute", "__n"
@@ -524,20 +525,11 @@ def _modes_task(o: _Owner, lams: list, beta: np.ndarray) -> list:
 
 
 def _moment_task(o: _Owner, beta: np.ndarray) -> np.ndarray:
-    """Per term, ``sum_l n_l b_l b_l'``, ``sum_l n_l A_l^+`` and ``sum_l n_l`` (b_l = A_l^+ Z_l'(y - X beta)),
-    packed: this owner's share of :func:`bigmixed.start.moment_start`."""
+    """Per term, :func:`bigmixed.start.term_moments` of this owner's levels, packed."""
     out = []
     for t in o.stats.terms:
-        q = t.q
-        if t.n_groups == 0:
-            out += [np.zeros(2 * q * q), np.zeros(1)]
-            continue
-        e = t.c - np.einsum("gqp,p->gq", t.B, beta)
-        Ainv = np.linalg.pinv(t.A, hermitian=True)
-        b = np.einsum("gab,gb->ga", Ainv, e)
-        n = t.n.astype(float)
-        out += [np.einsum("g,ga,gb->ab", n, b, b).ravel(), np.einsum("g,gab->ab", n, Ainv).ravel(),
-                np.array([n.sum()])]
+        Sbb, SA, n = term_moments(t, beta)
+        out += [Sbb.ravel(), SA.ravel(), np.array([n])]
     return np.concatenate(out)
 
 

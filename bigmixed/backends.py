@@ -200,9 +200,9 @@ class NestedBackend:
         roots_of = [pair[(k, root)].jcodes if k != root else np.arange(st.terms[k].n_groups) for k in ch]
         counts = [st.terms[k].n_groups for k in ch]
         term = np.concatenate([np.full(n, e, dtype=np.int64) for e, n in enumerate(counts)])
-        level = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])
         rootk = np.concatenate(roots_of).astype(np.int64)
-        order = np.lexsort((level, term, rootk))  # by root, then term (finest first), then level
+        # by root, then term (finest first), then level: levels are already in order within a term
+        order = np.argsort(rootk * K + term, kind="stable")
         n = order.size
         pos = np.empty(n, dtype=np.int64)
         pos[order] = np.arange(n)

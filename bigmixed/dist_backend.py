@@ -21,6 +21,7 @@ from dask.distributed import Client, Future
 from . import backends
 from .backends import Evaluation, subsample_backend
 from .keys import TermIndex
+from .start import ols_moments, theta_from_moments
 from .stats import PairStats, SampleSums, Statistics, TermStats
 from ._dist_worker import (
     _codes,
@@ -180,36 +181,17 @@ class DistributedBackend:
 
     def moment_start(self, tmap, floor: float = 1e-2) -> np.ndarray:
         """:func:`bigmixed.start.moment_start` from the owners' per-level sums (one map, O(q^2) numbers each)."""
-        from .start import _pattern  # the single-machine formula; only the sums over levels come from the owners
-
-        p = self.p
-        if p:
-            try:
-                beta = np.linalg.solve(self.XtX, self.Xty)
-            except np.linalg.LinAlgError:
-                beta = np.linalg.lstsq(self.XtX, self.Xty, rcond=None)[0]
-            r2 = float(self.yty - self.Xty @ beta)
-        else:
-            beta, r2 = np.zeros(0), float(self.yty)
-        s2 = max(r2 / max(self.N - p, 1), 1e-300)
+        beta, s2 = ols_moments(self.XtX, self.Xty, self.yty, self.N)
         parts = self._map(_moment_task, beta=np.ascontiguousarray(beta, dtype=float))
         acc = parts[0].copy()
         for part in parts[1:]:
             acc += part
-        out, at = [], 0
-        for q, tt in zip(self.qs, tmap.terms):
-            Sbb = acc[at:at + q * q].reshape(q, q)
-            SA = acc[at + q * q:at + 2 * q * q].reshape(q, q)
-            n = acc[at + 2 * q * q]
+        moments, at = [], 0
+        for q in self.qs:
+            moments.append((acc[at:at + q * q].reshape(q, q), acc[at + q * q:at + 2 * q * q].reshape(q, q),
+                            float(acc[at + 2 * q * q])))
             at += 2 * q * q + 1
-            psi = Sbb / max(n, 1.0) - s2 * SA / max(n, 1.0)
-            rel = _pattern(psi / s2, tt)
-            vals, vecs = np.linalg.eigh(rel)
-            rel = (vecs * np.maximum(vals, floor**2)) @ vecs.T
-            th = tt.theta(np.linalg.cholesky(rel))
-            out.append(np.where(tt.is_diag, np.maximum(th, floor), th))
-        theta = np.concatenate(out) if out else np.zeros(0)
-        return theta if np.all(np.isfinite(theta)) else tmap.start()
+        return theta_from_moments(moments, s2, tmap, floor)
 
     def subsample(self, level: int):
         """The warm-start subsample (outer levels of sampling level >= ``level`` with all nested in them).

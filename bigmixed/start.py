@@ -21,35 +21,90 @@ import numpy as np
 from .stats import Statistics
 from .terms import ThetaMap
 
-__all__ = ["moment_start"]
+__all__ = ["moment_start", "ols_moments", "term_moments", "theta_from_moments", "psd_pinv"]
+
+# singular values below this share of the largest count as 0 (numpy's pinv default)
+_RCOND = 1e-15
+
+
+def psd_pinv(A: np.ndarray) -> np.ndarray:
+    """Pseudo-inverses of a batch ``(G, q, q)`` of symmetric positive semi-definite matrices.
+
+    Closed forms for q = 1 and 2 (a batched SVD costs far more than the rest of the start at
+    a million levels), ``eigh`` otherwise; eigenvalues below ``1e-15`` of the largest are dropped,
+    as ``np.linalg.pinv`` does.
+    """
+    G, q = A.shape[0], A.shape[1]
+    if q == 1:
+        a = A[:, 0, 0]
+        return np.where(a > 0.0, 1.0 / np.where(a > 0.0, a, 1.0), 0.0)[:, None, None]
+    if q == 2:  # (the branches not taken may overflow: np.where picks the other)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            a, b, d = A[:, 0, 0], A[:, 0, 1], A[:, 1, 1]
+            tr = a + d
+            det = a * d - b * b
+            trs = np.where(tr > 0.0, tr, 1.0)
+            full = det / trs > _RCOND * tr  # (scaled by tr: tr^2 underflows for tiny blocks)
+            out = np.empty_like(A)
+            inv_det = 1.0 / np.where(full, det, 1.0)
+            out[:, 0, 0], out[:, 1, 1] = d * inv_det, a * inv_det
+            out[:, 0, 1] = out[:, 1, 0] = -b * inv_det
+            # rank one: A = tr v v', so A^+ = A / tr^2 (or 0)
+            r1 = np.where((tr > 0.0)[:, None, None], A / trs[:, None, None] / trs[:, None, None], 0.0)
+            return np.where(full[:, None, None], out, r1)
+    vals, vecs = np.linalg.eigh(A)
+    top = vals.max(axis=1, keepdims=True) if G else vals
+    with np.errstate(over="ignore"):  # a tiny kept eigenvalue: inf, as numpy's pinv gives
+        inv = np.where(vals > _RCOND * top, 1.0 / np.where(vals > 0.0, vals, 1.0), 0.0)
+    return np.einsum("gak,gk,gbk->gab", vecs, inv, vecs)
+
+
+def ols_moments(XtX: np.ndarray, Xty: np.ndarray, yty: float, N: int) -> tuple[np.ndarray, float]:
+    """The least-squares beta and residual variance of the global sums."""
+    p = XtX.shape[0]
+    if p:
+        try:
+            beta = np.linalg.solve(XtX, Xty)
+        except np.linalg.LinAlgError:
+            beta = np.linalg.lstsq(XtX, Xty, rcond=None)[0]
+        r2 = float(yty - Xty @ beta)
+    else:
+        beta, r2 = np.zeros(0), float(yty)
+    return beta, max(r2 / max(N - p, 1), 1e-300)
+
+
+def term_moments(t, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(sum_l n_l b_l b_l', sum_l n_l A_l^+, sum_l n_l)`` over the levels of one term's statistics.
+
+    These sums add up over disjoint sets of levels (the Dask owners send theirs).
+    """
+    if t.n_groups == 0:
+        return np.zeros((t.q, t.q)), np.zeros((t.q, t.q)), 0.0
+    e = t.c - np.einsum("gqp,p->gq", t.B, beta)
+    Ainv = psd_pinv(t.A)
+    b = np.einsum("gab,gb->ga", Ainv, e)
+    n = t.n.astype(float)
+    return np.einsum("g,ga,gb->ab", n, b, b), np.einsum("g,gab->ab", n, Ainv), float(n.sum())
+
+
+def theta_from_moments(moments: list, s2: float, tmap: ThetaMap, floor: float = 1e-2) -> np.ndarray:
+    """theta from each term's :func:`term_moments`, relative to the residual variance ``s2``."""
+    parts = []
+    for (Sbb, SA, n), tt in zip(moments, tmap.terms):
+        psi = (Sbb - s2 * SA) / max(n, 1.0)
+        rel = _pattern(psi / s2, tt)
+        vals, vecs = np.linalg.eigh(rel)
+        rel = (vecs * np.maximum(vals, floor**2)) @ vecs.T
+        th = tt.theta(np.linalg.cholesky(rel))
+        parts.append(np.where(tt.is_diag, np.maximum(th, floor), th))
+    out = np.concatenate(parts) if parts else np.zeros(0)
+    return out if np.all(np.isfinite(out)) else tmap.start()
 
 
 def moment_start(stats: Statistics, tmap: ThetaMap, floor: float = 1e-2) -> np.ndarray:
     """theta (the model's order) from the moments above; diagonal entries at least ``floor``."""
-    if stats.p:
-        try:
-            beta = np.linalg.solve(stats.XtX, stats.Xty)
-        except np.linalg.LinAlgError:
-            beta = np.linalg.lstsq(stats.XtX, stats.Xty, rcond=None)[0]
-        r2 = float(stats.yty - stats.Xty @ beta)
-    else:
-        beta, r2 = np.zeros(0), float(stats.yty)
-    s2 = max(r2 / max(stats.N - stats.p, 1), 1e-300)
-    parts = []
-    for t, tt in zip(stats.terms, tmap.terms):
-        e = t.c - np.einsum("gqp,p->gq", t.B, beta)
-        Ainv = np.linalg.pinv(t.A, hermitian=True)
-        b = np.einsum("gab,gb->ga", Ainv, e)
-        w = t.n / max(float(t.n.sum()), 1.0)
-        psi = np.einsum("g,ga,gb->ab", w, b, b) - s2 * np.einsum("g,gab->ab", w, Ainv)
-        rel = _pattern(psi / s2, tt)
-        vals, vecs = np.linalg.eigh(rel)
-        rel = (vecs * np.maximum(vals, floor**2)) @ vecs.T
-        lam = np.linalg.cholesky(rel)
-        th = tt.theta(lam)
-        parts.append(np.where(tt.is_diag, np.maximum(th, floor), th))
-    out = np.concatenate(parts) if parts else np.zeros(0)
-    return out if np.all(np.isfinite(out)) else tmap.start()
+    beta, s2 = ols_moments(stats.XtX, stats.Xty, stats.yty, stats.N)
+    return theta_from_moments([term_moments(t, beta) for t in stats.terms], s2, tmap, floor)
 
 
 def _pattern(rel: np.ndarray, tt) -> np.ndarray:

@@ -223,3 +223,18 @@ def test_warm_route_agrees_with_lbfgsb_for_other_models(many_groups, formula, re
     assert warm.objective <= cold.objective + 1e-11 * abs(cold.objective)
     np.testing.assert_allclose(warm.theta, cold.theta, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(warm.fe_params, cold.fe_params, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("q", [1, 2, 3])
+def test_psd_pinv_matches_numpy(q):
+    """The start's batched pseudo-inverse (closed forms for q <= 2) equals numpy's, singular blocks included."""
+    from bigmixed.start import psd_pinv
+
+    rng = np.random.default_rng(q)
+    Zs = rng.normal(size=(60, 5, q))
+    A = np.einsum("gra,grb->gab", Zs, Zs)
+    A[:10] = np.einsum("gr,gs->grs", Zs[:10, 0], Zs[:10, 0]) if q > 1 else A[:10]  # rank one
+    A[10:12] = 0.0  # a level with no information
+    if q > 1:
+        A[12] = np.outer(np.ones(q), np.ones(q)) * 1e-300  # tiny, rank one
+    np.testing.assert_allclose(psd_pinv(A), np.linalg.pinv(A, hermitian=True), rtol=1e-9, atol=1e-12)
