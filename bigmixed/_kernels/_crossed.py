@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import _JIT
-from ._nested import _chol, _solve_lower_cols, _solve_lower_rows, _solve_upper_cols, _solve_upper_rows
+from ._nested import _add_gram, _chol, _lam_t_times, _solve_lower_cols, _solve_lower_rows, _solve_upper_cols, _solve_upper_rows
 
 
 @njit(parallel=True, **_JIT)
@@ -73,18 +73,9 @@ def crossed_forward(A0, D0, lam0, ptr, pterm, W, lamR, qR, chunks):
                 break
             for a in range(q0):
                 ld += 2.0 * np.log(Lall[i, a, a])
-                for c in range(p1):
-                    s = 0.0
-                    for k in range(q0):
-                        s += lam0[k, a] * D0[i, k, c]
-                    Pall[i, a, c] = s
+            _lam_t_times(q0, lam0, D0[i], p1, Pall[i])
             _solve_lower_cols(q0, Lall[i], p1, Pall[i])
-            for c in range(p1):
-                for c2 in range(c + 1):
-                    s = 0.0
-                    for a in range(q0):
-                        s += Pall[i, a, c] * Pall[i, a, c2]
-                    SFD[c, c2] += s
+            _add_gram(q0, Pall[i], p1, SFD)
             for e in range(ptr[i], ptr[i + 1]):
                 j = pterm[e]
                 qj = qR[j]

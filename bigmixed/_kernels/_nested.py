@@ -101,6 +101,28 @@ def _solve_upper_rows(q, L, r, X):
             X[row, a] = s / L[a, a]
 
 
+@njit(inline="always", **_JIT)
+def _lam_t_times(q, lam, D, p1, out):
+    """out (q x p1) <- Lambda' D (the first q rows of D)."""
+    for a in range(q):
+        for c in range(p1):
+            s = 0.0
+            for k in range(q):
+                s += lam[k, a] * D[k, c]
+            out[a, c] = s
+
+
+@njit(inline="always", **_JIT)
+def _add_gram(q, P, p1, SFD):
+    """SFD += P'P on and below the diagonal (P: q x p1)."""
+    for c in range(p1):
+        for c2 in range(c + 1):
+            s = 0.0
+            for a in range(q):
+                s += P[a, c] * P[a, c2]
+            SFD[c, c2] += s
+
+
 @njit(**_JIT)
 def _root(lo, hi, term, qv, A, D, up, anc, lams, p1, K, want_grad, want_modes, g, cf, kappa, reml,
           Ld, Lu, P, Mw, Mu, Dw, R, T, Sd, Su, G, tmp, tmp2, SFD, GA, S, GC, bhat, bcov):
@@ -166,19 +188,12 @@ def _root(lo, hi, term, qv, A, D, up, anc, lams, p1, K, want_grad, want_modes, g
                     Lu[li, s_, a, b] = s - Mu[li, s_, a, b]
             _solve_lower_rows(q, Ld[li], q2, Lu[li, s_])
         # P = L^-1 (Lambda_e' D_i - updates)
+        _lam_t_times(q, lam, D[i], p1, P[li])
         for a in range(q):
             for c in range(p1):
-                s = 0.0
-                for k in range(q):
-                    s += lam[k, a] * D[i, k, c]
-                P[li, a, c] = s - Dw[li, a, c]
+                P[li, a, c] -= Dw[li, a, c]
         _solve_lower_cols(q, Ld[li], p1, P[li])
-        for c in range(p1):
-            for c2 in range(c + 1):
-                s = 0.0
-                for a in range(q):
-                    s += P[li, a, c] * P[li, a, c2]
-                SFD[c, c2] += s
+        _add_gram(q, P[li], p1, SFD)
         # Schur updates of the ancestors' blocks
         for s_ in range(ks):
             ai = anc[i, s_]

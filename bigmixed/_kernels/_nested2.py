@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import _JIT
-from ._nested import _chol, _solve_lower_cols, _solve_lower_rows, _solve_upper_cols, _solve_upper_rows
+from ._nested import _add_gram, _chol, _lam_t_times, _solve_lower_cols, _solve_lower_rows, _solve_upper_cols, _solve_upper_rows
 
 
 @njit(inline="always", **_JIT)
@@ -73,19 +73,9 @@ def _group(q1, q2, p1, lo, hi, A, D, up, lam1, lam2, want_grad, want_modes, g, c
                     s += lam2[k, a] * ULw[j, k, b]
                 Vi[j, a, b] = s
         _solve_lower_rows(q1, Li[j], q2, Vi[j])
-        for a in range(q1):
-            for c in range(p1):
-                s = 0.0
-                for k in range(q1):
-                    s += lam1[k, a] * D[i, k, c]
-                Pi[j, a, c] = s
+        _lam_t_times(q1, lam1, D[i], p1, Pi[j])
         _solve_lower_cols(q1, Li[j], p1, Pi[j])
-        for c in range(p1):
-            for c2 in range(c + 1):
-                s = 0.0
-                for a in range(q1):
-                    s += Pi[j, a, c] * Pi[j, a, c2]
-                SFD[c, c2] += s
+        _add_gram(q1, Pi[j], p1, SFD)
         for a in range(q2):
             for b in range(a + 1):
                 s = 0.0
@@ -114,19 +104,12 @@ def _group(q1, q2, p1, lo, hi, A, D, up, lam1, lam2, want_grad, want_modes, g, c
         return 0.0, False
     for a in range(q2):
         logdet += 2.0 * np.log(Lr[a, a])
+    _lam_t_times(q2, lam2, D[r], p1, Rr)
     for a in range(q2):
         for c in range(p1):
-            s = 0.0
-            for k in range(q2):
-                s += lam2[k, a] * D[r, k, c]
-            Rr[a, c] = s - Dr[a, c]
+            Rr[a, c] -= Dr[a, c]
     _solve_lower_cols(q2, Lr, p1, Rr)  # P_r, in place
-    for c in range(p1):
-        for c2 in range(c + 1):
-            s = 0.0
-            for a in range(q2):
-                s += Rr[a, c] * Rr[a, c2]
-            SFD[c, c2] += s
+    _add_gram(q2, Rr, p1, SFD)
     if not (want_grad or want_modes):
         return logdet, True
     _solve_upper_cols(q2, Lr, p1, Rr)  # R_r = L_r^-T P_r
