@@ -28,7 +28,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import _JIT
-from ._nested import _add_gram, _chol, _lam_t_times, _solve_lower_cols, _solve_lower_rows, _solve_upper_cols, _solve_upper_rows
+from ._nested import (_add_contracted, _add_gram, _add_tensor, _chol, _lam_t_times, _solve_lower_cols, _solve_lower_rows,
+                      _solve_upper_cols, _solve_upper_rows)
 
 
 @njit(parallel=True, **_JIT)
@@ -338,34 +339,9 @@ def crossed_backward(A0, D0, lam0, ptr, pcol, pterm, W, lamR, qR, L, P, V, RR, S
                 for b in range(a + 1):
                     GA[a, b] += Gi[a, b]
             if tensor:
-                for a in range(q0):
-                    for b in range(a + 1):
-                        for k in range(p1):
-                            tk = T[a, k]
-                            for m2 in range(p1):
-                                S[a, b, k, m2] += tk * R[b, m2]
+                _add_tensor(q0, T, R, p1, S)
             else:
-                for a in range(q0):
-                    tg = 0.0
-                    for k in range(p1):
-                        tg += T[a, k] * g[k]
-                    for b in range(a + 1):
-                        rg = 0.0
-                        for k in range(p1):
-                            rg += R[b, k] * g[k]
-                        GC[a, b] += 2.0 * Gi[a, b] - 2.0 * kappa * tg * rg
-                if reml:
-                    for a in range(q0):
-                        for b in range(a + 1):
-                            s = 0.0
-                            for m2 in range(pp):
-                                ta = 0.0
-                                rb = 0.0
-                                for k in range(m2, pp):
-                                    ta += T[a, 1 + k] * cf[k, m2]
-                                    rb += R[b, 1 + k] * cf[k, m2]
-                                s += ta * rb
-                            GC[a, b] -= 2.0 * s
+                _add_contracted(q0, T, R, Gi, g, cf, kappa, reml, GC)
         for a in range(q0):
             for b in range(q0):
                 out_GA[t, a, b] = GA[a, b]
@@ -456,34 +432,11 @@ def rest_pieces(AR, DR, RR, SigR, TRsub, GRadd, bstart, bq, bterm, lamR, nterms,
         for a in range(q):
             for b in range(a + 1):
                 GA[bi, a, b] = Gb[a, b]
+        # S[bi] and GC[bi] start at 0 (one block each)
         if tensor:
-            for a in range(q):
-                for b in range(a + 1):
-                    for k in range(p1):
-                        for m2 in range(p1):
-                            S[bi, a, b, k, m2] = T[a, k] * RR[r + b, m2]
+            _add_tensor(q, T, RR[r:r + q], p1, S[bi])
         else:
-            for a in range(q):
-                tg = 0.0
-                for k in range(p1):
-                    tg += T[a, k] * g[k]
-                for b in range(a + 1):
-                    rg = 0.0
-                    for k in range(p1):
-                        rg += RR[r + b, k] * g[k]
-                    GC[bi, a, b] = 2.0 * Gb[a, b] - 2.0 * kappa * tg * rg
-            if reml:
-                for a in range(q):
-                    for b in range(a + 1):
-                        s = 0.0
-                        for m2 in range(pp):
-                            ta = 0.0
-                            rb = 0.0
-                            for k in range(m2, pp):
-                                ta += T[a, 1 + k] * cf[k, m2]
-                                rb += RR[r + b, 1 + k] * cf[k, m2]
-                            s += ta * rb
-                        GC[bi, a, b] -= 2.0 * s
+            _add_contracted(q, T, RR[r:r + q], Gb, g, cf, kappa, reml, GC[bi])
     # per-term sums in block order (deterministic)
     GAt = np.zeros((nterms, Qr, Qr))
     St = np.zeros((nterms, Qr, Qr, sd, sd))

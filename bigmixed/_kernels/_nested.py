@@ -123,6 +123,48 @@ def _add_gram(q, P, p1, SFD):
             SFD[c, c2] += s
 
 
+@njit(inline="always", **_JIT)
+def _add_tensor(q, T, R, p1, S):
+    """S[a, b] += T[a] R[b]' for b <= a: the gradient tensor of one block (contracted on the driver)."""
+    for a in range(q):
+        for b in range(a + 1):
+            for k in range(p1):
+                tk = T[a, k]
+                for m in range(p1):
+                    S[a, b, k, m] += tk * R[b, m]
+
+
+@njit(inline="always", **_JIT)
+def _add_contracted(q, T, R, G, g, cf, kappa, reml, GC):
+    """GC += 2 G - 2 kappa (T g)(R g)' - [REML] 2 (T_X C)(R_X C)' on and below the diagonal (one block).
+
+    ``C = cf`` is lower triangular (C[k, m] = 0 for k < m), so its inner sums start at m.
+    """
+    p1 = g.shape[0]
+    pp = p1 - 1
+    for a in range(q):
+        tg = 0.0
+        for k in range(p1):
+            tg += T[a, k] * g[k]
+        for b in range(a + 1):
+            rg = 0.0
+            for k in range(p1):
+                rg += R[b, k] * g[k]
+            GC[a, b] += 2.0 * G[a, b] - 2.0 * kappa * tg * rg
+    if reml:
+        for a in range(q):
+            for b in range(a + 1):
+                s = 0.0
+                for m in range(pp):
+                    ta = 0.0
+                    rb = 0.0
+                    for k in range(m, pp):
+                        ta += T[a, 1 + k] * cf[k, m]
+                        rb += R[b, 1 + k] * cf[k, m]
+                    s += ta * rb
+                GC[a, b] -= 2.0 * s
+
+
 @njit(**_JIT)
 def _root(lo, hi, term, qv, A, D, up, anc, lams, p1, K, want_grad, want_modes, g, cf, kappa, reml,
           Ld, Lu, P, Mw, Mu, Dw, R, T, Sd, Su, G, tmp, tmp2, SFD, GA, S, GC, bhat, bcov):
@@ -398,35 +440,10 @@ def _root(lo, hi, term, qv, A, D, up, anc, lams, p1, K, want_grad, want_modes, g
             for b in range(a + 1):
                 GA[e, a, b] += G[li, a, b]
         if not contracted:
-            for a in range(q):
-                for b in range(a + 1):
-                    for k in range(p1):
-                        tk = T[li, a, k]
-                        for m in range(p1):
-                            S[e, a, b, k, m] += tk * R[li, b, m]
+            _add_tensor(q, T[li], R[li], p1, S[e])
         else:
             # d(deviance) = 2 GA - 2 kappa (T g)(R g)' - [REML] 2 (T_X C)(R_X C)'
-            for a in range(q):
-                tg = 0.0
-                for k in range(p1):
-                    tg += T[li, a, k] * g[k]
-                for b in range(a + 1):
-                    rg = 0.0
-                    for k in range(p1):
-                        rg += R[li, b, k] * g[k]
-                    GC[e, a, b] += 2.0 * G[li, a, b] - 2.0 * kappa * tg * rg
-            if reml:
-                for a in range(q):
-                    for b in range(a + 1):
-                        s = 0.0
-                        for m in range(pp):
-                            ta = 0.0
-                            rb = 0.0
-                            for k in range(m, pp):  # C lower triangular: C[k, m] = 0 for k < m
-                                ta += T[li, a, 1 + k] * cf[k, m]
-                                rb += R[li, b, 1 + k] * cf[k, m]
-                            s += ta * rb
-                        GC[e, a, b] -= 2.0 * s
+            _add_contracted(q, T[li], R[li], G[li], g, cf, kappa, reml, GC[e])
     return logdet, True
 
 

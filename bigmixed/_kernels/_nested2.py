@@ -21,7 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import _JIT
-from ._nested import _add_gram, _chol, _lam_t_times, _solve_lower_cols, _solve_lower_rows, _solve_upper_cols, _solve_upper_rows
+from ._nested import (_add_contracted, _add_gram, _add_tensor, _chol, _lam_t_times, _solve_lower_cols, _solve_lower_rows,
+                      _solve_upper_cols, _solve_upper_rows)
 
 
 @njit(inline="always", **_JIT)
@@ -231,34 +232,9 @@ def _accumulate(q, p1, pp, e, T, R, G, GA, S, GC, g, cf, kappa, reml, tensor):
         for b in range(a + 1):
             GA[e, a, b] += G[a, b]
     if tensor:
-        for a in range(q):
-            for b in range(a + 1):
-                for k in range(p1):
-                    tk = T[a, k]
-                    for m in range(p1):
-                        S[e, a, b, k, m] += tk * R[b, m]
+        _add_tensor(q, T, R, p1, S[e])
         return
-    for a in range(q):
-        tg = 0.0
-        for k in range(p1):
-            tg += T[a, k] * g[k]
-        for b in range(a + 1):
-            rg = 0.0
-            for k in range(p1):
-                rg += R[b, k] * g[k]
-            GC[e, a, b] += 2.0 * G[a, b] - 2.0 * kappa * tg * rg
-    if reml:
-        for a in range(q):
-            for b in range(a + 1):
-                s = 0.0
-                for m in range(pp):
-                    ta = 0.0
-                    rb = 0.0
-                    for k in range(m, pp):
-                        ta += T[a, 1 + k] * cf[k, m]
-                        rb += R[b, 1 + k] * cf[k, m]
-                    s += ta * rb
-                GC[e, a, b] -= 2.0 * s
+    _add_contracted(q, T, R, G, g, cf, kappa, reml, GC[e])
 
 
 @njit(inline="always", **_JIT)
