@@ -218,8 +218,8 @@ class NestedBackend:
         for e, k in enumerate(ch):
             t, q, ps = st.terms[k], st.terms[k].q, self.pos[e]
             A[ps, :q, :q] = t.A
-            D[ps, :q, 0] = t.c
-            D[ps, :q, 1:] = t.B
+            # one scatter of whole (q, p + 1) blocks: two into strided slices cost several times more
+            D[ps, :q, :] = np.concatenate((t.c[:, :, None], t.B), axis=2)
             for s in range(K - 1 - e):
                 e2 = e + 1 + s
                 pr = pair[(k, ch[e2])]
