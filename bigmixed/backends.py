@@ -334,73 +334,117 @@ class CrossedBackend:
 
     def _layout(self) -> None:
         st = self.stats
-        lead, rest = self.lead, self.rest
-        self.roff = {}
-        off = 0
-        bstart, bq, bterm = [], [], []
-        for r, k in enumerate(rest):
-            t = st.terms[k]
-            self.roff[k] = off
-            bstart.append(off + np.arange(t.n_groups) * t.q)
-            bq.append(np.full(t.n_groups, t.q))
-            bterm.append(np.full(t.n_groups, r))
-            off += t.n_groups * t.q
-        self.m = off
-        self.bstart = np.concatenate(bstart).astype(np.int64)
-        self.bq = np.concatenate(bq).astype(np.int64)
-        self.bterm = np.concatenate(bterm).astype(np.int64)
-        self.qR = np.array([self.qs[k] for k in rest], dtype=np.int64)
-        Qr = int(self.qR.max())
+        lead = self.lead
         q0, p1 = self.qs[lead], self.p + 1
         t0 = st.terms[lead]
         self.A0 = np.ascontiguousarray(t0.A)
         self.D0 = np.ascontiguousarray(np.concatenate([t0.c[:, :, None], t0.B], axis=2))
+        self.pos = self._positions()
+        self.Qr = int(self.qR.max())
+        self.AR, self.DR = self._rest_blocks()
+        self._lead_pairs(q0)
+        per_level = np.diff(self.ptr).astype(float)
+        self.chunks = _chunks(per_level + 1.0, N_CHUNKS)
+        self._row_owners(self._row_chunks())
+
+    def _positions(self) -> dict:
+        """Dense-block position of each rest level: its term's levels by falling pair count.
+
+        Block ``b`` (term by term, level by level) starts at ``bstart[b]``.  Ordering each term's
+        levels by how many leading levels they share keeps the busiest rows and columns of the
+        dense block together (Zipf-like popularity: a few items in most users' rows), so the
+        per-level updates and Sigma gathers touch a cache-sized corner most of the time.  The
+        factorisation does not depend on the order; results are reported per level as before.
+        """
+        st, lead = self.stats, self.lead
+        counts = {k: np.zeros(st.terms[k].n_groups) for k in self.rest}
+        for pr in st.pairs:
+            if lead == pr.k:
+                counts[pr.j] += np.bincount(pr.jcodes, minlength=counts[pr.j].size)
+            elif lead == pr.j:
+                counts[pr.k] += np.bincount(pr.kcodes, minlength=counts[pr.k].size)
+        pos, bstart, bq, bterm, off = {}, [], [], [], 0
+        for r, k in enumerate(self.rest):
+            n, q = st.terms[k].n_groups, self.qs[k]
+            rank = np.empty(n, dtype=np.int64)
+            rank[np.argsort(-counts[k], kind="stable")] = np.arange(n)
+            pos[k] = off + rank * q
+            bstart.append(pos[k])
+            bq.append(np.full(n, q))
+            bterm.append(np.full(n, r))
+            off += n * q
+        self.m = off
+        self.bstart = np.concatenate(bstart).astype(np.int64)
+        self.bq = np.concatenate(bq).astype(np.int64)
+        self.bterm = np.concatenate(bterm).astype(np.int64)
+        self.qR = np.array([self.qs[k] for k in self.rest], dtype=np.int64)
+        return pos
+
+    def _rows_of(self, k: int, codes: np.ndarray) -> np.ndarray:
+        """Dense-block rows ``(n, q_k)`` of levels ``codes`` of rest term ``k``."""
+        return self.pos[k][codes][:, None] + np.arange(self.qs[k])[None, :]
+
+    def _rest_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """``A_R`` (both triangles) and ``D_R`` of the rest terms, pairs between them included."""
+        st, p1 = self.stats, self.p + 1
         AR = np.zeros((self.m, self.m))
         DR = np.zeros((self.m, p1))
-        for k in rest:
-            t, r0, q = st.terms[k], self.roff[k], self.qs[k]
-            idx = r0 + np.arange(t.n_groups)[:, None] * q + np.arange(q)[None, :]
+        for k in self.rest:
+            t = st.terms[k]
+            idx = self._rows_of(k, np.arange(t.n_groups))
             AR[idx[:, :, None], idx[:, None, :]] = t.A
             DR[idx, 0] = t.c
             DR[idx, 1:] = t.B
-        keys, cols, terms_, vals = [], [], [], []
         for pr in st.pairs:
-            if lead in (pr.k, pr.j):
-                if pr.k == lead:
-                    lc, oc, v, other = pr.kcodes, pr.jcodes, pr.vals, pr.j
-                else:
-                    lc, oc, v, other = pr.jcodes, pr.kcodes, np.swapaxes(pr.vals, 1, 2), pr.k
-                W = np.zeros((lc.size, Qr, q0))
-                W[:, :self.qs[other], :] = v
-                keys.append(lc)
-                cols.append(self.roff[other] + oc * self.qs[other])
-                terms_.append(np.full(lc.size, rest.index(other)))
-                vals.append(W)
-            else:  # two rest terms: into the dense block, both triangles
-                qk, qj = self.qs[pr.k], self.qs[pr.j]
-                rk = self.roff[pr.k] + pr.kcodes[:, None] * qk + np.arange(qk)[None, :]
-                rj = self.roff[pr.j] + pr.jcodes[:, None] * qj + np.arange(qj)[None, :]
+            if self.lead not in (pr.k, pr.j):
+                rk, rj = self._rows_of(pr.k, pr.kcodes), self._rows_of(pr.j, pr.jcodes)
                 AR[rj[:, :, None], rk[:, None, :]] += pr.vals
                 AR[rk[:, :, None], rj[:, None, :]] += np.swapaxes(pr.vals, 1, 2)
+        return AR, DR
+
+    def _lead_pairs(self, q0: int) -> None:
+        """The sparse L_21 pattern: pairs (leading level, rest level), sorted by level then row."""
+        st, lead, Qr = self.stats, self.lead, self.Qr
+        keys, cols, terms_, vals = [], [], [], []
+        for pr in st.pairs:
+            if lead not in (pr.k, pr.j):
+                continue
+            if pr.k == lead:
+                lc, oc, v, other = pr.kcodes, pr.jcodes, pr.vals, pr.j
+            else:
+                lc, oc, v, other = pr.jcodes, pr.kcodes, np.swapaxes(pr.vals, 1, 2), pr.k
+            W = np.zeros((lc.size, Qr, q0))
+            W[:, :self.qs[other], :] = v
+            keys.append(lc)
+            cols.append(self.pos[other][oc])
+            terms_.append(np.full(lc.size, self.rest.index(other)))
+            vals.append(W)
         lc = np.concatenate(keys) if keys else np.zeros(0, np.int64)
         pc = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-        order = np.lexsort((pc, lc))
+        # rows ascending within a level (crossed_update writes below the diagonal); one int64 key
+        # (level, row) sorts faster than a two-key lexsort
+        order = np.argsort(lc.astype(np.int64) * (self.m + 1) + pc, kind="stable")
         self.pcol = np.ascontiguousarray(pc[order]).astype(np.int64)
         self.pterm = np.ascontiguousarray(np.concatenate(terms_)[order]).astype(np.int64) if terms_ \
             else np.zeros(0, np.int64)
         self.W = np.ascontiguousarray(np.concatenate(vals)[order]) if vals else np.zeros((0, Qr, q0))
-        l0 = t0.n_groups
-        self.ptr = np.concatenate(([0], np.cumsum(np.bincount(lc, minlength=l0)))).astype(np.int64)
-        self.AR, self.DR, self.Qr = AR, DR, Qr
-        per_level = np.diff(self.ptr).astype(float)
-        self.chunks = _chunks(per_level + 1.0, N_CHUNKS)
-        # rows of the dense update: balance the (pairs in level)^2 work over row ranges of blocks
+        self.ptr = np.concatenate(([0], np.cumsum(np.bincount(lc, minlength=st.terms[lead].n_groups)))).astype(np.int64)
+
+    def _row_chunks(self) -> np.ndarray:
+        """Row ranges of the dense update, whole blocks each, balancing the (pairs in level)^2 work."""
         rank = np.arange(self.pcol.size) - np.repeat(self.ptr[:-1], np.diff(self.ptr))
-        work = np.zeros(self.m + 1)
-        np.add.at(work, self.pcol, rank + 1.0)
-        bwork = work[self.bstart]
-        cut = _chunks(bwork + 1e-9, N_CHUNKS)
-        self.row_chunks = np.concatenate((self.bstart[cut[:-1]], [self.m])).astype(np.int64)
+        work = np.bincount(self.pcol, weights=rank + 1.0, minlength=self.m + 1)
+        starts = np.sort(self.bstart)
+        cut = _chunks(work[starts] + 1e-9, N_CHUNKS)
+        return np.concatenate((starts[cut[:-1]], [self.m])).astype(np.int64)
+
+    def _row_owners(self, row_chunks: np.ndarray) -> None:
+        """Each row range's pairs, in level order, so a thread visits only the pairs it writes."""
+        self.plev = np.repeat(np.arange(self.ptr.size - 1), np.diff(self.ptr)).astype(np.int64)
+        owner = np.searchsorted(row_chunks, self.pcol, side="right") - 1
+        self.eorder = np.argsort(owner, kind="stable").astype(np.int64)
+        counts = np.bincount(owner, minlength=row_chunks.size - 1)
+        self.eptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 
     def _blas(self):
         """All threads for LAPACK on a large dense block (the fit otherwise runs BLAS single-threaded)."""
@@ -427,7 +471,8 @@ class CrossedBackend:
             raise NumericalError("a block of Lambda' Z'Z Lambda + I is not positive definite")
         Om, OmD = _kernels.rest_sandwich(self.AR, self.DR, self.bstart, self.bq, self.bterm, lamR)
         Om[np.diag_indices(self.m)] += 1.0
-        _kernels.crossed_update(self.ptr, self.pcol, self.pterm, self.qR, V, P, self.row_chunks, Om, OmD)
+        _kernels.crossed_update(self.ptr, self.pcol, self.pterm, self.qR, V, P, self.plev, self.eorder, self.eptr,
+                                Om, OmD)
         with self._blas():
             Lr, info = lapack.dpotrf(Om, lower=1, clean=1, overwrite_a=1)
             if info != 0:
@@ -444,7 +489,10 @@ class CrossedBackend:
         with self._blas():
             RR, info = lapack.dtrtrs(Lr, E, lower=1, trans=1)
             Sig, info = lapack.dpotri(Lr, lower=1)
-        Sig = np.tril(Sig) + np.tril(Sig, -1).T
+        # dpotri sets the lower triangle of a Fortran-ordered inverse: its transpose is C-ordered
+        # (a view, no copy) with those numbers in the upper triangle
+        Sig = Sig.T if Sig.flags.f_contiguous else np.ascontiguousarray(Sig.T)
+        _kernels.symmetrize_upper(Sig)
         GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward(
             self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, self.qR, L, P, V,
             np.ascontiguousarray(RR), Sig, self.chunks, bool(grad), bool(modes), g, cf, float(kappa), bool(reml),

@@ -116,9 +116,11 @@ MODELS = {
     # crossed, three terms: lead (x | item), rest (1 | user) and (x | site) (mixed q, a rest-rest pair)
     "c3": ("y ~ x + z2 + (1 | user) + (x | item) + (x | site)", lambda: crossed_frame(7, 10, 20, 5, 260),
            "crossed"),
+    # crossed, scalar terms only (the dense update's scalar path), a rest-rest pair
+    "c1": ("y ~ x + (1 | user) + (1 | item) + (1 | site)", lambda: crossed_frame(8, 30, 12, 5, 240), "crossed"),
 }
 NESTED = ["n11", "n22", "n21", "n3", "n3q"]
-CROSSED = ["c2", "c3"]
+CROSSED = ["c2", "c3", "c1"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -588,3 +590,30 @@ def test_same_bits_on_one_or_two_threads(name, generic):
             assert np.array_equal(g, rg)
         for (bh, bc), (rbh, rbc) in zip(modes, ref_modes):
             assert np.array_equal(bh, rbh) and np.array_equal(bc, rbc)
+
+
+def test_symmetrize_upper_matches_numpy():
+    rng = np.random.default_rng(11)
+    for n in (1, 5, 64, 65, 130):
+        S = rng.standard_normal((n, n))
+        want = np.triu(S) + np.triu(S, 1).T
+        _kernels.symmetrize_upper(S)
+        np.testing.assert_array_equal(S, want)
+
+
+@pytest.mark.parametrize("name", CROSSED)
+def test_dense_positions_follow_pair_counts(name):
+    """Each rest term's levels take consecutive dense positions, the most shared level first."""
+    be = backend_of(name)
+    st = be.stats
+    for k in be.rest:
+        counts = np.zeros(st.terms[k].n_groups)
+        for pr in st.pairs:
+            if be.lead in (pr.k, pr.j):
+                codes = pr.jcodes if pr.k == be.lead else pr.kcodes
+                if k == (pr.j if pr.k == be.lead else pr.k):
+                    counts += np.bincount(codes, minlength=counts.size)
+        pos = be.pos[k]
+        q = be.qs[k]
+        assert np.array_equal(np.sort(pos), pos.min() + q * np.arange(pos.size))
+        assert np.all(np.diff(counts[np.argsort(pos)]) <= 0)

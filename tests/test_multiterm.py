@@ -589,3 +589,21 @@ def test_ml_refit_reuses_statistics(data, formula):
     # AIC/BIC count every term's theta
     assert ml.df_modelwc == len(ml.fixef) + len(ml.theta) + 1
     assert ml.aic == pytest.approx(ml.objective + 2 * ml.df_modelwc, rel=1e-14)
+
+
+def test_lbfgsb_stops_when_only_round_off_is_left(monkeypatch):
+    """At this crossed fit's optimum only round-off is left: the stall stop ends the run there
+    (never later than L-BFGS-B's own test), at the same optimum."""
+    from bigmixed import optimize as opt
+    from bigmixed.simulate_multi import simulate_crossed
+
+    df = simulate_crossed(100_000, 2_000, 1_000_000, seed=1)
+    formula = "y ~ x + (1|user) + (1|item)"
+    stopped = bm.lmer(formula, df)
+    monkeypatch.setattr(opt, "STALL_EVALS", 10**6)
+    full = bm.lmer(formula, df)
+    assert stopped.converged and full.converged
+    assert stopped.optimizer.message.startswith("stopped")
+    assert stopped.optimizer.n_evals <= full.optimizer.n_evals
+    assert stopped.optimizer.fun <= full.optimizer.fun + 1e-12 * abs(full.optimizer.fun)
+    np.testing.assert_allclose(stopped.theta, full.theta, rtol=1e-5)

@@ -35,7 +35,7 @@ from ._groups import (
     objective_pass2,
     transform_groups,
 )
-from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_pieces, rest_sandwich
+from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_pieces, rest_sandwich, symmetrize_upper
 from ._nested import nested_evaluate
 from ._pass import accumulate_records, record_layout, split_records
 from ._nested2 import NESTED2_SIZES, nested2_evaluate
@@ -79,4 +79,5 @@ __all__ = [
     "crossed_backward",
     "rest_sandwich",
     "rest_pieces",
+    "symmetrize_upper",
 ]

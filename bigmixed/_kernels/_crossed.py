@@ -103,46 +103,58 @@ def crossed_forward(A0, D0, lam0, ptr, pterm, W, lamR, qR, chunks):
 
 
 @njit(parallel=True, **_JIT)
-def crossed_update(ptr, pcol, pterm, qR, V, P, row_chunks, Omega, OmegaD):
+def crossed_update(ptr, pcol, pterm, qR, V, P, plev, eorder, eptr, Omega, OmegaD):
     """Omega -= sum_i V_i V_i' (lower triangle) and OmegaD -= sum_i V_i P_i, in place.
 
-    Thread chunk ``t`` owns the rest blocks starting in ``[row_chunks[t], row_chunks[t+1])``
-    and applies their updates in level order: no two threads write the same entry.
+    Thread chunk ``t`` owns a range of rest rows: its pairs are ``eorder[eptr[t]:eptr[t+1]]``
+    (pairs whose row is in the range, in level order; ``plev`` is each pair's leading level).
+    No two threads write the same entry, and each entry sums its levels in level order.
+    Within a level the pairs are sorted by ``pcol``, so every update lands below the diagonal.
     """
-    l0 = ptr.shape[0] - 1
     q0 = V.shape[2]
     p1 = P.shape[2]
-    nchunks = row_chunks.shape[0] - 1
+    nchunks = eptr.shape[0] - 1
+    scalar = q0 == 1
+    for j in range(qR.shape[0]):
+        if qR[j] != 1:
+            scalar = False
     for t in prange(nchunks):
-        lo = row_chunks[t]
-        hi = row_chunks[t + 1]
-        for i in range(l0):
-            for e in range(ptr[i], ptr[i + 1]):
-                r = pcol[e]
-                if r < lo or r >= hi:
-                    continue
-                qe = qR[pterm[e]]
+        for idx in range(eptr[t], eptr[t + 1]):
+            e = eorder[idx]
+            i = plev[e]
+            r = pcol[e]
+            if scalar:  # (1 | a) + (1 | b) + ...: the common case, without the block loops
+                ve = V[e, 0, 0]
                 for e2 in range(ptr[i], e + 1):
-                    r2 = pcol[e2]
-                    q2 = qR[pterm[e2]]
-                    for a in range(qe):
-                        top = q2 if e2 < e else a + 1
-                        for b in range(top):
-                            s = 0.0
-                            for k in range(q0):
-                                s += V[e, a, k] * V[e2, b, k]
-                            Omega[r + a, r2 + b] -= s
+                    Omega[r, pcol[e2]] -= ve * V[e2, 0, 0]
+                for c in range(p1):
+                    OmegaD[r, c] -= ve * P[i, 0, c]
+                continue
+            qe = qR[pterm[e]]
+            for e2 in range(ptr[i], e + 1):
+                r2 = pcol[e2]
+                q2 = qR[pterm[e2]]
                 for a in range(qe):
-                    for c in range(p1):
+                    top = q2 if e2 < e else a + 1
+                    for b in range(top):
                         s = 0.0
                         for k in range(q0):
-                            s += V[e, a, k] * P[i, k, c]
-                        OmegaD[r + a, c] -= s
+                            s += V[e, a, k] * V[e2, b, k]
+                        Omega[r + a, r2 + b] -= s
+            for a in range(qe):
+                for c in range(p1):
+                    s = 0.0
+                    for k in range(q0):
+                        s += V[e, a, k] * P[i, k, c]
+                    OmegaD[r + a, c] -= s
 
 
 @njit(parallel=True, **_JIT)
 def rest_sandwich(AR, DR, bstart, bq, bterm, lamR):
-    """``Lambda_R' A_R Lambda_R`` (lower triangle) and ``Lambda_R' D_R`` for the block-diagonal Lambda_R."""
+    """``Lambda_R' A_R Lambda_R`` (lower triangle) and ``Lambda_R' D_R`` for the block-diagonal Lambda_R.
+
+    Blocks may start in any order (``bstart``); each block row is filled left of its diagonal.
+    """
     m = AR.shape[0]
     p1 = DR.shape[1]
     nb = bstart.shape[0]
@@ -152,8 +164,10 @@ def rest_sandwich(AR, DR, bstart, bq, bterm, lamR):
         ri = bstart[bi]
         qi = bq[bi]
         li = lamR[bterm[bi]]
-        for bj in range(bi + 1):
+        for bj in range(nb):
             rj = bstart[bj]
+            if rj > ri:
+                continue
             qj = bq[bj]
             lj = lamR[bterm[bj]]
             for a in range(qi):
@@ -173,6 +187,23 @@ def rest_sandwich(AR, DR, bstart, bq, bterm, lamR):
                     s += li[k, a] * DR[ri + k, c]
                 outD[ri + a, c] = s
     return out, outD
+
+
+@njit(parallel=True, **_JIT)
+def symmetrize_upper(S):
+    """Copy the upper triangle of the square C-ordered ``S`` onto its lower one, in place.
+
+    LAPACK's dpotri leaves the lower triangle of a Fortran-ordered inverse: its C-ordered
+    transpose (a view, no copy) holds the same numbers in the upper triangle.
+    """
+    n = S.shape[0]
+    blk = 64  # tiles, so that the transposed reads stay in cache
+    nt = (n + blk - 1) // blk
+    for ti in prange(nt):
+        for tj in range(ti + 1):
+            for i in range(ti * blk, min(n, (ti + 1) * blk)):
+                for j in range(tj * blk, min(i, (tj + 1) * blk)):
+                    S[i, j] = S[j, i]
 
 
 @njit(parallel=True, **_JIT)
