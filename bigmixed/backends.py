@@ -335,7 +335,7 @@ class CrossedBackend:
     def _layout(self) -> None:
         st = self.stats
         lead = self.lead
-        q0, p1 = self.qs[lead], self.p + 1
+        q0 = self.qs[lead]
         t0 = st.terms[lead]
         self.A0 = np.ascontiguousarray(t0.A)
         self.D0 = np.ascontiguousarray(np.concatenate([t0.c[:, :, None], t0.B], axis=2))
