@@ -82,6 +82,47 @@ class Source:
         # diagonal: files may differ in columns the model does not use (missing ones read as null)
         return pl.concat([lf for _, lf in self.parts], how="diagonal_relaxed")
 
+    def n_rows(self) -> int | None:
+        """Rows in all files, from their footers (None in memory or for an unreadable footer)."""
+        if not self.files:
+            return None
+        import pyarrow.parquet as pq
+
+        try:
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        except (OSError, ValueError):
+            return None
+
+    def int_range(self, column: str) -> tuple[int, int, int] | None:
+        """``(min, max, rows)`` of an integer column of the parquet files, from their footers alone.
+
+        None when the data is in memory, or any row group lacks the column's min/max statistics
+        (writers may omit them; a row group of nulls only has none).
+        """
+        if not self.files:
+            return None
+        import pyarrow.parquet as pq  # pyarrow is loaded already (polars' and pandas' interop)
+
+        lo = hi = None
+        rows = 0
+        for f in self.files:
+            try:
+                md = pq.ParquetFile(f).metadata
+                j = md.schema.names.index(column)
+            except (OSError, ValueError):  # unreadable footer or the column absent: read the rows instead
+                return None
+            for r in range(md.num_row_groups):
+                col = md.row_group(r).column(j)
+                st = col.statistics
+                if col.path_in_schema != column or st is None or not st.has_min_max:
+                    return None
+                if not (isinstance(st.min, int) and isinstance(st.max, int)):
+                    return None
+                lo = st.min if lo is None else min(lo, st.min)
+                hi = st.max if hi is None else max(hi, st.max)
+            rows += md.num_rows
+        return None if lo is None else (int(lo), int(hi), rows)
+
     def check_columns(self, needed: Sequence[str]) -> None:
         missing = [c for c in needed if c not in self.schema]
         if missing:
@@ -120,7 +161,20 @@ class Source:
                     if chunk.height:
                         yield label, chunk
             except (pl.exceptions.PolarsError, OSError) as exc:
-                raise ValueError(f"cannot read {label}: {_short(exc)}") from None
+                bad = _failing_columns(lf, cols)
+                what = f"column(s) {bad} of {label}" if bad and len(bad) < len(cols) else label
+                raise ValueError(f"cannot read {what}: {_short(exc)}") from None
+
+
+def _failing_columns(lf: pl.LazyFrame, columns: list[str]) -> list[str]:
+    """The columns of one part that cannot be read (error path only: one read per column)."""
+    bad = []
+    for c in columns:
+        try:
+            lf.select(c).collect()
+        except (pl.exceptions.PolarsError, OSError):
+            bad.append(c)
+    return bad
 
 
 def _slices(df: pl.DataFrame, chunk_rows: int) -> Iterator[tuple[int, int]]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import polars as pl
 
 from . import _kernels
 from .data import Source, _short, failing_part
 
-__all__ = ["GroupIndex", "TermIndex", "group_levels"]
+__all__ = ["GroupIndex", "KeyCoder", "TermIndex", "Unpackable", "group_levels"]
 
 
 
@@ -38,12 +39,13 @@ class GroupIndex:
     ``"s0012345"``) are *packed* into the big-endian uint64 of their bytes:
     exact, and ordered like the strings.  For 100M rows / 10M keys that took
     5.7 s and 1.6 GB instead of 11.5 s and 3.1 GB for polars' unique of the
-    strings.  (Per-chunk lookups stay on string hashes: packing a chunk cost
-    more than hashing and verifying it.)
+    strings.  The chunks are then looked up by their packed values too (a
+    bijective integer hash): packing a chunk costs less than gathering and
+    comparing strings to verify a string hash.
     """
 
     def __init__(self, keys: pl.Series, *, sorted_unique: bool = False,
-                 _dense: tuple[np.ndarray, int] | None = None) -> None:
+                 _dense: tuple[np.ndarray, int] | None = None, _packed: np.ndarray | None = None) -> None:
         keys = keys.drop_nulls()
         if keys.dtype.is_float():  # NaN/inf keys are missing values like null: their rows are dropped
             keys = keys.filter(keys.is_finite())
@@ -54,6 +56,7 @@ class GroupIndex:
         self._lookup = None
         self._offset = 0
         self._table = None  # hash table, built on first use
+        self._packed = _packed  # short string keys: their packed uint64s, sorted like the keys
         if _dense is not None:  # already built by _dense_index
             self._lookup, self._offset = _dense
         elif self.keys.dtype.is_integer() and self.n_groups:
@@ -69,6 +72,7 @@ class GroupIndex:
         # guaranteed stable within one process: never ship it
         state = dict(self.__dict__)
         state["_table"] = None
+        state["_packed"] = None  # the string path is as exact; no need to ship both forms
         return state
 
     @classmethod
@@ -100,9 +104,37 @@ class GroupIndex:
         return cls(uniq, sorted_unique=True, _dense=(table, lo))
 
     @classmethod
-    def from_source(cls, source: Source, column: str) -> "GroupIndex":
-        """One pass over the key column only (streaming for files)."""
+    def _span_index(cls, source: Source, column: str) -> "GroupIndex | None":
+        """Integer keys of parquet files: every integer between the footers' min and max, no pass over the rows.
+
+        The levels are then a superset of the keys present; levels without rows are dropped
+        after the pass (as levels whose rows were all incomplete always are), so the fit is
+        the one of the exact index.  Only when the range is small next to the rows, so that
+        statistics kept for absent keys stay a fraction of what the rows themselves take.
+        """
+        found = source.int_range(column)
+        if found is None:
+            return None
+        lo, hi, rows = found
+        span = hi - lo + 1
+        if span > max(rows // SPAN_ROWS_PER_KEY, 1 << 16) or span > 1 << 31 or hi >= 1 << 63:
+            return None
+        dtype = source.schema[column]
+        keys = pl.Series("key", np.arange(lo, hi + 1, dtype=np.int64)).cast(dtype)
+        return cls(keys, sorted_unique=True, _dense=(np.arange(span, dtype=np.int64), lo))
+
+    @classmethod
+    def from_source(cls, source: Source, column: str, *, superset: bool = False) -> "GroupIndex":
+        """One pass over the key column only (streaming for files).
+
+        ``superset``: the caller drops levels without rows after its pass, so integer keys of
+        parquet files may be indexed from the files' statistics alone (:meth:`_span_index`).
+        """
         dtype = source.schema.get(column)
+        if superset and dtype is not None and dtype.is_integer():
+            span = cls._span_index(source, column)
+            if span is not None:
+                return span
         if source.frame is not None and dtype is not None and dtype.is_integer():
             dense = cls._dense_index(source.frame.get_column(column))
             if dense is not None:
@@ -112,15 +144,16 @@ class GroupIndex:
             expr = expr.cast(pl.String)
         if dtype == pl.String or dtype in (pl.Categorical,) or isinstance(dtype, pl.Enum):
             try:  # short string keys: distinct packed uint64s (see the class docstring)
-                out = source.lazy().select(
-                    _pack_expr(expr).drop_nulls().unique().alias("u"),
-                    (expr.is_not_null() & _pack_expr(expr).is_null()).any().alias("bad"),
+                # packed once (a second packing for the check took a third of the pass)
+                out = source.lazy().select(_pack_expr(expr).alias("u"), expr.is_null().alias("n")).select(
+                    pl.col("u").drop_nulls().unique().alias("u"),
+                    (pl.col("u").is_null() & ~pl.col("n")).any().alias("bad"),
                 ).collect(engine="streaming")
             except pl.exceptions.PolarsError:
                 out = None  # the general query below reports the error
             if out is not None and out.height and not out["bad"][0]:
                 u = np.sort(out["u"].to_numpy())
-                return cls(_unpack(u), sorted_unique=True)
+                return cls(_unpack(u), sorted_unique=True, _packed=u)
         try:
             uniq = source.lazy().select(expr.drop_nulls().unique().sort()).collect(engine="streaming")
         except pl.exceptions.PolarsError as exc:
@@ -139,6 +172,8 @@ class GroupIndex:
                 values = values.cast(pl.Int64, strict=False).fill_null(self._offset - 1)  # beyond any key
             v = values.to_numpy().astype(np.int64, copy=False)
             return _kernels.dense_codes(v, self._offset, self._lookup)
+        if self._packed is not None and values.dtype == pl.String:
+            return self._packed_codes(values)
         if values.dtype != self.keys.dtype:
             try:
                 values = values.cast(self.keys.dtype, strict=False)
@@ -161,6 +196,17 @@ class GroupIndex:
             if found.size:
                 same = (self.keys.gather(out[found]) == values.gather(found)).fill_null(False).to_numpy()
                 out[found[~same]] = -1
+        return out
+
+    def _packed_codes(self, values: pl.Series) -> np.ndarray:
+        """Codes of string values through their packed uint64s: exact (packing is injective), so no
+        string is hashed or compared; a value that does not pack (null, long, non-ASCII) is no key."""
+        if self._table is None:
+            self._table = _HashTable.build(pl.Series("key", self._packed))
+        pv, ok = _pack_arrow(values)
+        with np.errstate(over="ignore"):
+            out = self._table.find(pv * _GOLDEN)  # = _hash_keys of the packed uint64s
+        out[~ok] = -1
         return out
 
     def subset(self, keep: np.ndarray) -> "GroupIndex":
@@ -192,6 +238,10 @@ def group_levels(keys: pl.Series) -> np.ndarray:
 # mixes the low bits of consecutive ids into the top bits used as the bucket.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
+# The footer-statistics index of integer keys is used when the key range holds at most one
+# integer per this many rows (dense ids: one group has ~10 rows in a typical panel).
+SPAN_ROWS_PER_KEY = 4
+
 
 def _pack_expr(e: pl.Expr) -> pl.Expr:
     """An ASCII string of at most 8 bytes (no NUL) as the big-endian uint64 of its NUL-padded bytes; else null.
@@ -203,6 +253,35 @@ def _pack_expr(e: pl.Expr) -> pl.Expr:
     """
     packed = e.str.pad_end(8, "\x00").cast(pl.Binary).bin.reinterpret(dtype=pl.UInt64, endianness="big")
     return pl.when(~e.str.contains("\x00", literal=True)).then(packed)
+
+
+def _pack_arrow(s: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(packed, ok)`` of a String series, as :func:`_pack_expr` (``ok`` false where it gives null).
+
+    Read from the Arrow buffers by a kernel: polars' string views hold short strings inline,
+    so the views are packed without a copy; other layouts go through a large-string array.
+    """
+    import pyarrow as pa  # loaded with polars' and pandas' Arrow interop already
+
+    s = s.cast(pl.String)
+    n = s.len()
+    valid = s.is_not_null().to_numpy() if s.null_count() else np.ones(n, dtype=bool)
+    out, ok = np.empty(n, dtype=np.uint64), np.empty(n, dtype=bool)
+    threads = int(numba.get_num_threads())
+    try:
+        arr = s.to_arrow(compat_level=pl.CompatLevel.newest())
+    except Exception:  # an older pyarrow without string views
+        arr = None
+    if isinstance(arr, pa.StringViewArray):
+        views = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=16 * (arr.offset + n)).reshape(-1, 16)
+        _kernels.pack_string_views(views[arr.offset:], valid, out, ok, threads)
+        return out, ok
+    arr = s.to_arrow(compat_level=pl.CompatLevel.oldest()).cast(pa.large_string())
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64, count=n + 1, offset=8 * arr.offset)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    _kernels.pack_strings(offsets, data, valid, out, ok, threads)
+    return out, ok
 
 
 def _pack_series(s: pl.Series) -> pl.Series:
@@ -258,20 +337,9 @@ class _HashTable:
 
     def find(self, h: np.ndarray) -> np.ndarray:
         """Codes of the hashes ``h`` (-1 when absent)."""
-        out = np.full(h.shape[0], -1, dtype=np.int64)
-        b = (h >> self.shift).astype(np.intp)
-        pos = self.start[b].astype(np.intp)
-        end = self.start[b + 1].astype(np.intp)
-        rows = np.flatnonzero(pos < end)
-        pos, end, h = pos[rows], end[rows], h[rows]
-        # buckets hold ~1 hash on average: a few vectorised rounds finish them
-        while rows.size:
-            cand = self.hashes[pos]
-            hit = cand == h
-            out[rows[hit]] = self.order[pos[hit]]
-            more = (~hit) & (cand < h) & (pos + 1 < end)  # hashes are sorted inside a bucket
-            rows, pos, end, h = rows[more], pos[more] + 1, end[more], h[more]
-        return out
+        h = np.ascontiguousarray(h, dtype=np.uint64)
+        return _kernels.hash_find(h, self.hashes, self.order, self.start, np.uint64(self.shift),
+                                  int(numba.get_num_threads()))
 
 
 class TermIndex:
@@ -304,10 +372,10 @@ class TermIndex:
 
     # ---- construction
     @classmethod
-    def from_source(cls, source: Source, factors: tuple[str, ...]) -> "TermIndex":
-        """One pass over the key column(s) only (streaming for files)."""
+    def from_source(cls, source: Source, factors: tuple[str, ...], *, superset: bool = False) -> "TermIndex":
+        """One pass over the key column(s) only (streaming for files); ``superset``: see :meth:`GroupIndex.from_source`."""
         if len(factors) == 1:
-            return cls(factors, [GroupIndex.from_source(source, factors[0])])
+            return cls(factors, [GroupIndex.from_source(source, factors[0], superset=superset)])
         cols = list(factors)
         try:
             uniq = source.lazy().select(cols).unique().collect(engine="streaming")
@@ -376,6 +444,114 @@ class TermIndex:
         if self.combined is None:
             return group_levels(self.parts[0].keys)
         return frame_levels(self.frame())
+
+
+class Unpackable(Exception):
+    """A string key that :class:`KeyCoder` cannot pack (over 8 bytes, non-ASCII, a NUL byte)."""
+
+
+class KeyCoder:
+    """One grouping column's keys -> codes in the order they are first seen, during the pass over the rows.
+
+    So that each parquet file is read once: no pass over the key column before the rows.
+    Integer keys are coded by value, string keys by their packed uint64 (exact, see
+    :class:`GroupIndex`); a string key that does not pack raises :class:`Unpackable` and the
+    caller indexes the keys first instead.  The table is an open-addressing hash of 64-bit
+    values (numba, sequential, so the codes depend on the row order alone).  :meth:`finish`
+    gives the :class:`GroupIndex` in sorted key order (R's level order), the rank of each
+    first-seen code in it and the sampling levels (:func:`group_levels`) in that order.
+    """
+
+    MAX_LOAD = 0.6  # table slots in use before it doubles (linear probing stays short)
+
+    def __init__(self, column: str, dtype: pl.DataType, capacity: int = 1 << 16) -> None:
+        if not self.handles(dtype):
+            raise TypeError(f"KeyCoder codes integer or string keys, not {dtype}")
+        self.column, self.dtype = column, dtype
+        self.strings = not dtype.is_integer()
+        self.G = 0
+        # np.empty takes no memory until written: a capacity up to the rows read costs nothing
+        self.keys = np.empty(capacity, np.uint64)  # first-seen order
+        self.levels = np.empty(capacity, np.int8)
+        self._first_row = np.empty(capacity, np.int64)
+        self._rehash(1 << 16)
+
+    @staticmethod
+    def handles(dtype: pl.DataType | None) -> bool:
+        return dtype is not None and (dtype.is_integer() or dtype == pl.String or dtype == pl.Categorical
+                                      or isinstance(dtype, pl.Enum))
+
+    def _rehash(self, slots: int) -> None:
+        self.slot_key = np.empty(slots, np.uint64)
+        self.slot_code = np.full(slots, -1, np.int32)  # codes < 2**31: far beyond any memory here
+        _kernels.rehash_first_seen(self.keys, self.G, self.slot_key, self.slot_code)
+
+    def _values(self, s: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        """(64-bit values, valid rows) of one chunk's keys."""
+        if self.strings:
+            v, ok = _pack_arrow(s)
+            if int(ok.sum()) != s.len() - s.null_count():
+                bad = s.cast(pl.String).filter(pl.Series(~ok) & s.is_not_null())[0]
+                raise Unpackable(f"key {bad!r} of '{self.column}' does not pack into 8 bytes")
+            return v, ok
+        if s.dtype == pl.UInt64:
+            v = s.fill_null(0).to_numpy()
+        else:
+            v = s.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
+        valid = s.is_not_null().to_numpy() if s.null_count() else np.ones(s.len(), dtype=bool)
+        return np.ascontiguousarray(v, dtype=np.uint64), valid
+
+    def _levels_of(self, s: pl.Series, v: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Sampling levels of the keys first seen at ``rows``, as :func:`group_levels` gives them."""
+        if self.strings:
+            return _kernels.hash_levels(np.ascontiguousarray(_hash_keys(s.cast(pl.String).gather(rows), 0)),
+                                        np.uint64(1))
+        return _kernels.hash_levels(np.ascontiguousarray(v[rows]), _GOLDEN)
+
+    def codes(self, chunk: pl.DataFrame) -> np.ndarray:
+        """Codes of the chunk's rows (-1 for a null key); new keys get the next codes."""
+        s = chunk.get_column(self.column)
+        v, valid = self._values(s)
+        out = np.empty(v.shape[0], dtype=np.int64)
+        start, G0 = 0, self.G
+        while True:
+            limit = min(self.keys.shape[0], int(self.MAX_LOAD * self.slot_key.shape[0]))
+            start, self.G = _kernels.code_first_seen(v, valid, start, self.slot_key, self.slot_code,
+                                                      self.keys, self._first_row, self.G, limit, out)
+            if start >= v.shape[0]:
+                break
+            if self.G >= self.keys.shape[0]:
+                cap = 2 * self.keys.shape[0]
+                self.keys = _grown(self.keys, self.G, cap)
+                self.levels = _grown(self.levels, self.G, cap)
+                self._first_row = _grown(self._first_row, self.G, cap)
+            if self.G >= int(self.MAX_LOAD * self.slot_key.shape[0]):
+                self._rehash(2 * self.slot_key.shape[0])
+        if self.G > G0:
+            self.levels[G0:self.G] = self._levels_of(s, v, self._first_row[G0:self.G])
+        return out
+
+    def finish(self) -> tuple[GroupIndex, np.ndarray, np.ndarray]:
+        """``(index, rank, levels)``: the keys sorted, code ``g``'s level ``rank[g]``, sampling levels by level."""
+        G = self.G
+        vals = self.keys[:G]
+        if not self.strings and self.dtype != pl.UInt64:
+            vals = vals.view(np.int64)
+        order = pl.Series(vals).arg_sort().to_numpy()
+        rank = np.empty(G, dtype=np.int64)
+        rank[order] = np.arange(G, dtype=np.int64)
+        ordered = vals[order]
+        if self.strings:
+            index = GroupIndex(_unpack(ordered.view(np.uint64)), sorted_unique=True, _packed=ordered.view(np.uint64))
+        else:
+            index = GroupIndex(pl.Series("key", ordered).cast(self.dtype), sorted_unique=True)
+        return index, rank, self.levels[:G][order]
+
+
+def _grown(a: np.ndarray, used: int, cap: int) -> np.ndarray:
+    out = np.empty(cap, dtype=a.dtype)
+    out[:used] = a[:used]
+    return out
 
 
 def frame_levels(frame: pl.DataFrame) -> np.ndarray:

@@ -5,8 +5,10 @@ the Dask paths:
 
 1. :func:`prepare` - a prototype (the in-memory frame, or the first rows of the files)
    fixes the design: column names, categorical levels (found over *all* rows by a cheap
-   pass over the categorical columns when streaming); one pass over the key columns builds
-   each term's level index; the first row transform is chosen.
+   pass over the categorical columns when streaming); each term's level index comes from
+   the frame in memory, or for files from the parquet footers (compact integer keys), from
+   the pass itself (one term: :class:`~bigmixed.keys.KeyCoder`, so every file is read once)
+   or from one pass over the key columns (several terms); the first row transform is chosen.
 2. :class:`Reducer` - chunk by chunk: build (y, X, Z), code the levels of every term, drop
    (and count) incomplete rows, transform (:class:`~bigmixed.scaling.Scaling`) and reduce
    into the statistics with the numba kernels; several terms also get their pair statistics
@@ -32,7 +34,7 @@ from ._progress import Progress, blocking
 from .data import Source, failing_part
 from .design import Design
 from .formula import ModelSpec
-from .keys import TermIndex
+from .keys import GroupIndex, KeyCoder, TermIndex, Unpackable
 from .reduce import NEGATIVE_WEIGHT, NON_FINITE, ZERO_WEIGHT, NotNested, Reducer, complete
 from .scaling import Scaling, canonical_scaling, same_scaling, scaling_from_sample, transform_statistics, z_may_centre
 from .stats import PairStats, Statistics, aliased_columns, default_threads
@@ -190,6 +192,7 @@ class Plan:
     proto: pl.DataFrame | None = None
     timings: dict[str, float] = field(default_factory=dict)
     keep_xx: bool = False  # also keep per-level X'X of the sampling term (the parametric bootstrap)
+    coder: KeyCoder | None = None  # the one term's levels are found during the pass (its index comes after)
 
 
 def _chain(terms: list[ReTerm]) -> list[int]:
@@ -199,8 +202,12 @@ def _chain(terms: list[ReTerm]) -> list[int]:
 
 def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, missing: str = "drop",
             chunk_rows: int | None = None, progress: bool | None = None, layout: str | None = None,
-            keep_xx: bool = False) -> Plan:
-    """Design, level indexes and the first row transform; no pass over the rows yet."""
+            keep_xx: bool = False, one_pass: bool = True) -> Plan:
+    """Design, level indexes and the first row transform; no pass over the rows yet.
+
+    ``one_pass``: a one-term model on files may find its levels during the pass over the rows
+    (:class:`~bigmixed.keys.KeyCoder`) instead of a pass over the key column first.
+    """
     if missing not in ("drop", "raise"):
         raise ValueError(f"missing must be 'drop' or 'raise', not {missing!r}")
     chunk_rows = int(chunk_rows or (IN_MEMORY_CHUNK_ROWS if source.in_memory else DEFAULT_CHUNK_ROWS))
@@ -221,23 +228,54 @@ def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, miss
                          lambda: _prototype(source, design.columns, rows=None))
         design = Design(spec, proto, design.categorical)
     terms = design.terms
-    for t in terms:
+    coder = _one_pass_coder(source, terms) if one_pass and not keep_xx else None
+    # One term: levels without rows are dropped by finalise, so its integer keys in parquet
+    # files may be indexed from the footers instead of a pass over the key column.
+    superset = len(terms) == 1
+    for t in terms if coder is None else ():
+        if t.index is not None:  # from the footers (_one_pass_coder)
+            continue
         label = ":".join(t.factors)
         if source.in_memory:
             t.index = TermIndex.from_source(source, t.factors)
         else:
             t.index = blocking(progress, f"indexing the levels of '{label}' in {what}",
-                               lambda t=t: TermIndex.from_source(source, t.factors))
+                               lambda t=t: TermIndex.from_source(source, t.factors, superset=superset))
     if len(terms) == 1:
         chosen, chain = "single", [0]
     else:
         chain = _chain(terms)
         chosen = layout or "nested"
     sample_term = chain[-1] if chosen in ("single", "nested") else None
-    scaling = _sample_scaling(proto, design, [t.index for t in terms])
-    plan = Plan(design, terms, scaling, chosen, chain, sample_term, missing, chunk_rows, proto, keep_xx=keep_xx)
+    indexes = [t.index if coder is None else TermIndex(t.factors, [GroupIndex(proto.get_column(t.factors[0]))])
+               for t in terms]  # with a coder, the first rows' own keys: only to know which rows are complete
+    scaling = _sample_scaling(proto, design, indexes)
+    plan = Plan(design, terms, scaling, chosen, chain, sample_term, missing, chunk_rows, proto, keep_xx=keep_xx,
+                coder=coder)
     plan.timings["prepare"] = time.perf_counter() - t0
     return plan
+
+
+MAX_RESERVED_LEVELS = 1 << 27  # beyond this many keys the coder's arrays grow by doubling
+
+
+def _one_pass_coder(source: Source, terms: list[ReTerm]) -> KeyCoder | None:
+    """A :class:`KeyCoder` for one term on one integer or string column of files, unless the
+    parquet footers already index its integer keys (a dense table: cheaper per row)."""
+    if source.in_memory or len(terms) != 1 or len(terms[0].factors) != 1:
+        return None
+    col = terms[0].factors[0]
+    dtype = source.schema.get(col)
+    if not KeyCoder.handles(dtype):
+        return None
+    if dtype.is_integer():
+        span = GroupIndex._span_index(source, col)
+        if span is not None:
+            terms[0].index = TermIndex(terms[0].factors, [span])
+            return None
+    # room for as many keys as rows (np.empty and the records' mapping take memory only when written)
+    rows = source.n_rows() or 0
+    return KeyCoder(col, dtype, capacity=int(min(max(rows, 1 << 16), MAX_RESERVED_LEVELS)))
 
 
 def _stateful(design: Design) -> bool:
@@ -368,14 +406,19 @@ def build_statistics(
     plan = prepare(source, spec, levels=levels, missing=missing, chunk_rows=chunk_rows, progress=progress,
                    keep_xx=keep_xx)
     try:
-        red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
+        try:
+            red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
+        except Unpackable:  # a string key of over 8 bytes: index the keys first, then read again
+            plan = prepare(source, spec, levels=levels, missing=missing, chunk_rows=chunk_rows, progress=progress,
+                           keep_xx=keep_xx, one_pass=False)
+            red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
     except NotNested:
         # Terms that looked nested share levels: read again keeping pair lists (crossed layout),
         # unless the crossed terms' dense block could not fit anyway.
         check_crossed_memory([(t.n_levels, t.q) for t in plan.terms], [t.name for t in plan.terms])
         plan = replace(plan, layout="crossed", sample_term=None)
         red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
-    stats = red.stats
+    stats = red.finish()
     scaling = red.scaling if red.scaling is not None else Scaling.identity(plan.design.p, plan.design.q)
     return finalise(stats, plan, scaling, n_read=red.n_read, n_dropped=red.n_dropped, dropped=red.dropped,
                     warn=warn)

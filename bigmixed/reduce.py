@@ -9,6 +9,8 @@ rows.  :attr:`Reducer.stats` turns the records into the contiguous arrays the ob
 
 from __future__ import annotations
 
+import math
+import mmap
 import time
 
 import numpy as np
@@ -16,8 +18,9 @@ import polars as pl
 
 from . import _kernels
 from ._kernels._pass import record_layout
+from .keys import TermIndex
 from .scaling import scaling_from_sample
-from .stats import NO_ANCESTORS, PairStats, SampleSums, Statistics, TermStats, default_threads
+from .stats import NO_ANCESTORS, NO_RANK, PairStats, SampleSums, Statistics, TermStats, default_threads
 
 __all__ = ["Reducer", "NotNested", "NON_FINITE", "ZERO_WEIGHT", "NEGATIVE_WEIGHT", "complete"]
 
@@ -49,15 +52,44 @@ def _missing_expr(c: str, schema) -> pl.Expr:
     return e
 
 
+RELEASE_SLABS = 16  # pieces in which the records are split and handed back (see _Records.split)
+
+
 class _Records:
     """One term's records during the pass (see :mod:`bigmixed._kernels._pass`)."""
 
-    def __init__(self, G: int, q: int, p: int, anc_q: tuple[int, ...]) -> None:
-        self.G, self.q, self.p, self.anc_q = G, q, p, anc_q
+    def __init__(self, G: int, q: int, p: int, anc_q: tuple[int, ...], capacity: int | None = None) -> None:
+        self.q, self.p, self.anc_q = q, p, anc_q
         self.stride, self.ups, self.pars = record_layout(q, p, anc_q)
-        R = np.empty(G * self.stride)
-        R.fill(0.0)  # written here: the kernel's threads would take the page faults serially
-        self.R = R
+        # An anonymous mapping of its own, so that split(release=True) can hand its pages back
+        # to the system slab by slab while the per-level arrays fill: the records and those
+        # arrays are the two largest things of a fit, and need not be held at once.  Levels
+        # found during the pass (KeyCoder) grow it (``ensure``).
+        self.G, self._cap = 0, max(int(capacity or G), G, 1)
+        try:  # a large capacity is address space only, but a system may refuse it: then start small
+            self._map = mmap.mmap(-1, self._cap * self.stride * 8)
+        except (OSError, OverflowError):
+            self._cap = max(G, 1 << 16)
+            self._map = mmap.mmap(-1, self._cap * self.stride * 8)
+        self.R = np.frombuffer(self._map, dtype=np.float64, count=0)
+        self.released = False
+        self.ensure(G)
+
+    def ensure(self, G: int) -> None:
+        """Records for levels ``0..G-1`` (new ones zero)."""
+        if G <= self.G:
+            return
+        st = self.stride
+        if G > self._cap:
+            cap = max(G, 2 * self._cap)
+            new = mmap.mmap(-1, cap * st * 8)
+            np.frombuffer(new, dtype=np.float64, count=self.G * st)[:] = self.R
+            self.R = None
+            self._map.close()
+            self._map, self._cap = new, cap
+        R = np.frombuffer(self._map, dtype=np.float64, count=G * st)
+        R[self.G * st:].fill(0.0)  # written here: the kernel's threads would take the page faults serially
+        self.R, self.G = R, G
 
     def ancestors(self, codes: list[np.ndarray], Zs: list[np.ndarray], scales: list) -> tuple:
         """The ``an`` argument of the kernel: codes, Z rows and transforms of the ancestors."""
@@ -69,10 +101,35 @@ class _Records:
                 aoff, np.asarray(self.anc_q, np.int64), np.asarray(self.ups, np.int64),
                 np.asarray(self.pars, np.int64))
 
-    def split(self, levels, XX) -> TermStats:
+    def split(self, levels, XX, release: bool = False, rank: np.ndarray = NO_RANK) -> TermStats:
+        """The per-level arrays (record ``g`` as level ``rank[g]`` if given); ``release``: free the
+        records slab by slab as they are copied (nothing may read them afterwards)."""
+        if self.released:
+            raise RuntimeError("the records were released by an earlier split")
         q, p, G = self.q, self.p, self.G
         A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
-        _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, max(1, min(G, 64)))
+        if not release:
+            _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, rank, max(1, min(G, 64)))
+            return TermStats(A, B, c, n, levels, XX)
+        rec_bytes = 8 * self.stride
+        unit = math.lcm(mmap.PAGESIZE, rec_bytes) // rec_bytes  # levels per page-aligned piece (madvise)
+        step = -(-max(G // RELEASE_SLABS, 1) // unit) * unit
+        for lo in range(0, G, step):
+            hi = min(G, lo + step)
+            R = self.R[lo * self.stride:hi * self.stride]
+            if rank.size:  # scattered into level order: the arrays are whole, the records read in sequence
+                _kernels.split_records(R, self.stride, q, p, A, B, c, n, rank[lo:hi], max(1, min(hi - lo, 64)))
+            else:
+                _kernels.split_records(R, self.stride, q, p, A[lo:hi], B[lo:hi], c[lo:hi], n[lo:hi], rank,
+                                       max(1, min(hi - lo, 64)))
+            del R
+            self._map.madvise(mmap.MADV_DONTNEED, lo * rec_bytes, (hi - lo) * rec_bytes)
+        self.released = True
+        self.R = None
+        try:
+            self._map.close()
+        except BufferError:  # a view of the records is still alive somewhere: it keeps the (freed) mapping
+            pass
         return TermStats(A, B, c, n, levels, XX)
 
     def pair(self, e: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +156,14 @@ class Reducer:
         if plan.layout == "nested":  # every finer term keeps its blocks with all coarser ones
             anc = {ch[a]: tuple(ch[a + 1:]) for a in range(len(ch))}
         self._anc = anc
-        self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k])) for k, t in enumerate(terms)]
-        self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
+        self._coder = plan.coder  # one term whose levels are found during the pass (KeyCoder)
+        if self._coder is not None:
+            self._rec = [_Records(0, terms[0].q, d.p, (), capacity=self._coder.keys.shape[0])]
+            self._levels = [None]
+        else:
+            self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k]))
+                         for k, t in enumerate(terms)]
+            self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
         self._first = plan.sample_term if plan.sample_term is not None else 0
         self._XX = np.zeros((terms[self._first].n_levels, d.p, d.p)) if plan.keep_xx else None
         p = d.p
@@ -124,11 +187,28 @@ class Reducer:
     def stats(self) -> Statistics:
         """The statistics of the rows added so far (the records split into per-level arrays)."""
         if self._stats is None:
-            st = self._glob
-            terms = [r.split(self._levels[k], self._XX if k == self._first else None) for k, r in enumerate(self._rec)]
-            self._stats = Statistics(terms, st.XtX, st.Xty, st.yty, st.N, self.pairs(), st.sample, st.sample_term,
-                                     st.sum_log_w)
+            self._stats = self._split(release=False)
         return self._stats
+
+    def finish(self) -> Statistics:
+        """The statistics, once no more rows will be added: the records' memory is handed back
+        while they are split (one-term models; other layouts still read their records' pair blocks)."""
+        if self._stats is None:
+            self._stats = self._split(release=self.plan.layout == "single")
+        return self._stats
+
+    def _split(self, release: bool) -> Statistics:
+        st = self._glob
+        if self._coder is not None:  # the levels in key order, as an index of all keys gives them
+            index, rank, levels = self._coder.finish()
+            term = self.plan.terms[0]
+            term.index = TermIndex(term.factors, [index])
+            ts = self._rec[0].split(levels, None, release, rank)
+            return Statistics([ts], st.XtX, st.Xty, st.yty, st.N, [], st.sample, st.sample_term, st.sum_log_w)
+        pairs = self.pairs()
+        terms = [r.split(self._levels[k], self._XX if k == self._first else None, release)
+                 for k, r in enumerate(self._rec)]
+        return Statistics(terms, st.XtX, st.Xty, st.yty, st.N, pairs, st.sample, st.sample_term, st.sum_log_w)
 
     def pairs(self) -> list[PairStats]:
         """The pair statistics gathered so far (nested blocks, or merged pair lists)."""
@@ -155,13 +235,19 @@ class Reducer:
     def add(self, chunk: pl.DataFrame, label: str, warm=None) -> None:
         """Reduce one chunk (a polars frame holding the design's columns)."""
         plan, d = self.plan, self.plan.design
+        if any(r.released for r in self._rec):
+            raise RuntimeError("rows added after finish()")
         self._stats = None
         self.n_read += chunk.height
         y, X, Z = d.matrices(chunk)
         off = d.offset(chunk)
         if off is not None:  # a known part of the mean: the model is fitted to y - offset
             y = y - off
-        codes = [t.index.codes(chunk) for t in plan.terms]
+        if self._coder is not None:
+            codes = [self._coder.codes(chunk)]
+            self._rec[0].ensure(self._coder.G)
+        else:
+            codes = [t.index.codes(chunk) for t in plan.terms]
         w = self._weights(chunk, label, codes)
         if self.scaling is None:
             # no complete row among the first rows read: the transform comes from this chunk's
@@ -223,6 +309,8 @@ class Reducer:
             glob = k == self._first
             lv = self._levels[k] if (glob and self._levels[k] is not None and self._glob.sample is not None) \
                 else _NO_INT8
+            if self._coder is not None and self._glob.sample is not None:
+                lv = self._coder.levels[:self._coder.G]
             XtX, Xty, out, sXtX, sXty, syty, sN = _kernels.accumulate_records(
                 np.ascontiguousarray(codes[k], dtype=np.int64), XT, np.ascontiguousarray(Zs[k].T, dtype=np.float64),
                 y, ww, tr, rec.R, rec.stride, lv, an, glob, nt)

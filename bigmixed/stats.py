@@ -345,7 +345,7 @@ class Statistics:
             tr, R, stride, levels, NO_ANCESTORS, bool(with_globals), int(nthreads),
         )
         A, B, c, n = np.empty_like(ts.A), np.empty_like(ts.B), np.empty_like(ts.c), np.empty_like(ts.n)
-        _kernels.split_records(R, stride, q, p, A, B, c, n, max(1, min(G, 64)))
+        _kernels.split_records(R, stride, q, p, A, B, c, n, NO_RANK, max(1, min(G, 64)))
         ts.A += A
         ts.B += B
         ts.c += c
@@ -423,6 +423,7 @@ def _mask(keep: np.ndarray, n: int) -> np.ndarray:
 
 _NO_LEVELS = np.zeros(0, dtype=np.int8)
 _NO_WEIGHTS = np.zeros(0)
+NO_RANK = np.zeros(0, np.int64)  # split_records: records already in level order
 # the ``an`` argument of :func:`bigmixed._kernels.accumulate_records` for a term with no ancestors
 NO_ANCESTORS = (np.zeros((0, 0), np.int64), np.zeros((0, 0)), np.zeros(0), np.zeros(0), np.zeros(1, np.int64),
                 np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))

@@ -499,7 +499,7 @@ def _bad_files(kind: str, tmp: Path, data: pd.DataFrame) -> Path:
     ("key type", "column 'subject' is Int32"),
     ("bad page time", "cannot read"),
     ("bad page weight", "cannot read"),
-    ("bad page subject", "cannot read the group column 'subject'"),
+    ("bad page subject", "cannot read column(s) ['subject']"),  # one term: keys read with the values
     ("bad page site", "cannot read the categorical column(s) ['site']"),
 ])
 def test_bad_parquet_file_is_named(parquet_dir, data, kind, problem):
@@ -646,7 +646,7 @@ def _cli_cases(tmp: Path, data: pd.DataFrame) -> list[tuple[str, list, list[str]
         ("lacks column", [good, lacks, "-f", "weight ~ time + dose + (1 | subject)"],
          ["lacks.parquet", "lacks column(s) ['dose']"]),
         ("corrupt", [good, garbage, "-f", f], ["garbage.parquet", "not a readable parquet file"]),
-        ("corrupt page", [good, page, "-f", f], ["page.parquet", "cannot read the group column 'subject'"]),
+        ("corrupt page", [good, page, "-f", f], ["page.parquet", "cannot read column(s) ['subject']"]),
     ]
 
 

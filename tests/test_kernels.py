@@ -195,6 +195,109 @@ def test_linear_predictor_matches_numpy():
     np.testing.assert_allclose(out, expect)
 
 
+def _hash_find_numpy(h, hashes, order, start, shift):
+    """Plain-numpy twin of ``hash_find``: vectorised rounds over the rows still searching."""
+    out = np.full(h.shape[0], -1, dtype=np.int64)
+    b = (h >> shift).astype(np.intp)
+    pos, end = start[b].astype(np.intp), start[b + 1].astype(np.intp)
+    rows = np.flatnonzero(pos < end)
+    pos, end, h = pos[rows], end[rows], h[rows]
+    while rows.size:
+        cand = hashes[pos]
+        hit = cand == h
+        out[rows[hit]] = order[pos[hit]]
+        more = (~hit) & (cand < h) & (pos + 1 < end)
+        rows, pos, end, h = rows[more], pos[more] + 1, end[more], h[more]
+    return out
+
+
+@pytest.mark.parametrize("G, bits, nthreads", [(1, 1, 1), (50, 3, 2), (5000, 12, 2), (5000, 4, 3)])
+def test_hash_find_matches_numpy(G, bits, nthreads):
+    from bigmixed.keys import _HashTable
+
+    rng = np.random.default_rng(G)
+    keys = rng.integers(0, 2**64, G, dtype=np.uint64)
+    order = np.argsort(keys).astype(np.int32)
+    hashes = keys[order]
+    shift = np.uint64(64 - bits)  # few bits: buckets of many hashes, scanned in order
+    counts = np.bincount((hashes >> shift).astype(np.intp), minlength=1 << bits)
+    start = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
+    h = np.concatenate([keys[rng.integers(0, G, 300)], rng.integers(0, 2**64, 300, dtype=np.uint64)])
+    rng.shuffle(h)
+    got = _kernels.hash_find(h, hashes, order, start, shift, nthreads)
+    np.testing.assert_array_equal(got, _hash_find_numpy(h, hashes, order, start, shift))
+    hit = got >= 0
+    np.testing.assert_array_equal(keys[got[hit]], h[hit])
+    table = _HashTable(hashes, order, start, shift, 0, True)
+    np.testing.assert_array_equal(table.find(h), got)
+
+
+@pytest.mark.parametrize("q, p", [(1, 1), (2, 3), (3, 2)])
+def test_split_records_scatters_by_rank(q, p):
+    from bigmixed._kernels import record_layout
+
+    rng = np.random.default_rng(q * 10 + p)
+    G = 37
+    stride = record_layout(q, p)[0]
+    R = rng.normal(size=G * stride)
+    off = q * q + q * p + q
+    R.reshape(G, stride)[:, off] = rng.integers(1, 9, G)  # n
+    rank = rng.permutation(G).astype(np.int64)
+    A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
+    _kernels.split_records(R, stride, q, p, A, B, c, n, rank, 3)
+    rec = R.reshape(G, stride)
+    for g in range(G):  # the plain-numpy reading of record g, at level rank[g]
+        d = rank[g]
+        np.testing.assert_array_equal(A[d], rec[g, :q * q].reshape(q, q))
+        np.testing.assert_array_equal(B[d], rec[g, q * q:q * q + q * p].reshape(q, p))
+        np.testing.assert_array_equal(c[d], rec[g, q * q + q * p:off])
+        assert n[d] == rec[g, off]
+    A2, B2, c2, n2 = np.empty_like(A), np.empty_like(B), np.empty_like(c), np.empty_like(n)
+    _kernels.split_records(R, stride, q, p, A2, B2, c2, n2, np.zeros(0, np.int64), 2)
+    np.testing.assert_array_equal(A[rank], A2)
+    np.testing.assert_array_equal(n[rank], n2)
+
+
+def _first_seen_numpy(v, valid):
+    """Plain-numpy twin of the one-pass coder: codes by first appearance among the valid rows."""
+    vv = v[valid]
+    uniq, first, inv = np.unique(vv, return_index=True, return_inverse=True)
+    code_of_sorted = np.empty(uniq.size, np.int64)
+    code_of_sorted[np.argsort(first, kind="stable")] = np.arange(uniq.size)
+    out = np.full(v.shape[0], -1, np.int64)
+    out[valid] = code_of_sorted[inv]
+    return out, vv[np.sort(first)]
+
+
+@pytest.mark.parametrize("distinct, capacity", [(1, 1), (40, 2), (3000, 16), (3000, 1 << 14)])
+def test_code_first_seen_matches_numpy(distinct, capacity):
+    import polars as pl
+
+    from bigmixed.keys import KeyCoder
+
+    rng = np.random.default_rng(distinct)
+    pool = rng.integers(-(2**62), 2**62, distinct)
+    coder = KeyCoder("g", pl.Int64, capacity=capacity)  # small: the table and arrays grow mid-chunk
+    chunks = [rng.choice(pool, size) for size in (500, 1, 4000, 0, 2500)]
+    got, want = [], []
+    for ch in chunks:
+        s = pl.Series("g", ch).scatter(list(range(0, len(ch), 7)), None) if len(ch) else pl.Series("g", ch)
+        got.append(coder.codes(s.to_frame()))
+        want.append(s.to_numpy() if not s.null_count() else s.fill_null(0).to_numpy())
+    v = np.concatenate([w for w in want]).astype(np.int64)
+    valid = np.concatenate([c >= 0 for c in got])
+    expect, first_keys = _first_seen_numpy(v, valid)
+    np.testing.assert_array_equal(np.concatenate(got), expect)
+    assert coder.G == first_keys.size
+    np.testing.assert_array_equal(coder.keys[:coder.G].view(np.int64), first_keys)
+    index, rank, levels = coder.finish()
+    np.testing.assert_array_equal(index.keys.to_numpy(), np.sort(first_keys))
+    np.testing.assert_array_equal(index.keys.to_numpy()[rank], first_keys)
+    from bigmixed.keys import group_levels
+
+    np.testing.assert_array_equal(levels, group_levels(index.keys))
+
+
 def test_aliased_columns_found_in_order():
     rng = np.random.default_rng(1)
     x = rng.normal(size=100)

@@ -20,7 +20,7 @@ res.fittedvalues
 bm.lmer("y ~ x + x2 + (x | subject)", simulate(300, 5, seed=1))  # integer keys: the dense index
 out = {}
 for name in ["accumulate_records", "split_records", "objective_fused", "conditional_modes", "linear_predictor",
-             "hash_levels", "mark_keys", "number_keys", "dense_codes"]:
+             "hash_levels", "mark_keys", "number_keys", "dense_codes", "hash_find"]:
     st = getattr(_kernels, name).stats
     out[name] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
 print(json.dumps(out))

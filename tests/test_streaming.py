@@ -20,6 +20,7 @@ import pytest
 
 import bigmixed as bm
 from bigmixed import _progress, pipeline
+from bigmixed.data import open_source
 from bigmixed.keys import GroupIndex
 from bigmixed.simulate import simulate
 from bigmixed.scaling import Scaling
@@ -120,6 +121,76 @@ def test_integer_keys_streamed(tmp_path):
     df = simulate(120, 6, seed=2, shuffle=True).with_columns(pl.col("subject") * 1_000_003)  # sparse ints
     _write_files(df, tmp_path, 7)
     assert_same_fit(bm.lmer(FORMULA, str(tmp_path / "*.parquet"), chunk_rows=29), bm.lmer(FORMULA, df))
+
+
+def test_integer_keys_indexed_from_footers(tmp_path, monkeypatch):
+    """Keys with gaps, and keys whose rows are all incomplete: the footer index gives the exact fit."""
+    df = simulate(120, 6, seed=3, shuffle=True).with_columns(pl.col("subject") * 3 + 7)
+    gone = [7 + 3 * g for g in (0, 5, 119)]  # every row of these subjects lacks y
+    df = df.with_columns(pl.when(pl.col("subject").is_in(gone)).then(None).otherwise(pl.col("y")).alias("y"))
+    _write_files(df, tmp_path, 5)
+    spans = []
+    real = GroupIndex._span_index.__func__
+    monkeypatch.setattr(GroupIndex, "_span_index",
+                        classmethod(lambda cls, src, col: spans.append(real(cls, src, col)) or spans[-1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bm.DroppedRowsWarning)
+        res = bm.lmer(FORMULA, str(tmp_path / "*.parquet"), chunk_rows=31)
+        ref = bm.lmer(FORMULA, df)
+    assert spans and spans[0] is not None and spans[0].n_groups == 3 * 119 + 1
+    assert res.n_groups == ref.n_groups == 117
+    assert_same_fit(res, ref)
+
+
+def test_levels_found_during_the_pass(data, reference, monkeypatch):
+    """String keys of files are coded while the rows are read (no pass over the keys first)."""
+    from bigmixed import keys
+
+    def no_index_pass(*a, **k):
+        raise AssertionError("the key column was indexed before the pass")
+
+    monkeypatch.setattr(keys.GroupIndex, "from_source", classmethod(no_index_pass))
+    res = bm.lmer(FORMULA, data[1], chunk_rows=97)
+    assert_same_fit(res, reference)
+
+
+def test_unpackable_key_in_a_later_file_reads_again(tmp_path):
+    df = simulate(80, 6, seed=6, string_keys=True, shuffle=True)
+    long = df.with_columns(pl.when(pl.col("subject") == "s000003").then(pl.lit("subject-number-three"))
+                           .otherwise(pl.col("subject")).alias("subject"))
+    long.head(300).write_parquet(tmp_path / "a.parquet")
+    long.slice(300).write_parquet(tmp_path / "b.parquet")
+    res = bm.lmer(FORMULA, str(tmp_path / "*.parquet"), chunk_rows=50)
+    assert_same_fit(res, bm.lmer(FORMULA, long))
+    assert "subject-number-three" in res.random_effects_frame("polars")["subject"].to_list()
+
+
+def test_rows_after_finish_are_refused(data):
+    from bigmixed.data import open_source as _open
+    from bigmixed.formula import spec_from_lmer
+    from bigmixed.reduce import Reducer
+
+    src = _open(data[1])
+    plan = pipeline.prepare(src, spec_from_lmer(FORMULA))
+    red = Reducer(plan, 2)
+    chunks = list(src.batches(plan.design.columns, 400))
+    for label, ch in chunks:
+        red.add(ch, label)
+    st = red.finish()
+    assert st.terms[0].n_groups == plan.terms[0].n_levels == 150
+    with pytest.raises(RuntimeError, match="finish"):
+        red.add(chunks[0][1], chunks[0][0])
+
+
+def test_footer_index_needs_statistics(tmp_path):
+    df = simulate(30, 4, seed=4)
+    df.write_parquet(tmp_path / "with.parquet")
+    df.write_parquet(tmp_path / "without.parquet", statistics=False)
+    with_stats = open_source(str(tmp_path / "with.parquet"))
+    assert with_stats.int_range("subject") == (0, 29, df.height)
+    both = open_source([str(tmp_path / "with.parquet"), str(tmp_path / "without.parquet")])
+    assert both.int_range("subject") is None
+    assert GroupIndex.from_source(both, "subject", superset=True).n_groups == 30  # the pass over the keys
 
 
 # ---------------------------------------------------------------------------
@@ -265,9 +336,34 @@ def test_group_index_packed_string_keys(tmp_path):
     assert _unpack(np.sort(packed.to_numpy())).to_list() == sorted(words, key=lambda w: w.encode())
     # not packable: too long, a NUL byte, non-ASCII (the general string path handles them)
     assert _pack_series(pl.Series(["123456789", "a\x00b", "été", None])).null_count() == 4
+    # the Arrow-buffer kernel packs exactly what the polars expression packs
+    from bigmixed.keys import _pack_arrow
+
+    mixed = pl.concat([pl.Series(words + ["123456789", "a\x00b", "été", None, "é", "\x7f"]),
+                       pl.Series(["tail", None, "8bytes!!"])], rechunk=False).slice(1)
+    got, ok = _pack_arrow(mixed)
+    want = _pack_series(mixed)
+    assert ok.tolist() == want.is_not_null().to_list()
+    assert got[ok].tolist() == want.drop_nulls().to_list()
+    # the large-string layout (offsets and data) of older Arrow versions packs the same
+    import pyarrow as pa
+
+    from bigmixed import _kernels
+
+    arr = mixed.to_arrow(compat_level=pl.CompatLevel.oldest()).cast(pa.large_string())
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=len(arr) + 1, offset=8 * arr.offset)
+    out2, ok2 = np.empty(len(arr), np.uint64), np.empty(len(arr), bool)
+    _kernels.pack_strings(offsets, np.frombuffer(arr.buffers()[2], np.uint8), mixed.is_not_null().to_numpy(),
+                          out2, ok2, 2)
+    assert ok2.tolist() == ok.tolist() and out2[ok2].tolist() == got[ok].tolist()
     pl.DataFrame({"g": words}).write_parquet(tmp_path / "a.parquet")
     gi = GroupIndex.from_source(open_source(str(tmp_path / "*.parquet")), "g")  # packed
+    assert gi._packed is not None
     assert gi.keys.to_list() == GroupIndex(pl.Series(words)).keys.to_list()
+    # lookups by packed value: the codes of the string path, for keys, unknown, unpackable and null values
+    probe = pl.Series(["zz", "", "x", "123456789", "été", None, "a\x00b", "12345678", "a"] * 3)
+    assert gi.codes(probe).tolist() == GroupIndex(pl.Series(words)).codes(probe).tolist()
+    assert gi.codes(probe.cast(pl.Categorical)).tolist() == gi.codes(probe).tolist()
     words.append("été")
     pl.DataFrame({"g": words}).write_parquet(tmp_path / "a.parquet")
     gi = GroupIndex.from_source(open_source(str(tmp_path / "*.parquet")), "g")  # not packable

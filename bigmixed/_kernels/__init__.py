@@ -41,14 +41,19 @@ from ._pass import accumulate_records, record_layout, split_records
 from ._nested2 import NESTED2_SIZES, nested2_evaluate
 from ._rows import (
     accumulate_level_xx,
+    code_first_seen,
     complete_rows,
     dense_codes,
+    hash_find,
     hash_levels,
     linear_predictor,
     mark_keys,
     merge_pairs,
     number_keys,
+    pack_string_views,
+    pack_strings,
     pair_products,
+    rehash_first_seen,
 )
 
 __all__ = [
@@ -57,6 +62,11 @@ __all__ = [
     "mark_keys",
     "number_keys",
     "dense_codes",
+    "hash_find",
+    "code_first_seen",
+    "pack_strings",
+    "pack_string_views",
+    "rehash_first_seen",
     "hash_levels",
     "linear_predictor",
     "objective_fused",

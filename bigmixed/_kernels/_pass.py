@@ -250,21 +250,28 @@ def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, an, with_globa
 
 
 @njit(parallel=True, **_JIT)
-def split_records(R, stride, q, p, A, B, c, n, nchunks):
-    """Records -> the contiguous per-level arrays the objective reads (A, B, c, n)."""
-    G = A.shape[0]
+def split_records(R, stride, q, p, A, B, c, n, rank, nchunks):
+    """Records -> the contiguous per-level arrays the objective reads (A, B, c, n).
+
+    Record ``g`` (of ``R.shape[0] // stride``) goes to level ``rank[g]``, or to ``g`` when
+    ``rank`` is empty: records kept in the order keys were first seen are put in key order
+    while they are read in sequence.
+    """
+    G = R.shape[0] // stride
     oB = q * q
     oc = oB + q * p
     on = oc + q
+    ranked = rank.shape[0] > 0
     for t in prange(nchunks):
         lo = t * G // nchunks
         hi = (t + 1) * G // nchunks
         for g in range(lo, hi):
             base = g * stride
+            d = rank[g] if ranked else g
             for a in range(q):
                 for b in range(q):
-                    A[g, a, b] = R[base + a * q + b]
+                    A[d, a, b] = R[base + a * q + b]
                 for k in range(p):
-                    B[g, a, k] = R[base + oB + a * p + k]
-                c[g, a] = R[base + oc + a]
-            n[g] = np.int64(R[base + on])
+                    B[d, a, k] = R[base + oB + a * p + k]
+                c[d, a] = R[base + oc + a]
+            n[d] = np.int64(R[base + on])

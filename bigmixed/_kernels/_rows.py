@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import _JIT, LEVEL_MAX, LEVEL_MIN
+from ._pass import PREFETCH, _prefetch
 
 # --------------------------------------------------------------------------
 # integer group keys -> codes through a dense table
@@ -52,6 +53,169 @@ def dense_codes(values, offset, table):
         k = values[j] - offset
         out[j] = table[k] if 0 <= k < m else -1
     return out
+
+
+# --------------------------------------------------------------------------
+# other keys -> codes through a bucketed table of 64-bit hashes
+# --------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def hash_find(h, hashes, order, start, shift, nthreads):
+    """Code of each 64-bit hash in ``h`` (-1 when absent) in a bucketed table.
+
+    ``hashes`` are the keys' hashes sorted, ``order[i]`` the code of ``hashes[i]``, and bucket
+    ``b = hash >> shift`` holds ``hashes[start[b]:start[b + 1]]``.  With millions of keys each
+    row costs two dependent cache misses (its bucket, then its hashes), so the loop is a
+    two-stage software pipeline: the bucket bound of row ``j + 2 * PREFETCH`` and the hashes of
+    row ``j + PREFETCH`` are prefetched while row ``j`` is looked up.  Threads take contiguous
+    row ranges and write only their own rows.
+    """
+    n = h.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    for t in prange(nthreads):
+        lo = t * n // nthreads
+        hi = (t + 1) * n // nthreads
+        for j in range(lo, hi):
+            if j + 2 * PREFETCH < hi:
+                _prefetch(start, np.intp(h[j + 2 * PREFETCH] >> shift))
+            if j + PREFETCH < hi:
+                ahead = np.intp(start[np.intp(h[j + PREFETCH] >> shift)])
+                _prefetch(hashes, ahead)
+                _prefetch(order, ahead)
+            hj = h[j]
+            b = np.intp(hj >> shift)
+            pos = np.intp(start[b])
+            end = np.intp(start[b + 1])
+            code = -1
+            while pos < end:  # hashes are sorted inside a bucket
+                c = hashes[pos]
+                if c >= hj:
+                    if c == hj:
+                        code = np.int64(order[pos])
+                    break
+                pos += 1
+            out[j] = code
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def pack_strings(offsets, data, valid, out, ok, nthreads):
+    """Arrow strings (``offsets``, ``data``) -> the big-endian uint64 of their NUL-padded bytes.
+
+    ``ok[j]`` is true for a valid ASCII string of at most 8 bytes without NUL (exactly the
+    strings :func:`bigmixed.keys._pack_expr` packs); ``out[j]`` is then its packed value, else 0.
+    """
+    n = out.shape[0]
+    for t in prange(nthreads):
+        for j in range(t * n // nthreads, (t + 1) * n // nthreads):
+            lo = offsets[j]
+            m = offsets[j + 1] - lo
+            good = valid[j] and m <= 8
+            x = np.uint64(0)
+            if good:
+                for i in range(8):
+                    b = np.uint64(0)
+                    if i < m:
+                        b = np.uint64(data[lo + i])
+                        if b == 0 or b >= 128:
+                            good = False
+                    x = (x << np.uint64(8)) | b
+            out[j] = x if good else np.uint64(0)
+            ok[j] = good
+
+
+@njit(parallel=True, **_JIT)
+def pack_string_views(views, valid, out, ok, nthreads):
+    """:func:`pack_strings` for Arrow string views ``(n, 16)`` bytes: a string of at most 12 bytes
+    is stored inline (little-endian int32 length, then its bytes), so no data buffer is read."""
+    n = out.shape[0]
+    for t in prange(nthreads):
+        for j in range(t * n // nthreads, (t + 1) * n // nthreads):
+            m = np.int64(views[j, 0]) | (np.int64(views[j, 1]) << 8) | (np.int64(views[j, 2]) << 16) \
+                | (np.int64(views[j, 3]) << 24)
+            good = valid[j] and m <= 8
+            x = np.uint64(0)
+            if good:
+                for i in range(8):
+                    b = np.uint64(0)
+                    if i < m:
+                        b = np.uint64(views[j, 4 + i])
+                        if b == 0 or b >= 128:
+                            good = False
+                    x = (x << np.uint64(8)) | b
+            out[j] = x if good else np.uint64(0)
+            ok[j] = good
+
+
+# --------------------------------------------------------------------------
+# keys -> codes in the order they are first seen (the one-pass coder)
+# --------------------------------------------------------------------------
+
+_FIB = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing, as bigmixed.keys
+
+
+@njit(**_JIT)
+def code_first_seen(v, valid, start, slot_key, slot_code, keys, first_row, G, max_G, out):
+    """Code each 64-bit key ``v[j]`` (``j >= start``) by first appearance, adding new keys.
+
+    ``slot_key``/``slot_code`` are an open-addressing table (power-of-two size, linear probing,
+    ``slot_code < 0`` empty); a new key gets code ``G``, its value is stored at ``keys[G]`` and
+    the row that brought it at ``first_row[G]``.  Rows with ``valid[j]`` false get -1.  Stops
+    before a new key would make ``G`` exceed ``max_G`` (the caller grows the arrays and calls
+    again from the returned row).  Sequential on purpose: the codes depend on the row order
+    only, never on thread timing.  Returns ``(rows done, G)``.
+    """
+    n = v.shape[0]
+    mask = slot_key.shape[0] - 1
+    bits = 0
+    while (1 << bits) < slot_key.shape[0]:
+        bits += 1
+    shift = np.uint64(64 - bits)
+    for j in range(start, n):
+        if j + PREFETCH < n:
+            ahead = np.intp((v[j + PREFETCH] * _FIB) >> shift) if bits > 0 else 0
+            _prefetch(slot_code, ahead)
+            _prefetch(slot_key, ahead)
+        if not valid[j]:
+            out[j] = -1
+            continue
+        x = v[j]
+        i = np.intp((x * _FIB) >> shift) if bits > 0 else 0
+        while True:
+            c = slot_code[i]
+            if c < 0:
+                if G >= max_G:
+                    return j, G
+                slot_key[i] = x
+                slot_code[i] = G
+                keys[G] = x
+                first_row[G] = j
+                out[j] = G
+                G += 1
+                break
+            if slot_key[i] == x:
+                out[j] = c
+                break
+            i = (i + 1) & mask
+    return n, G
+
+
+@njit(**_JIT)
+def rehash_first_seen(keys, G, slot_key, slot_code):
+    """Put the distinct ``keys[:G]`` (codes 0..G-1) into an empty, larger table."""
+    mask = slot_key.shape[0] - 1
+    bits = 0
+    while (1 << bits) < slot_key.shape[0]:
+        bits += 1
+    shift = np.uint64(64 - bits)
+    for g in range(G):
+        x = keys[g]
+        i = np.intp((x * _FIB) >> shift) if bits > 0 else 0
+        while slot_code[i] >= 0:
+            i = (i + 1) & mask
+        slot_key[i] = x
+        slot_code[i] = g
 
 
 @njit(**_JIT)
