@@ -169,6 +169,19 @@ class _Part:
     cats: tuple[str, ...] = ()
 
 
+def _copy_column(s: pl.Series, dest: np.ndarray) -> None:
+    """Copy a polars column into ``dest`` piece by piece: a column read from parquet is a list
+    of chunks, each of which converts to numpy without a copy (the whole column would be
+    concatenated first)."""
+    if s.n_chunks() == 1:
+        dest[:] = s.to_numpy()
+        return
+    start = 0
+    for n in s.chunk_lengths():
+        dest[start:start + n] = s.slice(start, n).to_numpy()
+        start += n
+
+
 class Design:
     """Frozen recipe turning data chunks into float64 ``(y, X, Z)`` with the same columns every time.
 
@@ -351,7 +364,7 @@ class Design:
                     if c is None:
                         out[:, off + j] = 1.0
                     elif is_pl:
-                        out[:, off + j] = chunk.get_column(c).to_numpy()
+                        _copy_column(chunk.get_column(c), out[:, off + j])
                     else:
                         out[:, off + j] = chunk[c].to_numpy(dtype=np.float64, na_value=np.nan)
                 except (ValueError, TypeError):  # e.g. strings in new data for predict()
@@ -370,21 +383,32 @@ class Design:
             if nulls[c].any():
                 out[nulls[c], off:off + k] = np.nan
 
-    def matrices(self, chunk: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def matrices(self, chunk: Any, reuse: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Encode one chunk.
 
         Parameters
         ----------
         chunk : pandas.DataFrame or polars.DataFrame
             Data with (at least) ``self.columns``. Rows are never dropped.
+        reuse : dict, optional
+            Buffers of an earlier call with as many rows, overwritten (a pass over many chunks
+            of one size: fresh arrays per chunk cost page faults, more than the copies into
+            them); the caller must be done with the arrays of that call.
 
         Returns
         -------
         tuple of numpy.ndarray
             ``y`` (n,), ``X`` (n, p), ``Z`` (n, q): float64, Fortran-ordered (column-contiguous), row-aligned with ``chunk``.
         """
-        y = self.response(chunk)
-        X, Z = self.predictor_matrices(chunk)
+        n = chunk.height if _frame(chunk) else len(chunk)
+        bufs = None
+        if reuse is not None:
+            if reuse.get("n") != n:
+                reuse.clear()
+                reuse.update(n=n, y=np.empty((n, 1)), X=np.empty((self.p, n)).T, Z=np.empty((self.q, n)).T)
+            bufs = reuse
+        y = self.response(chunk, None if bufs is None else bufs["y"])
+        X, Z = self.predictor_matrices(chunk, None if bufs is None else (bufs["X"], bufs["Z"]))
         return y, X, Z
 
     @property
@@ -420,20 +444,19 @@ class Design:
             pdf, nulls = self._pandas(chunk, is_pl) if self._fml_cols else (None, {})
         return is_pl, n, pdf, nulls
 
-    def response(self, chunk: Any) -> np.ndarray:
-        """The response ``y`` (n,) of one chunk."""
+    def response(self, chunk: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """The response ``y`` (n,) of one chunk (into ``out``, (n, 1), if given)."""
         is_pl, n, pdf, nulls = self._prepare(chunk, tuple(self._resp.used))
-        y = np.empty((n, 1))
+        y = np.empty((n, 1)) if out is None else out
         self._fill(self._resp, y, 0, chunk, is_pl, pdf, nulls)
         return y.reshape(n)
 
-    def predictor_matrices(self, chunk: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``X`` (n, p) and ``Z`` (n, q) of one chunk; the response column need not be present."""
+    def predictor_matrices(self, chunk: Any, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``X`` (n, p) and ``Z`` (n, q) of one chunk (into ``out``, if given); the response column need not be present."""
         is_pl, n, pdf, nulls = self._prepare(chunk, self.predictor_columns)
         # Fortran order: each column is filled by one contiguous copy, and the
         # statistics kernel reads X.T (p, n) without another copy.
-        X = np.empty((self.p, n)).T
-        Z = np.empty((self.q, n)).T
+        X, Z = (np.empty((self.p, n)).T, np.empty((self.q, n)).T) if out is None else out
         self._fill(self._fixed, X, 0, chunk, is_pl, pdf, nulls)
         off = 0
         for part in self._random:

@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize
 
 from .objective import NumericalError, Objective
 
@@ -238,6 +237,10 @@ def _lbfgsb(fg, start: np.ndarray, bounds, maxiter: int, n_iter: int, watch: dic
 
     def count(_xk) -> None:
         iters[0] += 1
+
+    # imported here: when Newton steps from the subsample fit converge (most large fits) scipy's
+    # optimisers are never needed, and importing them is a tenth of a second of every start-up
+    from scipy import optimize
 
     watch["on"] = True
     try:

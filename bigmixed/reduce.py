@@ -55,34 +55,55 @@ def _missing_expr(c: str, schema) -> pl.Expr:
 RELEASE_SLABS = 16  # pieces in which the records are split and handed back (see _Records.split)
 
 
+def _mapping(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping, with transparent huge pages asked for (as numpy does for large
+    arrays): every row lands on a random record, and 4 KB pages would add a TLB miss to it."""
+    m = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # not supported here: ordinary pages
+            pass
+    return m
+
+
 class _Records:
     """One term's records during the pass (see :mod:`bigmixed._kernels._pass`)."""
 
-    def __init__(self, G: int, q: int, p: int, anc_q: tuple[int, ...], capacity: int | None = None) -> None:
+    def __init__(self, G: int, q: int, p: int, anc_q: tuple[int, ...], capacity: int | None = None,
+                 mapped: bool = False) -> None:
         self.q, self.p, self.anc_q = q, p, anc_q
         self.stride, self.ups, self.pars = record_layout(q, p, anc_q)
+        self.released = False
+        self._map = None
+        if not mapped:  # a numpy array (in memory: the data outweigh the records)
+            self.G, self._cap = G, G
+            self.R = np.empty(G * self.stride)
+            self.R.fill(0.0)  # written here: the kernel's threads would take the page faults serially
+            return
         # An anonymous mapping of its own, so that split(release=True) can hand its pages back
         # to the system slab by slab while the per-level arrays fill: the records and those
-        # arrays are the two largest things of a fit, and need not be held at once.  Levels
-        # found during the pass (KeyCoder) grow it (``ensure``).
+        # arrays are the two largest things of a streamed fit, and need not be held at once.
+        # Levels found during the pass (KeyCoder) grow it (``ensure``).
         self.G, self._cap = 0, max(int(capacity or G), G, 1)
         try:  # a large capacity is address space only, but a system may refuse it: then start small
-            self._map = mmap.mmap(-1, self._cap * self.stride * 8)
+            self._map = _mapping(self._cap * self.stride * 8)
         except (OSError, OverflowError):
             self._cap = max(G, 1 << 16)
-            self._map = mmap.mmap(-1, self._cap * self.stride * 8)
+            self._map = _mapping(self._cap * self.stride * 8)
         self.R = np.frombuffer(self._map, dtype=np.float64, count=0)
-        self.released = False
         self.ensure(G)
 
     def ensure(self, G: int) -> None:
         """Records for levels ``0..G-1`` (new ones zero)."""
         if G <= self.G:
             return
+        if self._map is None:
+            raise RuntimeError("records of a fixed number of levels cannot grow")
         st = self.stride
         if G > self._cap:
             cap = max(G, 2 * self._cap)
-            new = mmap.mmap(-1, cap * st * 8)
+            new = _mapping(cap * st * 8)
             np.frombuffer(new, dtype=np.float64, count=self.G * st)[:] = self.R
             self.R = None
             self._map.close()
@@ -108,7 +129,7 @@ class _Records:
             raise RuntimeError("the records were released by an earlier split")
         q, p, G = self.q, self.p, self.G
         A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
-        if not release:
+        if not release or self._map is None:
             _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, rank, max(1, min(G, 64)))
             return TermStats(A, B, c, n, levels, XX)
         rec_bytes = 8 * self.stride
@@ -147,8 +168,9 @@ class Reducer:
     again with ``layout="crossed"``.
     """
 
-    def __init__(self, plan, nthreads: int | None = None) -> None:
+    def __init__(self, plan, nthreads: int | None = None, streaming: bool = False) -> None:
         self.plan = plan
+        self.streaming = streaming  # records in their own mapping, handed back by finish()
         self.nthreads = int(nthreads or default_threads())
         d, terms = plan.design, plan.terms
         ch = plan.chain
@@ -158,10 +180,10 @@ class Reducer:
         self._anc = anc
         self._coder = plan.coder  # one term whose levels are found during the pass (KeyCoder)
         if self._coder is not None:
-            self._rec = [_Records(0, terms[0].q, d.p, (), capacity=self._coder.keys.shape[0])]
+            self._rec = [_Records(0, terms[0].q, d.p, (), capacity=self._coder.keys.shape[0], mapped=True)]
             self._levels = [None]
         else:
-            self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k]))
+            self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k]), mapped=streaming)
                          for k, t in enumerate(terms)]
             self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
         self._first = plan.sample_term if plan.sample_term is not None else 0
@@ -180,6 +202,7 @@ class Reducer:
         self.n_dropped = 0
         self.t_reduce = 0.0
         self.scaling = plan.scaling
+        self._buffers: dict = {}  # the design's arrays, reused from chunk to chunk of one size
 
     # -- the statistics -------------------------------------------------------------
 
@@ -191,10 +214,10 @@ class Reducer:
         return self._stats
 
     def finish(self) -> Statistics:
-        """The statistics, once no more rows will be added: the records' memory is handed back
-        while they are split (one-term models; other layouts still read their records' pair blocks)."""
+        """The statistics, once no more rows will be added: streaming, the records' memory is handed
+        back while they are split (one-term models; other layouts still read their pair blocks)."""
         if self._stats is None:
-            self._stats = self._split(release=self.plan.layout == "single")
+            self._stats = self._split(release=self.streaming and self.plan.layout == "single")
         return self._stats
 
     def _split(self, release: bool) -> Statistics:
@@ -239,7 +262,7 @@ class Reducer:
             raise RuntimeError("rows added after finish()")
         self._stats = None
         self.n_read += chunk.height
-        y, X, Z = d.matrices(chunk)
+        y, X, Z = d.matrices(chunk, self._buffers)  # nothing below keeps them past this chunk
         off = d.offset(chunk)
         if off is not None:  # a known part of the mean: the model is fitted to y - offset
             y = y - off

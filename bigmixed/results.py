@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-# scipy.special (already loaded by scipy.optimize) rather than scipy.stats: importing
-# scipy.stats costs ~0.35 s per process, a tenth of a 10M-row CLI fit. norm.sf(x) = ndtr(-x).
+# scipy.special rather than scipy.stats: importing scipy.stats costs ~0.35 s per process,
+# a tenth of a 10M-row CLI fit. norm.sf(x) = ndtr(-x).
 from scipy.special import ndtr, ndtri
 
 from . import blups

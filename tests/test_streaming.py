@@ -172,7 +172,7 @@ def test_rows_after_finish_are_refused(data):
 
     src = _open(data[1])
     plan = pipeline.prepare(src, spec_from_lmer(FORMULA))
-    red = Reducer(plan, 2)
+    red = Reducer(plan, 2, streaming=True)
     chunks = list(src.batches(plan.design.columns, 400))
     for label, ch in chunks:
         red.add(ch, label)
@@ -180,6 +180,27 @@ def test_rows_after_finish_are_refused(data):
     assert st.terms[0].n_groups == plan.terms[0].n_levels == 150
     with pytest.raises(RuntimeError, match="finish"):
         red.add(chunks[0][1], chunks[0][0])
+
+
+def test_design_of_chunked_columns_and_reused_buffers(data):
+    """Columns of many chunks (as read from parquet) are copied piece by piece, nulls as NaN;
+    buffers handed back are overwritten only for a chunk of the same size."""
+    df = data[0]
+    d = bm.lmer(FORMULA, df).model._built.design
+    parts = pl.concat([df.slice(0, 100), df.slice(100, 57).with_columns(x=pl.lit(None, pl.Float64)),
+                       df.slice(157, 200)], rechunk=False)
+    assert parts.get_column("x").n_chunks() == 3
+    y, X, Z = d.matrices(parts)
+    y1, X1, Z1 = d.matrices(parts.rechunk())
+    np.testing.assert_array_equal(X, X1)
+    assert np.isnan(X[100:157, 1]).all() and not np.isnan(X[:100]).any()
+    reuse: dict = {}
+    a = d.matrices(parts, reuse)
+    b = d.matrices(parts.reverse(), reuse)
+    assert np.shares_memory(b[1], a[1]) and np.shares_memory(b[0], a[0])  # the same buffers, overwritten
+    np.testing.assert_array_equal(b[1], X[::-1])
+    c = d.matrices(parts.head(10), reuse)
+    assert c[1].shape == (10, X.shape[1]) and not np.shares_memory(c[1], a[1])
 
 
 def test_footer_index_needs_statistics(tmp_path):

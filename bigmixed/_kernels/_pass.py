@@ -265,13 +265,20 @@ def split_records(R, stride, q, p, A, B, c, n, rank, nchunks):
     for t in prange(nchunks):
         lo = t * G // nchunks
         hi = (t + 1) * G // nchunks
-        for g in range(lo, hi):
-            base = g * stride
-            d = rank[g] if ranked else g
-            for a in range(q):
-                for b in range(q):
-                    A[d, a, b] = R[base + a * q + b]
-                for k in range(p):
-                    B[d, a, k] = R[base + oB + a * p + k]
-                c[d, a] = R[base + oc + a]
-            n[d] = np.int64(R[base + on])
+        if ranked:
+            for g in range(lo, hi):
+                _split_one(R, g * stride, q, p, oB, oc, on, A, B, c, n, rank[g])
+        else:
+            for g in range(lo, hi):
+                _split_one(R, g * stride, q, p, oB, oc, on, A, B, c, n, g)
+
+
+@njit(inline="always", **_JIT)
+def _split_one(R, base, q, p, oB, oc, on, A, B, c, n, d):
+    for a in range(q):
+        for b in range(q):
+            A[d, a, b] = R[base + a * q + b]
+        for k in range(p):
+            B[d, a, k] = R[base + oB + a * p + k]
+        c[d, a] = R[base + oc + a]
+    n[d] = np.int64(R[base + on])
