@@ -107,9 +107,9 @@ class GroupIndex:
     def _span_index(cls, source: Source, column: str) -> "GroupIndex | None":
         """Integer keys of parquet files: every integer between the footers' min and max, no pass over the rows.
 
-        The levels are then a superset of the keys present; levels without rows are dropped
-        after the pass (as levels whose rows were all incomplete always are), so the fit is
-        the one of the exact index.  Only when the range is small next to the rows, so that
+        The levels are then a superset of the keys present; the caller drops levels without
+        rows after its pass (as levels whose rows were all incomplete always are), so the fit
+        is the one of the exact index.  Only when the range is small next to the rows, so that
         statistics kept for absent keys stay a fraction of what the rows themselves take.
         """
         found = source.int_range(column)
@@ -124,17 +124,9 @@ class GroupIndex:
         return cls(keys, sorted_unique=True, _dense=(np.arange(span, dtype=np.int64), lo))
 
     @classmethod
-    def from_source(cls, source: Source, column: str, *, superset: bool = False) -> "GroupIndex":
-        """One pass over the key column only (streaming for files).
-
-        ``superset``: the caller drops levels without rows after its pass, so integer keys of
-        parquet files may be indexed from the files' statistics alone (:meth:`_span_index`).
-        """
+    def from_source(cls, source: Source, column: str) -> "GroupIndex":
+        """One pass over the key column only (streaming for files)."""
         dtype = source.schema.get(column)
-        if superset and dtype is not None and dtype.is_integer():
-            span = cls._span_index(source, column)
-            if span is not None:
-                return span
         if source.frame is not None and dtype is not None and dtype.is_integer():
             dense = cls._dense_index(source.frame.get_column(column))
             if dense is not None:
@@ -273,8 +265,8 @@ def _pack_arrow(s: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     except Exception:  # an older pyarrow without string views
         arr = None
     if isinstance(arr, pa.StringViewArray):
-        views = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=16 * (arr.offset + n)).reshape(-1, 16)
-        _kernels.pack_string_views(views[arr.offset:], valid, out, ok, threads)
+        views = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=16 * (arr.offset + n))
+        _kernels.pack_string_views(views[16 * arr.offset:], valid, out, ok, threads)
         return out, ok
     arr = s.to_arrow(compat_level=pl.CompatLevel.oldest()).cast(pa.large_string())
     bufs = arr.buffers()
@@ -372,10 +364,10 @@ class TermIndex:
 
     # ---- construction
     @classmethod
-    def from_source(cls, source: Source, factors: tuple[str, ...], *, superset: bool = False) -> "TermIndex":
-        """One pass over the key column(s) only (streaming for files); ``superset``: see :meth:`GroupIndex.from_source`."""
+    def from_source(cls, source: Source, factors: tuple[str, ...]) -> "TermIndex":
+        """One pass over the key column(s) only (streaming for files)."""
         if len(factors) == 1:
-            return cls(factors, [GroupIndex.from_source(source, factors[0], superset=superset)])
+            return cls(factors, [GroupIndex.from_source(source, factors[0])])
         cols = list(factors)
         try:
             uniq = source.lazy().select(cols).unique().collect(engine="streaming")

@@ -228,19 +228,16 @@ def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, miss
                          lambda: _prototype(source, design.columns, rows=None))
         design = Design(spec, proto, design.categorical)
     terms = design.terms
-    coder = _one_pass_coder(source, terms) if one_pass and not keep_xx else None
-    # One term: levels without rows are dropped by finalise, so its integer keys in parquet
-    # files may be indexed from the footers instead of a pass over the key column.
-    superset = len(terms) == 1
+    coder = _single_term_levels(source, terms, allow_coder=one_pass and not keep_xx)
     for t in terms if coder is None else ():
-        if t.index is not None:  # from the footers (_one_pass_coder)
+        if t.index is not None:  # from the footers (_single_term_levels)
             continue
         label = ":".join(t.factors)
         if source.in_memory:
             t.index = TermIndex.from_source(source, t.factors)
         else:
             t.index = blocking(progress, f"indexing the levels of '{label}' in {what}",
-                               lambda t=t: TermIndex.from_source(source, t.factors, superset=superset))
+                               lambda t=t: TermIndex.from_source(source, t.factors))
     if len(terms) == 1:
         chosen, chain = "single", [0]
     else:
@@ -259,20 +256,24 @@ def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, miss
 MAX_RESERVED_LEVELS = 1 << 27  # beyond this many keys the coder's arrays grow by doubling
 
 
-def _one_pass_coder(source: Source, terms: list[ReTerm]) -> KeyCoder | None:
-    """A :class:`KeyCoder` for one term on one integer or string column of files, unless the
-    parquet footers already index its integer keys (a dense table: cheaper per row)."""
+def _single_term_levels(source: Source, terms: list[ReTerm], allow_coder: bool) -> KeyCoder | None:
+    """Levels of one term on one column of files without a pass over the key column.
+
+    Levels without rows are dropped by finalise, so integer keys may be indexed from the
+    parquet footers (sets the term's index; a dense table, the cheapest lookup per row);
+    otherwise, if allowed, a :class:`KeyCoder` finds them during the pass.  None: index as usual.
+    """
     if source.in_memory or len(terms) != 1 or len(terms[0].factors) != 1:
         return None
     col = terms[0].factors[0]
     dtype = source.schema.get(col)
-    if not KeyCoder.handles(dtype):
-        return None
-    if dtype.is_integer():
+    if dtype is not None and dtype.is_integer():
         span = GroupIndex._span_index(source, col)
         if span is not None:
             terms[0].index = TermIndex(terms[0].factors, [span])
             return None
+    if not allow_coder or not KeyCoder.handles(dtype):
+        return None
     # room for as many keys as rows (np.empty and the records' mapping take memory only when written)
     rows = source.n_rows() or 0
     return KeyCoder(col, dtype, capacity=int(min(max(rows, 1 << 16), MAX_RESERVED_LEVELS)))

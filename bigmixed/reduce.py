@@ -53,6 +53,7 @@ def _missing_expr(c: str, schema) -> pl.Expr:
 
 
 RELEASE_SLABS = 16  # pieces in which the records are split and handed back (see _Records.split)
+_CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
 
 
 def _mapping(nbytes: int) -> mmap.mmap:
@@ -144,7 +145,8 @@ class _Records:
                 _kernels.split_records(R, self.stride, q, p, A[lo:hi], B[lo:hi], c[lo:hi], n[lo:hi], rank,
                                        max(1, min(hi - lo, 64)))
             del R
-            self._map.madvise(mmap.MADV_DONTNEED, lo * rec_bytes, (hi - lo) * rec_bytes)
+            if _CAN_RELEASE:
+                self._map.madvise(mmap.MADV_DONTNEED, lo * rec_bytes, (hi - lo) * rec_bytes)
         self.released = True
         self.R = None
         try:

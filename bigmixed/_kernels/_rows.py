@@ -99,51 +99,51 @@ def hash_find(h, hashes, order, start, shift, nthreads):
     return out
 
 
+@njit(inline="always", **_JIT)
+def _pack8(buf, lo, m):
+    """``(packed, ok)`` of the ``m`` bytes ``buf[lo:lo + m]``: big-endian, NUL-padded to 8 bytes;
+    ok only for at most 8 ASCII bytes without NUL (exactly what :func:`bigmixed.keys._pack_expr` packs)."""
+    if m > 8:
+        return np.uint64(0), False
+    x = np.uint64(0)
+    for i in range(8):
+        b = np.uint64(0)
+        if i < m:
+            b = np.uint64(buf[lo + i])
+            if b == 0 or b >= 128:
+                return np.uint64(0), False
+        x = (x << np.uint64(8)) | b
+    return x, True
+
+
 @njit(parallel=True, **_JIT)
 def pack_strings(offsets, data, valid, out, ok, nthreads):
     """Arrow strings (``offsets``, ``data``) -> the big-endian uint64 of their NUL-padded bytes.
 
-    ``ok[j]`` is true for a valid ASCII string of at most 8 bytes without NUL (exactly the
-    strings :func:`bigmixed.keys._pack_expr` packs); ``out[j]`` is then its packed value, else 0.
+    ``ok[j]`` is true for a valid string that packs (:func:`_pack8`); ``out[j]`` is then its
+    packed value, else 0.
     """
     n = out.shape[0]
     for t in prange(nthreads):
         for j in range(t * n // nthreads, (t + 1) * n // nthreads):
-            lo = offsets[j]
-            m = offsets[j + 1] - lo
-            good = valid[j] and m <= 8
-            x = np.uint64(0)
-            if good:
-                for i in range(8):
-                    b = np.uint64(0)
-                    if i < m:
-                        b = np.uint64(data[lo + i])
-                        if b == 0 or b >= 128:
-                            good = False
-                    x = (x << np.uint64(8)) | b
+            x, good = _pack8(data, offsets[j], offsets[j + 1] - offsets[j])
+            good = good and valid[j]
             out[j] = x if good else np.uint64(0)
             ok[j] = good
 
 
 @njit(parallel=True, **_JIT)
 def pack_string_views(views, valid, out, ok, nthreads):
-    """:func:`pack_strings` for Arrow string views ``(n, 16)`` bytes: a string of at most 12 bytes
+    """:func:`pack_strings` for Arrow string views (16 bytes each, flat): a string of at most 12 bytes
     is stored inline (little-endian int32 length, then its bytes), so no data buffer is read."""
     n = out.shape[0]
     for t in prange(nthreads):
         for j in range(t * n // nthreads, (t + 1) * n // nthreads):
-            m = np.int64(views[j, 0]) | (np.int64(views[j, 1]) << 8) | (np.int64(views[j, 2]) << 16) \
-                | (np.int64(views[j, 3]) << 24)
-            good = valid[j] and m <= 8
-            x = np.uint64(0)
-            if good:
-                for i in range(8):
-                    b = np.uint64(0)
-                    if i < m:
-                        b = np.uint64(views[j, 4 + i])
-                        if b == 0 or b >= 128:
-                            good = False
-                    x = (x << np.uint64(8)) | b
+            v = 16 * j
+            m = np.int64(views[v]) | (np.int64(views[v + 1]) << 8) | (np.int64(views[v + 2]) << 16) \
+                | (np.int64(views[v + 3]) << 24)
+            x, good = _pack8(views, v + 4, m)
+            good = good and valid[j]
             out[j] = x if good else np.uint64(0)
             ok[j] = good
 
