@@ -264,7 +264,7 @@ def _pack_arrow(s: pl.Series) -> tuple[np.ndarray, np.ndarray]:
         arr = s.to_arrow(compat_level=pl.CompatLevel.newest())
     except Exception:  # an older pyarrow without string views
         arr = None
-    if isinstance(arr, pa.StringViewArray):
+    if isinstance(arr, getattr(pa, "StringViewArray", ())):  # pyarrow >= 16
         views = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=16 * (arr.offset + n))
         _kernels.pack_string_views(views[16 * arr.offset:], valid, out, ok, threads)
         return out, ok
