@@ -68,6 +68,7 @@ class Source:
     # Columns that only some files have: column -> (a file without it, a file with it).  Fine
     # unless the model uses them (check_columns says which file lacks what).
     partial: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)  # facts read from the footers
 
     @property
     def columns(self) -> list[str]:
@@ -82,16 +83,23 @@ class Source:
         # diagonal: files may differ in columns the model does not use (missing ones read as null)
         return pl.concat([lf for _, lf in self.parts], how="diagonal_relaxed")
 
-    def n_rows(self) -> int | None:
-        """Rows in all files, from their footers (None in memory or for an unreadable footer)."""
+    def _footers(self) -> list | None:
+        """Each file's parquet metadata, read once (None in memory or for an unreadable footer)."""
         if not self.files:
             return None
-        import pyarrow.parquet as pq
+        if "footers" not in self._cache:
+            import pyarrow.parquet as pq  # pyarrow is loaded already (polars' and pandas' interop)
 
-        try:
-            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
-        except (OSError, ValueError):
-            return None
+            try:
+                self._cache["footers"] = [pq.ParquetFile(f).metadata for f in self.files]
+            except (OSError, ValueError):
+                self._cache["footers"] = None
+        return self._cache["footers"]
+
+    def n_rows(self) -> int | None:
+        """Rows in all files, from their footers (None in memory or for an unreadable footer)."""
+        mds = self._footers()
+        return None if mds is None else sum(md.num_rows for md in mds)
 
     def int_range(self, column: str) -> tuple[int, int, int] | None:
         """``(min, max, rows)`` of an integer column of the parquet files, from their footers alone.
@@ -99,18 +107,14 @@ class Source:
         None when the data is in memory, or any row group lacks the column's min/max statistics
         (writers may omit them; a row group of nulls only has none).
         """
-        if not self.files:
+        mds = self._footers()
+        if mds is None:
             return None
-        import pyarrow.parquet as pq  # pyarrow is loaded already (polars' and pandas' interop)
-
         lo = hi = None
-        rows = 0
-        for f in self.files:
-            try:
-                md = pq.ParquetFile(f).metadata
-                j = md.schema.names.index(column)
-            except (OSError, ValueError):  # unreadable footer or the column absent: read the rows instead
+        for md in mds:
+            if column not in md.schema.names:  # a file without the column: read the rows instead
                 return None
+            j = md.schema.names.index(column)
             for r in range(md.num_row_groups):
                 col = md.row_group(r).column(j)
                 st = col.statistics
@@ -120,8 +124,7 @@ class Source:
                     return None
                 lo = st.min if lo is None else min(lo, st.min)
                 hi = st.max if hi is None else max(hi, st.max)
-            rows += md.num_rows
-        return None if lo is None else (int(lo), int(hi), rows)
+        return None if lo is None else (int(lo), int(hi), sum(md.num_rows for md in mds))
 
     def check_columns(self, needed: Sequence[str]) -> None:
         missing = [c for c in needed if c not in self.schema]
