@@ -19,6 +19,7 @@ from .data import Source, _short, failing_part
 
 __all__ = ["GroupIndex", "KeyCoder", "TermIndex", "Unpackable", "group_levels"]
 
+_NO_TABLE = np.zeros(0, dtype=np.int64)  # dense_codes without a table: keys that fill their range
 
 
 class GroupIndex:
@@ -66,6 +67,8 @@ class GroupIndex:
                 table = np.full(span, -1, dtype=np.int64)
                 table[self.keys.to_numpy() - lo] = np.arange(self.n_groups, dtype=np.int64)
                 self._lookup, self._offset = table, lo
+        # keys filling their range: code = key - offset, no table to gather from
+        self._identity = self._lookup is not None and self._lookup.shape[0] == self.n_groups
 
     def __getstate__(self) -> dict:
         # the hash table is cheap to rebuild and its string hashes are only
@@ -163,7 +166,8 @@ class GroupIndex:
             if values.dtype == pl.UInt64 and values.len() and values.max() >= 1 << 63:
                 values = values.cast(pl.Int64, strict=False).fill_null(self._offset - 1)  # beyond any key
             v = values.to_numpy().astype(np.int64, copy=False)
-            return _kernels.dense_codes(v, self._offset, self._lookup)
+            table = _NO_TABLE if self._identity else self._lookup
+            return _kernels.dense_codes(v, self._offset, table, self.n_groups, int(numba.get_num_threads()))
         if self._packed is not None and values.dtype == pl.String:
             return self._packed_codes(values)
         if values.dtype != self.keys.dtype:

@@ -68,6 +68,14 @@ def _mapping(nbytes: int) -> mmap.mmap:
     return m
 
 
+def _written(shape, dtype=np.float64) -> np.ndarray:
+    """A new array whose pages are already faulted in (zeros): the kernel's threads would take
+    those faults together and much more slowly than one sequential fill does."""
+    out = np.empty(shape, dtype=dtype)
+    out.fill(0)
+    return out
+
+
 class _Records:
     """One term's records during the pass (see :mod:`bigmixed._kernels._pass`)."""
 
@@ -129,7 +137,7 @@ class _Records:
         if self.released:
             raise RuntimeError("the records were released by an earlier split")
         q, p, G = self.q, self.p, self.G
-        A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
+        A, B, c, n = (_written((G, q, q)), _written((G, q, p)), _written((G, q)), _written(G, np.int64))
         if not release or self._map is None:
             _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, rank, max(1, min(G, 64)))
             return TermStats(A, B, c, n, levels, XX)

@@ -65,10 +65,12 @@ def random_theta(tmap, rng):
     return th
 
 
+# every p the kernels specialise (2, 3, 4) and one each side of them
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("nthreads", [1, 3])
-def test_accumulate_stats_matches_numpy(q, nthreads):
-    codes, X, Z, y = make_problem(q, 23, q, 3)
+def test_accumulate_stats_matches_numpy(q, p, nthreads):
+    codes, X, Z, y = make_problem(q + 10 * p, 23, q, p)
     st = build(codes, X, Z, y, nthreads)
     for g in range(23):
         m = codes == g
@@ -107,8 +109,9 @@ def test_transform_z_is_exact():
 
 
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
-def test_pass1_matches_dense(q):
-    codes, X, Z, y = make_problem(10 + q, 17, q, 2)
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_pass1_matches_dense(q, p):
+    codes, X, Z, y = make_problem(10 + q + 10 * p, 17, q, p)
     st = build(codes, X, Z, y)
     rng = np.random.default_rng(q)
     tmap = ThetaMap(q)
@@ -232,6 +235,23 @@ def test_hash_find_matches_numpy(G, bits, nthreads):
     np.testing.assert_array_equal(table.find(h), got)
 
 
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_key_codes_match_numpy(nthreads):
+    """dense_codes through a table, and without one for keys filling their range, against numpy."""
+    rng = np.random.default_rng(nthreads)
+    lo, span = -40, 300
+    table = np.full(span, -1, dtype=np.int64)
+    present = np.sort(rng.choice(span, 120, replace=False))
+    table[present] = np.arange(present.size)
+    v = rng.integers(lo - 20, lo + span + 20, 1001)
+    inside = (v >= lo) & (v < lo + span)
+    want = np.where(inside, table[np.clip(v - lo, 0, span - 1)], -1)
+    np.testing.assert_array_equal(_kernels.dense_codes(v, lo, table, 120, nthreads), want)
+    ident = _kernels.dense_codes(v, lo, np.zeros(0, np.int64), span, nthreads)
+    np.testing.assert_array_equal(ident, np.where(inside, v - lo, -1))
+    assert _kernels.dense_codes(v[:0], lo, table, 120, nthreads).shape == (0,)
+
+
 @pytest.mark.parametrize("q, p", [(1, 1), (2, 3), (3, 2)])
 def test_split_records_scatters_by_rank(q, p):
     from bigmixed._kernels import record_layout
@@ -306,20 +326,21 @@ def test_aliased_columns_found_in_order():
 
 
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("reml", [False, True])
-def test_fused_pass_gradient_equals_two_pass(q, reml):
+def test_fused_pass_gradient_equals_two_pass(q, p, reml):
     """The one-pass gradient (tensor contraction) equals pass 2's (another kernel) on the lower
     triangle, where theta lives (the fused kernel leaves the rest 0)."""
     from bigmixed.objective import gradient_from_fused
 
-    codes, X, Z, y = make_problem(50 + q, 14, q, 3)
+    codes, X, Z, y = make_problem(50 + q + 10 * p, 14, q, p)
     st = build(codes, X, Z, y)
     tmap = ThetaMap(q)
     lam = tmap.lam(random_theta(tmap, np.random.default_rng(q + 9)))
     be = LocalBackend(st, 2)
     ev = be.evaluate([lam], True)
-    beta = np.random.default_rng(1).normal(size=3)
-    Finv = np.linalg.inv(st.XtX - ev.SF + np.eye(3))
+    beta = np.random.default_rng(1).normal(size=p)
+    Finv = np.linalg.inv(st.XtX - ev.SF + np.eye(p))
     two = be.gradient([lam], beta, Finv, 0.7, reml)[0]
     one = gradient_from_fused(ev.GA[0], ev.S[0], beta, Finv, 0.7, reml)
     lower = np.tril(np.ones((q, q), dtype=bool))

@@ -302,12 +302,14 @@ def test_missing_raise_names_column_and_file(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["int-dense", "int-sparse", "string", "categorical"])
+@pytest.mark.parametrize("kind", ["int-dense", "int-holes", "int-sparse", "string", "categorical"])
 def test_group_index_codes(kind):
     rng = np.random.default_rng(0)
     base = rng.permutation(5000)
-    if kind == "int-dense":
+    if kind == "int-dense":  # the keys fill their range: codes without a table
         keys = pl.Series("k", base)
+    elif kind == "int-holes":  # a compact range with gaps: a table
+        keys = pl.Series("k", base * 3 + 11)
     elif kind == "int-sparse":
         keys = pl.Series("k", base.astype(np.int64) * 7_919_000_003 - 2**40)
     else:
@@ -324,7 +326,10 @@ def test_group_index_codes(kind):
     back = gi.keys.gather(codes)
     assert back.to_list() == sample.cast(back.dtype).to_list()
     # nulls and keys not in the index give -1
-    if kind.startswith("int"):
+    assert gi._identity == (kind == "int-dense")
+    if kind == "int-holes":  # a value in a gap of the range is no key either
+        other = pl.Series("k", [None, int(keys.max()) + 1, int(keys.min()) + 1, int(keys[0])], dtype=pl.Int64)
+    elif kind.startswith("int"):
         other = pl.Series("k", [None, int(keys.max()) + 1, int(keys.min()) - 1, int(keys[0])], dtype=pl.Int64)
     else:
         other = pl.Series("k", [None, "nope", "g", str(keys.cast(pl.String)[0])])

@@ -43,15 +43,26 @@ def number_keys(table):
     return G
 
 
-@njit(**_JIT)
-def dense_codes(values, offset, table):
-    """``table[v - offset]`` per value, -1 outside the table (an unknown key)."""
+@njit(parallel=True, **_JIT)
+def dense_codes(values, offset, table, span, nthreads):
+    """``table[v - offset]`` per value, -1 outside the table (an unknown key).
+
+    An empty ``table`` is the identity on ``[0, span)``: the codes of keys that fill their
+    range are ``v - offset``, and skipping the gather saves a cache miss a row (rows come in
+    any order, and a table of millions of keys is larger than the cache).  Threads take
+    contiguous row ranges and write only their own rows.
+    """
     n = values.shape[0]
     out = np.empty(n, dtype=np.int64)
     m = table.shape[0]
-    for j in range(n):
-        k = values[j] - offset
-        out[j] = table[k] if 0 <= k < m else -1
+    identity = m == 0
+    for t in prange(nthreads):
+        for j in range(t * n // nthreads, (t + 1) * n // nthreads):
+            k = values[j] - offset
+            if identity:
+                out[j] = k if 0 <= k < span else -1
+            else:
+                out[j] = table[k] if 0 <= k < m else -1
     return out
 
 
