@@ -202,7 +202,7 @@ class NestedBackend:
         term = np.concatenate([np.full(n, e, dtype=np.int64) for e, n in enumerate(counts)])
         rootk = np.concatenate(roots_of).astype(np.int64)
         # by root, then term (finest first), then level: levels are already in order within a term
-        order = np.argsort(rootk * K + term, kind="stable")
+        order = _kernels.bucket_order(rootk * K + term, self.n_units * K)
         n = order.size
         pos = np.empty(n, dtype=np.int64)
         pos[order] = np.arange(n)
@@ -211,19 +211,19 @@ class NestedBackend:
         Q = max(self.qs)
         p1 = self.p + 1
         self.term = np.ascontiguousarray(term[order])
-        A = np.zeros((n, Q, Q))
-        D = np.zeros((n, Q, p1))
-        up = np.zeros((n, max(K - 1, 1), Q, Q))
+        A, D, up = _written((n, Q, Q)), _written((n, Q, p1)), _written((n, max(K - 1, 1), Q, Q))
         anc = np.full((n, max(K - 1, 1)), -1, dtype=np.int64)
+        # whole blocks into each level's node (numpy's scatters into strided slices cost far more)
+        A2, D2, up2 = A.reshape(n, Q * Q), D.reshape(n, Q * p1), up.reshape(n, -1)
         for e, k in enumerate(ch):
             t, q, ps = st.terms[k], st.terms[k].q, self.pos[e]
-            A[ps, :q, :q] = t.A
-            # one scatter of whole (q, p + 1) blocks: two into strided slices cost several times more
-            D[ps, :q, :] = np.concatenate((t.c[:, :, None], t.B), axis=2)
+            _kernels.scatter_blocks(A2, ps, _flat(t.A), q, q, Q, 0)
+            _kernels.scatter_blocks(D2, ps, _flat(t.c), q, 1, p1, 0)
+            _kernels.scatter_blocks(D2, ps, _flat(t.B), q, self.p, p1, 1)
             for s in range(K - 1 - e):
                 e2 = e + 1 + s
-                pr = pair[(k, ch[e2])]
-                up[ps, s, :st.terms[ch[e2]].q, :q] = pr.vals
+                pr, qa = pair[(k, ch[e2])], st.terms[ch[e2]].q
+                _kernels.scatter_blocks(up2, ps, _flat(pr.vals), qa, q, Q, s * Q * Q)
                 anc[ps, s] = self.pos[e2][pr.jcodes]
         self.A, self.D, self.up, self.anc = A, D, up, anc
         self.qv = np.array([self.qs[k] for k in ch], dtype=np.int64)
@@ -306,6 +306,19 @@ class NestedBackend:
 
     def moment_start(self, tmap) -> np.ndarray:
         return moment_start(self.stats, tmap)
+
+
+def _flat(blocks: np.ndarray) -> np.ndarray:
+    """(G, a, b) or (G, a) blocks as a contiguous (G, a * b) array of doubles."""
+    return np.ascontiguousarray(blocks, dtype=np.float64).reshape(blocks.shape[0], -1)
+
+
+def _written(shape) -> np.ndarray:
+    """Zeros whose pages are faulted in here, sequentially (the parallel scatters would take
+    those faults together, several times more slowly)."""
+    out = np.empty(shape)
+    out.fill(0.0)
+    return out
 
 
 # ---------------------------------------------------------------------------------- crossed

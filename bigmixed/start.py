@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _kernels
 from .stats import Statistics
 from .terms import ThetaMap
 
@@ -25,6 +26,8 @@ __all__ = ["moment_start", "ols_moments", "term_moments", "theta_from_moments", 
 
 # singular values below this share of the largest count as 0 (numpy's pinv default)
 _RCOND = 1e-15
+# fixed chunks of levels for the moment sums: the same bits whatever the number of threads
+_MOMENT_CHUNKS = 64
 
 
 def psd_pinv(A: np.ndarray) -> np.ndarray:
@@ -80,6 +83,10 @@ def term_moments(t, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """
     if t.n_groups == 0:
         return np.zeros((t.q, t.q)), np.zeros((t.q, t.q)), 0.0
+    if t.q <= 2:  # one pass in a kernel: the numpy below makes a dozen temporaries of G blocks
+        bb, ai, n = _kernels.moment_sums(t.A, t.B, t.c, t.n, np.ascontiguousarray(beta, dtype=float), _RCOND,
+                                         _MOMENT_CHUNKS)
+        return bb.sum(axis=0), ai.sum(axis=0), float(n.sum())
     e = t.c - np.einsum("gqp,p->gq", t.B, beta)
     Ainv = psd_pinv(t.A)
     b = np.einsum("gab,gb->ga", Ainv, e)

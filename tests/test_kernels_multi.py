@@ -617,3 +617,24 @@ def test_dense_positions_follow_pair_counts(name):
         q = be.qs[k]
         assert np.array_equal(np.sort(pos), pos.min() + q * np.arange(pos.size))
         assert np.all(np.diff(counts[np.argsort(pos)]) <= 0)
+
+
+def test_layout_kernels_match_numpy():
+    """The nested layout's counting sort and block scatter against numpy's stable argsort and
+    fancy-index assignment."""
+    from bigmixed import _kernels
+
+    rng = np.random.default_rng(4)
+    key = rng.integers(0, 37, 5000)
+    np.testing.assert_array_equal(_kernels.bucket_order(key, 37), np.argsort(key, kind="stable"))
+    assert _kernels.bucket_order(key[:0], 37).shape == (0,)
+    n, Q, W = 400, 3, 4
+    rows = rng.permutation(n)[:250]
+    for qa, qb, width, base in [(2, 2, Q, 0), (3, 1, W, 0), (2, 3, W, 1), (1, 3, Q, Q * Q)]:
+        dst = rng.normal(size=(n, 2 * Q * W))
+        want = dst.copy()
+        src = rng.normal(size=(rows.size, qa, qb))
+        for a in range(qa):
+            want[rows, base + a * width: base + a * width + qb] = src[:, a, :]
+        _kernels.scatter_blocks(dst, rows, src.reshape(rows.size, -1), qa, qb, width, base)
+        np.testing.assert_array_equal(dst, want)

@@ -592,16 +592,17 @@ def test_ml_refit_reuses_statistics(data, formula):
 
 
 def test_lbfgsb_stops_when_only_round_off_is_left(monkeypatch):
-    """At this crossed fit's optimum only round-off is left: the stall stop ends the run there
-    (never later than L-BFGS-B's own test), at the same optimum."""
+    """Started at a crossed fit's optimum, only round-off is left: the stall stop ends the run
+    there (never later than L-BFGS-B's own test), at the same optimum."""
     from bigmixed import optimize as opt
     from bigmixed.simulate_multi import simulate_crossed
 
-    df = simulate_crossed(100_000, 2_000, 1_000_000, seed=1)
+    df = simulate_crossed(20_000, 500, 200_000, seed=3)
     formula = "y ~ x + (1|user) + (1|item)"
-    stopped = bm.lmer(formula, df)
+    at = np.asarray(bm.lmer(formula, df).theta)
+    stopped = bm.lmer(formula, df, start=at)
     monkeypatch.setattr(opt, "STALL_EVALS", 10**6)
-    full = bm.lmer(formula, df)
+    full = bm.lmer(formula, df, start=at)
     assert stopped.converged and full.converged
     assert stopped.optimizer.message.startswith("stopped")
     assert stopped.optimizer.n_evals <= full.optimizer.n_evals

@@ -238,3 +238,32 @@ def test_psd_pinv_matches_numpy(q):
     if q > 1:
         A[12] = np.outer(np.ones(q), np.ones(q)) * 1e-300  # tiny, rank one
     np.testing.assert_allclose(psd_pinv(A), np.linalg.pinv(A, hermitian=True), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_moment_sums_kernel_matches_numpy(q):
+    """The start's moment sums in one kernel pass equal the numpy route (psd_pinv and einsums),
+    with rank-one, empty and tiny blocks among the levels."""
+    from bigmixed import _kernels
+    from bigmixed.start import _RCOND, psd_pinv
+
+    rng = np.random.default_rng(10 + q)
+    G, p = 300, 3
+    Zs = rng.normal(size=(G, 5, q))
+    A = np.einsum("gra,grb->gab", Zs, Zs)
+    if q > 1:
+        A[:10] = np.einsum("gr,gs->grs", Zs[:10, 0], Zs[:10, 0])  # rank one
+        A[12] = np.outer(np.ones(q), np.ones(q)) * 1e-300
+    A[10:12] = 0.0
+    B = rng.normal(size=(G, q, p))
+    c = rng.normal(size=(G, q))
+    n = rng.integers(1, 9, G)
+    beta = rng.normal(size=p)
+    Ainv = psd_pinv(A)
+    b = np.einsum("gab,gb->ga", Ainv, c - np.einsum("gqp,p->gq", B, beta))
+    w = n.astype(float)
+    for nchunks in (1, 7):
+        bb, ai, sn = _kernels.moment_sums(A, B, c, n, beta, _RCOND, nchunks)
+        np.testing.assert_allclose(bb.sum(axis=0), np.einsum("g,ga,gb->ab", w, b, b), rtol=1e-12)
+        np.testing.assert_allclose(ai.sum(axis=0), np.einsum("g,gab->ab", w, Ainv), rtol=1e-12)
+        assert sn.sum() == w.sum()

@@ -30,13 +30,14 @@ Why the odd structure:
 from ._common import LEVEL_MAX, LEVEL_MIN
 from ._groups import (
     conditional_modes,
+    moment_sums,
     objective_fused,
     objective_pass1,
     objective_pass2,
     transform_groups,
 )
 from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_pieces, rest_sandwich, symmetrize_upper
-from ._nested import nested_evaluate
+from ._nested import bucket_order, nested_evaluate, scatter_blocks
 from ._pass import accumulate_records, record_layout, split_records
 from ._nested2 import NESTED2_SIZES, nested2_evaluate
 from ._rows import (
@@ -70,6 +71,9 @@ __all__ = [
     "hash_levels",
     "linear_predictor",
     "objective_fused",
+    "bucket_order",
+    "scatter_blocks",
+    "moment_sums",
     "objective_pass1",
     "objective_pass2",
     "conditional_modes",

@@ -522,3 +522,38 @@ def nested_evaluate(term, qv, A, D, up, anc, roots, chunks, lams, maxlen, want_g
                         for m in range(sd):
                             out_S[t, e, a, b, k, m] = S[e, a, b, k, m]
     return out_ld, out_SFD, out_GA, out_S, out_GC, out_ok, bhat, bcov
+
+
+# --------------------------------------------------------------------------
+# the layout: levels of all terms as nodes grouped by outer group
+# --------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def bucket_order(key, nbuckets):
+    """The stable order of ``key`` (integers in ``[0, nbuckets)``): a counting sort, O(n)."""
+    start = np.zeros(nbuckets + 1, dtype=np.int64)
+    for i in range(key.shape[0]):
+        start[key[i] + 1] += 1
+    for b in range(nbuckets):
+        start[b + 1] += start[b]
+    out = np.empty(key.shape[0], dtype=np.int64)
+    for i in range(key.shape[0]):
+        k = key[i]
+        out[start[k]] = i
+        start[k] += 1
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def scatter_blocks(dst, rows, src, qa, qb, width, base):
+    """``dst[rows[i], base + a * width + b] = src[i, a * qb + b]`` for ``a < qa``, ``b < qb``.
+
+    One level's ``(qa, qb)`` block into the row-major ``(., width)`` block of its node (rows
+    distinct: each node is written by one thread).
+    """
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for a in range(qa):
+            for b in range(qb):
+                dst[r, base + a * width + b] = src[i, a * qb + b]
