@@ -25,7 +25,7 @@ from scipy.linalg import lapack
 
 from . import _kernels
 from .start import moment_start
-from .stats import Statistics, blas_threads, default_threads
+from .stats import Statistics, blas_threads, default_threads, faulted_zeros
 from .terms import check_crossed_memory, crossed_lead
 
 __all__ = ["Evaluation", "StatsBackend", "LocalBackend", "NestedBackend", "CrossedBackend", "make_backend",
@@ -211,7 +211,7 @@ class NestedBackend:
         Q = max(self.qs)
         p1 = self.p + 1
         self.term = np.ascontiguousarray(term[order])
-        A, D, up = _written((n, Q, Q)), _written((n, Q, p1)), _written((n, max(K - 1, 1), Q, Q))
+        A, D, up = faulted_zeros((n, Q, Q)), faulted_zeros((n, Q, p1)), faulted_zeros((n, max(K - 1, 1), Q, Q))
         anc = np.full((n, max(K - 1, 1)), -1, dtype=np.int64)
         # whole blocks into each level's node (numpy's scatters into strided slices cost far more)
         A2, D2, up2 = A.reshape(n, Q * Q), D.reshape(n, Q * p1), up.reshape(n, -1)
@@ -311,14 +311,6 @@ class NestedBackend:
 def _flat(blocks: np.ndarray) -> np.ndarray:
     """(G, a, b) or (G, a) blocks as a contiguous (G, a * b) array of doubles."""
     return np.ascontiguousarray(blocks, dtype=np.float64).reshape(blocks.shape[0], -1)
-
-
-def _written(shape) -> np.ndarray:
-    """Zeros whose pages are faulted in here, sequentially (the parallel scatters would take
-    those faults together, several times more slowly)."""
-    out = np.empty(shape)
-    out.fill(0.0)
-    return out
 
 
 # ---------------------------------------------------------------------------------- crossed

@@ -20,7 +20,8 @@ from . import _kernels
 from ._kernels._pass import record_layout
 from .keys import TermIndex
 from .scaling import scaling_from_sample
-from .stats import NO_ANCESTORS, NO_RANK, PairStats, SampleSums, Statistics, TermStats, default_threads
+from .stats import (NO_ANCESTORS, NO_RANK, PairStats, SampleSums, Statistics, TermStats, default_threads,
+                    faulted_zeros)
 
 __all__ = ["Reducer", "NotNested", "NON_FINITE", "ZERO_WEIGHT", "NEGATIVE_WEIGHT", "complete"]
 
@@ -68,14 +69,6 @@ def _mapping(nbytes: int) -> mmap.mmap:
     return m
 
 
-def _written(shape, dtype=np.float64) -> np.ndarray:
-    """A new array whose pages are already faulted in (zeros): the kernel's threads would take
-    those faults together and much more slowly than one sequential fill does."""
-    out = np.empty(shape, dtype=dtype)
-    out.fill(0)
-    return out
-
-
 class _Records:
     """One term's records during the pass (see :mod:`bigmixed._kernels._pass`)."""
 
@@ -87,8 +80,7 @@ class _Records:
         self._map = None
         if not mapped:  # a numpy array (in memory: the data outweigh the records)
             self.G, self._cap = G, G
-            self.R = np.empty(G * self.stride)
-            self.R.fill(0.0)  # written here: the kernel's threads would take the page faults serially
+            self.R = faulted_zeros(G * self.stride)
             return
         # An anonymous mapping of its own, so that split(release=True) can hand its pages back
         # to the system slab by slab while the per-level arrays fill: the records and those
@@ -137,7 +129,7 @@ class _Records:
         if self.released:
             raise RuntimeError("the records were released by an earlier split")
         q, p, G = self.q, self.p, self.G
-        A, B, c, n = (_written((G, q, q)), _written((G, q, p)), _written((G, q)), _written(G, np.int64))
+        A, B, c, n = faulted_zeros((G, q, q)), faulted_zeros((G, q, p)), faulted_zeros((G, q)), faulted_zeros(G, np.int64)
         if not release or self._map is None:
             _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, rank, max(1, min(G, 64)))
             return TermStats(A, B, c, n, levels, XX)

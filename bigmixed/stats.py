@@ -63,6 +63,14 @@ def blas_threads(n: int):
     return _BLAS_CONTROLLER.limit(limits=int(n), user_api="blas")
 
 
+def faulted_zeros(shape, dtype=np.float64) -> np.ndarray:
+    """Zeros whose pages are faulted in here, by one sequential fill: a parallel kernel writing a
+    fresh array takes those faults on all its threads at once, several times more slowly."""
+    out = np.empty(shape, dtype=dtype)
+    out.fill(0)
+    return out
+
+
 def default_threads() -> int:
     """Threads the kernels may use (numba's setting, e.g. NUMBA_NUM_THREADS)."""
     return int(numba.get_num_threads())

@@ -259,22 +259,23 @@ def _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
 # p as a literal too, for the usual few fixed effects: the loops of the gradient tensor over
 # p + 1 then unroll (about a quarter off an evaluation with the gradient).  One function per
 # q, called once per chunk: LLVM's time grows faster than the size of the function it optimises.
+@njit(inline="always", **_JIT)
+def _pass1_p(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
+    if p == 2:
+        return _pass1_range(q, 2, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+    if p == 3:
+        return _pass1_range(q, 3, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+    return _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+
+
 @njit(**_JIT)
 def _pass1_q1(p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
-    if p == 2:
-        return _pass1_range(1, 2, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
-    if p == 3:
-        return _pass1_range(1, 3, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
-    return _pass1_range(1, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+    return _pass1_p(1, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
 
 
 @njit(**_JIT)
 def _pass1_q2(p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
-    if p == 2:
-        return _pass1_range(2, 2, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
-    if p == 3:
-        return _pass1_range(2, 3, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
-    return _pass1_range(2, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+    return _pass1_p(2, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
 
 
 @njit(parallel=True, **_JIT)
