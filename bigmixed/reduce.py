@@ -129,10 +129,14 @@ class _Records:
         if self.released:
             raise RuntimeError("the records were released by an earlier split")
         q, p, G = self.q, self.p, self.G
-        A, B, c, n = faulted_zeros((G, q, q)), faulted_zeros((G, q, p)), faulted_zeros((G, q)), faulted_zeros(G, np.int64)
         if not release or self._map is None:
+            A, B, c, n = (faulted_zeros((G, q, q)), faulted_zeros((G, q, p)), faulted_zeros((G, q)),
+                          faulted_zeros(G, np.int64))
             _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, rank, max(1, min(G, 64)))
             return TermStats(A, B, c, n, levels, XX)
+        # handed back slab by slab: the arrays' pages are faulted in only as the records' go, so
+        # the two are never resident at once
+        A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
         rec_bytes = 8 * self.stride
         unit = math.lcm(mmap.PAGESIZE, rec_bytes) // rec_bytes  # levels per page-aligned piece (madvise)
         step = -(-max(G // RELEASE_SLABS, 1) // unit) * unit
