@@ -35,7 +35,8 @@ def psd_pinv(A: np.ndarray) -> np.ndarray:
 
     Closed forms for q = 1 and 2 (a batched SVD costs far more than the rest of the start at
     a million levels), ``eigh`` otherwise; eigenvalues below ``1e-15`` of the largest are dropped,
-    as ``np.linalg.pinv`` does.
+    as ``np.linalg.pinv`` does.  For q <= 2 :func:`term_moments` uses the kernel
+    :func:`bigmixed._kernels.moment_sums` instead, and this is its numpy twin (tests).
     """
     G, q = A.shape[0], A.shape[1]
     if q == 1:
