@@ -321,6 +321,9 @@ class CrossedBackend:
     ``m`` scalar random effects, term by term, level by level.
     """
 
+    # True: the block kernel even when every term is scalar (tests compare the two)
+    generic = False
+
     def __init__(self, stats: Statistics, names: list[str] | None = None, nthreads: int | None = None) -> None:
         self.stats = stats
         self.names = names or [f"term {k}" for k in range(len(stats.terms))]
@@ -336,6 +339,7 @@ class CrossedBackend:
         self.rest = [k for k in range(K) if k != self.lead]
         self._layout()
         self._cache = None
+        self._om = self._sig = None
 
     def _layout(self) -> None:
         st = self.stats
@@ -346,8 +350,9 @@ class CrossedBackend:
         self.D0 = np.ascontiguousarray(np.concatenate([t0.c[:, :, None], t0.B], axis=2))
         self.pos = self._positions()
         self.Qr = int(self.qR.max())
-        self.AR, self.DR = self._rest_blocks()
+        self._rest_blocks()
         self._lead_pairs(q0)
+        self.scalar = q0 == 1 and self.Qr == 1
         per_level = np.diff(self.ptr).astype(float)
         self.chunks = _chunks(per_level + 1.0, N_CHUNKS)
         self._row_owners(self._row_chunks())
@@ -389,23 +394,52 @@ class CrossedBackend:
         """Dense-block rows ``(n, q_k)`` of levels ``codes`` of rest term ``k``."""
         return self.pos[k][codes][:, None] + np.arange(self.qs[k])[None, :]
 
-    def _rest_blocks(self) -> tuple[np.ndarray, np.ndarray]:
-        """``A_R`` (both triangles) and ``D_R`` of the rest terms, pairs between them included."""
-        st, p1 = self.stats, self.p + 1
-        AR = np.zeros((self.m, self.m))
-        DR = np.zeros((self.m, p1))
+    def _rest_blocks(self) -> None:
+        """``A_R`` by block rows (both triangles, pairs between rest terms included) and ``D_R``.
+
+        Block ``b`` is rest level ``b - boff[r]`` of rest term ``r``.  Only the blocks with
+        entries are kept: each row has one level per term, so ``A_R`` is the rest terms'
+        diagonal blocks and their pairs, however dense the factor of the update becomes.
+        """
+        st, Qr = self.stats, self.Qr
+        boff = np.concatenate(([0], np.cumsum([st.terms[k].n_groups for k in self.rest])))
+        bidx = {k: boff[r] for r, k in enumerate(self.rest)}
+        rows, cols, vals = [], [], []
+
+        def put(bi, bj, v):  # v (n, q_i, q_j), padded to (Qr, Qr)
+            w = np.zeros((bi.size, Qr, Qr))
+            w[:, :v.shape[1], :v.shape[2]] = v
+            rows.append(bi)
+            cols.append(bj)
+            vals.append(w)
+
+        self.DR = np.zeros((self.m, self.p + 1))
         for k in self.rest:
             t = st.terms[k]
+            b = bidx[k] + np.arange(t.n_groups)
+            put(b, b, t.A)
             idx = self._rows_of(k, np.arange(t.n_groups))
-            AR[idx[:, :, None], idx[:, None, :]] = t.A
-            DR[idx, 0] = t.c
-            DR[idx, 1:] = t.B
+            self.DR[idx, 0] = t.c
+            self.DR[idx, 1:] = t.B
         for pr in st.pairs:
             if self.lead not in (pr.k, pr.j):
-                rk, rj = self._rows_of(pr.k, pr.kcodes), self._rows_of(pr.j, pr.jcodes)
-                AR[rj[:, :, None], rk[:, None, :]] += pr.vals
-                AR[rk[:, :, None], rj[:, None, :]] += np.swapaxes(pr.vals, 1, 2)
-        return AR, DR
+                bk, bj = bidx[pr.k] + pr.kcodes, bidx[pr.j] + pr.jcodes
+                put(bj, bk, pr.vals)
+                put(bk, bj, np.swapaxes(pr.vals, 1, 2))
+        bi, bj, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        nb = int(boff[-1])
+        order = np.argsort(bi * nb + bj, kind="stable")
+        bi, bj, v = bi[order], bj[order], v[order]
+        first = np.ones(bi.size, dtype=bool)  # the same block twice (never from one pass) is summed
+        first[1:] = (bi[1:] != bi[:-1]) | (bj[1:] != bj[:-1])
+        starts = np.flatnonzero(first)
+        self.arval = np.ascontiguousarray(np.add.reduceat(v, starts, axis=0))
+        self.arcol = np.ascontiguousarray(bj[starts]).astype(np.int64)
+        self.arptr = np.concatenate(([0], np.cumsum(np.bincount(bi[starts], minlength=nb)))).astype(np.int64)
+        self.border = np.argsort(self.bstart, kind="stable").astype(np.int64)
+        # clearing a row costs its position, writing it its blocks
+        work = (self.bstart[self.border] + 1.0) * self.bq[self.border] + np.diff(self.arptr)[self.border]
+        self.rchunks = _chunks(work.astype(float), N_CHUNKS)
 
     def _lead_pairs(self, q0: int) -> None:
         """The sparse L_21 pattern: pairs (leading level, rest level), sorted by level then row."""
@@ -464,48 +498,75 @@ class CrossedBackend:
             out[r, :q, :q] = lams[k]
         return out
 
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dense block and its inverse: two ``(m, m)`` C-ordered arrays reused by every evaluation.
+
+        LAPACK works on their transposes (Fortran-ordered views, upper triangle), so nothing is
+        copied and no fresh memory is touched per evaluation.
+        """
+        if self._om is None:
+            self._om = np.zeros((self.m, self.m))
+            self._sig = np.zeros((self.m, self.m))
+        return self._om, self._sig
+
     def _forward(self, lams):
         key = tuple(np.asarray(L).tobytes() for L in lams)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
+        self._cache = None  # the buffer is about to change
         lam0 = np.ascontiguousarray(lams[self.lead], dtype=float)
         lamR = self._lamR(lams)
         ld, SFD, L, P, V, ok = _kernels.crossed_forward(self.A0, self.D0, lam0, self.ptr, self.pterm, self.W, lamR,
                                                         self.qR, self.chunks)
         if not ok.all():
             raise NumericalError("a block of Lambda' Z'Z Lambda + I is not positive definite")
-        Om, OmD = _kernels.rest_sandwich(self.AR, self.DR, self.bstart, self.bq, self.bterm, lamR)
-        Om[np.diag_indices(self.m)] += 1.0
+        Om, _ = self._buffers()
+        OmD = np.empty((self.m, self.p + 1))
+        _kernels.rest_fill(Om, OmD, self.arptr, self.arcol, self.arval, self.DR, self.bstart, self.bq, self.bterm,
+                           lamR, self.border, self.rchunks)
         _kernels.crossed_update(self.ptr, self.pcol, self.pterm, self.qR, V, P, self.plev, self.eorder, self.eptr,
                                 Om, OmD)
         with self._blas():
-            Lr, info = lapack.dpotrf(Om, lower=1, clean=1, overwrite_a=1)
+            # Om's lower triangle is the upper one of its Fortran-ordered transpose: U'U = Omega, U = L'
+            U, info = lapack.dpotrf(Om.T, lower=0, clean=0, overwrite_a=1)
             if info != 0:
                 raise NumericalError("the dense block of the crossed terms is not positive definite")
-            E, info = lapack.dtrtrs(Lr, OmD, lower=1)
-        logdet = float(ld.sum()) + 2.0 * float(np.sum(np.log(np.diag(Lr))))
+            E, info = lapack.dtrtrs(U, OmD, lower=0, trans=1)
+        logdet = float(ld.sum()) + 2.0 * float(np.sum(np.log(np.diag(U))))
         SFD = SFD.sum(axis=0) + E.T @ E
-        res = (logdet, SFD, L, P, V, Lr, E, lam0, lamR)
+        res = (logdet, SFD, L, P, V, U, E, lam0, lamR)
         self._cache = (key, res)
         return res
 
-    def _backward(self, lams, grad, modes, g, cf, kappa, reml):
-        logdet, SFD, L, P, V, Lr, E, lam0, lamR = self._forward(lams)
+    def _inverse(self, U: np.ndarray) -> np.ndarray:
+        """Sigma_R = Omega^-1 from its factor, C-ordered with the lower triangle set (dpotri's upper, transposed)."""
+        _, sig = self._buffers()
+        np.copyto(sig.T, U)  # the factor stays for later solves at this theta
         with self._blas():
-            RR, info = lapack.dtrtrs(Lr, E, lower=1, trans=1)
-            Sig, info = lapack.dpotri(Lr, lower=1)
-        # dpotri sets the lower triangle of a Fortran-ordered inverse: its transpose is C-ordered
-        # (a view, no copy) with those numbers in the upper triangle
-        Sig = Sig.T if Sig.flags.f_contiguous else np.ascontiguousarray(Sig.T)
-        _kernels.symmetrize_upper(Sig)
-        GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward(
-            self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, self.qR, L, P, V,
-            np.ascontiguousarray(RR), Sig, self.chunks, bool(grad), bool(modes), g, cf, float(kappa), bool(reml),
-            self.m)
+            inv, info = lapack.dpotri(sig.T, lower=0, overwrite_c=1)
+        if info != 0:
+            raise NumericalError("the dense block of the crossed terms is singular")
+        return inv.T
+
+    def _backward(self, lams, grad, modes, g, cf, kappa, reml):
+        logdet, SFD, L, P, V, U, E, lam0, lamR = self._forward(lams)
+        with self._blas():
+            RR, info = lapack.dtrtrs(U, E, lower=0, trans=0)
+        RR = np.ascontiguousarray(RR)
+        Sig = self._inverse(U)
+        if self.scalar and not self.generic:
+            GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward1(
+                self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, L, P, V, RR, Sig,
+                self.chunks, bool(grad), bool(modes), g, cf, float(kappa), bool(reml), self.m)
+        else:
+            GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward(
+                self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, self.qR, L, P, V, RR, Sig,
+                self.chunks, bool(grad), bool(modes), g, cf, float(kappa), bool(reml), self.m)
         GAr, Sr, GCr, bhr, bcr = _kernels.rest_pieces(
-            self.AR, self.DR, np.ascontiguousarray(RR), Sig, TR.sum(axis=0) if grad else np.zeros((self.m, 1)),
-            GR.sum(axis=0) if grad else np.zeros((self.m, 1)), self.bstart, self.bq, self.bterm, lamR,
-            len(self.rest), bool(grad), bool(modes), g, cf, float(kappa), bool(reml))
+            self.arptr, self.arcol, self.arval, self.DR, RR, Sig,
+            TR.sum(axis=0) if grad else np.zeros((self.m, 1)), GR.sum(axis=0) if grad else np.zeros((self.m, 1)),
+            self.bstart, self.bq, self.bterm, lamR, len(self.rest), bool(grad), bool(modes), g, cf, float(kappa),
+            bool(reml))
         return (GA0, S0, GC0, bh0, bc0), (GAr, Sr, GCr, bhr, bcr)
 
     def _assemble(self, lead_part, rest_parts) -> list:

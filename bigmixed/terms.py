@@ -241,9 +241,10 @@ def crossed_lead(levels_q: list[tuple[int, int]]) -> int:
 
 
 def dense_bytes(levels_q: list[tuple[int, int]]) -> int:
-    """Bytes the dense block of the other crossed terms needs: three m x m matrices, m = sum of levels x q."""
+    """Bytes the dense block of the other crossed terms needs: two m x m matrices (the factor and the
+    inverse the gradient needs), m = sum of levels x q."""
     m = sum(int(lv) * int(q) for lv, q in levels_q)
-    return 3 * 8 * m * m
+    return 2 * 8 * m * m
 
 
 def memory_limit() -> int:
@@ -271,7 +272,7 @@ def check_crossed_memory(levels_q: list[tuple[int, int]], names: list[str], limi
     m = sum(levels_q[k][0] * levels_q[k][1] for k in rest)
     raise MemoryError(
         f"crossed random effects: the terms {desc} form a dense block of ({m:,})^2 x 8 bytes, and the fit "
-        f"needs three such matrices ({_size(need)}), more than this machine's memory allows "
+        f"needs two such matrices ({_size(need)}), more than this machine's memory allows "
         f"({_size(limit)}); fit fewer levels (e.g. drop or merge rare ones), or make the "
         "term with the most levels the only crossed one")
 

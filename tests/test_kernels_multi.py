@@ -421,7 +421,7 @@ def backend_of(name: str, generic: bool = False, nthreads: int = 2):
 # (model, generic kernel?) - the two-term (1,1) and (2,2) models through both nested kernels
 NESTED_CASES = [("n11", False), ("n11", True), ("n22", False), ("n22", True), ("n21", False), ("n3", False),
                 ("n3q", False)]
-ALL_CASES = NESTED_CASES + [(c, False) for c in CROSSED]
+ALL_CASES = NESTED_CASES + [(c, False) for c in CROSSED] + [("c1", True)]
 
 
 def _expected_kernel(name, generic):
@@ -561,7 +561,7 @@ def test_two_term_kernel_equals_generic(name, kernel_calls):
 
 # ---------------------------------------------------------------------- 6. determinism
 @pytest.mark.parametrize("name,generic", [("n22", False), ("n22", True), ("n3q", False), ("c2", False),
-                                          ("c3", False)])
+                                          ("c3", False), ("c1", False)])
 def test_same_bits_on_one_or_two_threads(name, generic):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has a single thread here")
@@ -592,13 +592,79 @@ def test_same_bits_on_one_or_two_threads(name, generic):
             assert np.array_equal(bh, rbh) and np.array_equal(bc, rbc)
 
 
-def test_symmetrize_upper_matches_numpy():
-    rng = np.random.default_rng(11)
-    for n in (1, 5, 64, 65, 130):
-        S = rng.standard_normal((n, n))
-        want = np.triu(S) + np.triu(S, 1).T
-        _kernels.symmetrize_upper(S)
-        np.testing.assert_array_equal(S, want)
+def _dense_rest(be) -> np.ndarray:
+    """A_R of a crossed backend as one dense matrix (both triangles), from the statistics."""
+    st = be.stats
+    AR = np.zeros((be.m, be.m))
+    for k in be.rest:
+        idx = be._rows_of(k, np.arange(st.terms[k].n_groups))
+        AR[idx[:, :, None], idx[:, None, :]] = st.terms[k].A
+    for pr in st.pairs:
+        if be.lead not in (pr.k, pr.j):
+            rk, rj = be._rows_of(pr.k, pr.kcodes), be._rows_of(pr.j, pr.jcodes)
+            AR[rj[:, :, None], rk[:, None, :]] += pr.vals
+            AR[rk[:, :, None], rj[:, None, :]] += np.swapaxes(pr.vals, 1, 2)
+    return AR
+
+
+@pytest.mark.parametrize("name", CROSSED)
+def test_rest_fill_matches_numpy(name):
+    """The sparse rest blocks give Lambda_R' A_R Lambda_R + I (lower triangle) and Lambda_R' D_R, the
+    buffer's old contents notwithstanding."""
+    be = backend_of(name)
+    tmap = tmap_of(built(name))
+    lams = tmap.lams(random_theta(tmap, 700))
+    lamR = be._lamR(lams)
+    Lam = np.zeros((be.m, be.m))
+    for bi in range(be.bstart.size):
+        r, q = be.bstart[bi], be.bq[bi]
+        Lam[r:r + q, r:r + q] = lamR[be.bterm[bi]][:q, :q]
+    want = Lam.T @ _dense_rest(be) @ Lam + np.eye(be.m)
+    Om = np.random.default_rng(1).normal(size=(be.m, be.m))
+    OmD = np.full((be.m, be.p + 1), np.nan)
+    _kernels.rest_fill(Om, OmD, be.arptr, be.arcol, be.arval, be.DR, be.bstart, be.bq, be.bterm, lamR, be.border,
+                       be.rchunks)
+    np.testing.assert_allclose(np.tril(Om), np.tril(want), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(OmD, Lam.T @ be.DR, rtol=1e-13, atol=1e-13)
+
+
+def test_scalar_crossed_kernel_equals_block_kernel(monkeypatch):
+    """Every term scalar: the scalar back-substitution (Sigma_R's lower triangle, pairs of pairs
+    once) gives the block kernel's gradient pieces and modes to round-off."""
+    calls = {"scalar": 0, "block": 0}
+    real1, real = _kernels.crossed_backward1, _kernels.crossed_backward
+
+    def count(kind, fn):
+        def wrapped(*a):
+            calls[kind] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(_kernels, "crossed_backward1", count("scalar", real1))
+    monkeypatch.setattr(_kernels, "crossed_backward", count("block", real))
+    b = built("c1")
+    tmap = tmap_of(b)
+    fast, block = backend_of("c1"), backend_of("c1", generic=True)
+    assert fast.scalar
+    lams = tmap.lams(random_theta(tmap, 800))
+    e1, e2 = fast.evaluate(lams, True), block.evaluate(lams, True)
+    tol = 1e-12
+    for k in range(len(b.terms)):
+        close(e1.GA[k], e2.GA[k], tol, f"GA {k}")
+        close(e1.S[k], e2.S[k], tol, f"S {k}")
+    rng = np.random.default_rng(6)
+    beta = rng.normal(size=fast.p)
+    R = rng.normal(size=(fast.p, fast.p))
+    Finv = R @ R.T + np.eye(fast.p)
+    for reml in (True, False):
+        g1, g2 = fast.gradient(lams, beta, Finv, 0.8, reml), block.gradient(lams, beta, Finv, 0.8, reml)
+        for k in range(len(b.terms)):
+            close(g1[k], g2[k], tol, f"gradient {k}")
+    m1, m2 = fast.conditional_modes(lams, beta), block.conditional_modes(lams, beta)
+    for k in range(len(b.terms)):
+        close(m1[k][0], m2[k][0], tol, f"modes {k}")
+        close(m1[k][1], m2[k][1], tol, f"mode covariances {k}")
+    assert calls == {"scalar": 4, "block": 4}
 
 
 @pytest.mark.parametrize("name", CROSSED)

@@ -474,14 +474,14 @@ def test_check_crossed_memory_names_the_dense_terms():
     # 'user' (50,000 x 2 = 100,000 effects) is fitted in closed form; 'item' and 'shop' form the block
     lq = [(50_000, 2), (20_000, 1), (500, 2)]
     m = 20_000 + 1_000
-    need = 3 * 8 * m * m
+    need = 2 * 8 * m * m
     with pytest.raises(MemoryError) as exc:
         check(lq, ["user", "item", "shop"], limit=2**30)
     msg = str(exc.value)
     assert "'item' (20,000 levels x 1)" in msg and "'shop' (500 levels x 2)" in msg
     assert "'user'" not in msg
     assert f"({m:,})^2" in msg
-    assert f"({need / 2**30:.1f} GB)" in msg and "(9.9 GB)" in msg
+    assert f"({need / 2**30:.1f} GB)" in msg and "(6.6 GB)" in msg
     assert "(1.0 GB)" in msg
     check(lq, ["user", "item", "shop"], limit=need)  # exactly enough: no error
     with pytest.raises(MemoryError):
@@ -496,12 +496,12 @@ def test_check_crossed_memory_names_the_dense_terms():
 def test_memory_guard_through_lmer(monkeypatch, parts):
     df = frame("penicillin").to_pandas()
     ok = in_memory("penicillin", PENICILLIN)
-    need = 3 * 8 * 6**2  # 'sample' (6 levels) is the dense block; 'plate' (24) is in closed form
+    need = 2 * 8 * 6**2  # 'sample' (6 levels) is the dense block; 'plate' (24) is in closed form
     monkeypatch.setattr(bigmixed.terms, "memory_limit", lambda: need - 1)
     for data in (df, parts["penicillin"]):
         with pytest.raises(MemoryError, match=r"'sample' \(6 levels x 1\)") as exc:
             bm.lmer(PENICILLIN, data)
-        assert "'plate'" not in str(exc.value) and "(864 bytes)" in str(exc.value)
+        assert "'plate'" not in str(exc.value) and "(576 bytes)" in str(exc.value)
     monkeypatch.setattr(bigmixed.terms, "memory_limit", lambda: need)
     assert bm.lmer(PENICILLIN, df).objective == pytest.approx(ok.objective, rel=RTOL)
     # users x items: the 60 items form the block (3 x 60^2 x 8 = 86,400 bytes)

@@ -36,7 +36,8 @@ from ._groups import (
     objective_pass2,
     transform_groups,
 )
-from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_pieces, rest_sandwich, symmetrize_upper
+from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_fill, rest_pieces
+from ._crossed1 import crossed_backward1
 from ._nested import bucket_order, nested_evaluate, scatter_blocks
 from ._pass import accumulate_records, record_layout, split_records
 from ._nested2 import NESTED2_SIZES, nested2_evaluate
@@ -91,7 +92,7 @@ __all__ = [
     "crossed_forward",
     "crossed_update",
     "crossed_backward",
-    "rest_sandwich",
+    "crossed_backward1",
+    "rest_fill",
     "rest_pieces",
-    "symmetrize_upper",
 ]

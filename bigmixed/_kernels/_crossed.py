@@ -18,6 +18,11 @@ sparse pattern of L_21 is that of these pairs: no fill-in there).  Arrays:
     pterm (np,)     rest term of the pair (index into lamR / qR)
     W (np, Qr, q0)  the pair blocks
 
+``A_R`` is held by block rows (only the blocks with entries: a row has one level per term, so
+it is sparse however dense Omega becomes); ``Omega`` is a buffer the backend reuses, of which
+only the lower triangle is ever set or read.  :mod:`._crossed1` has the back-substitution
+for scalar terms.
+
 Every kernel splits its work in fixed chunks (of levels, or of rest rows owned by one
 thread) and sums chunk results in chunk order: the same bits whatever the thread timing.
 """
@@ -149,61 +154,56 @@ def crossed_update(ptr, pcol, pterm, qR, V, P, plev, eorder, eptr, Omega, OmegaD
                     OmegaD[r + a, c] -= s
 
 
-@njit(parallel=True, **_JIT)
-def rest_sandwich(AR, DR, bstart, bq, bterm, lamR):
-    """``Lambda_R' A_R Lambda_R`` (lower triangle) and ``Lambda_R' D_R`` for the block-diagonal Lambda_R.
+@njit(inline="always", **_JIT)
+def _sym(S, i, j):
+    """``S[i, j]`` of a symmetric matrix of which only the lower triangle is set."""
+    return S[i, j] if i >= j else S[j, i]
 
-    Blocks may start in any order (``bstart``); each block row is filled left of its diagonal.
+
+@njit(parallel=True, **_JIT)
+def rest_fill(Om, OmD, arptr, arcol, arval, DR, bstart, bq, bterm, lamR, border, rchunks):
+    """``Om = Lambda_R' A_R Lambda_R + I`` (lower triangle) and ``OmD = Lambda_R' D_R``, in place.
+
+    ``A_R`` is held by block rows (``arptr``, ``arcol``: the blocks with entries, both triangles;
+    ``arval (nnz, Qr, Qr)``): each row of a block is cleared left of the diagonal, then the
+    block's entries at or left of it are written.  Thread chunk ``t`` owns the blocks
+    ``border[rchunks[t]:rchunks[t+1]]`` (blocks in position order), so no two threads write
+    one row.  ``Om`` is a reused buffer: its upper triangle is left as it was.
     """
-    m = AR.shape[0]
     p1 = DR.shape[1]
-    nb = bstart.shape[0]
-    out = np.zeros((m, m))
-    outD = np.zeros((m, p1))
-    for bi in prange(nb):
-        ri = bstart[bi]
-        qi = bq[bi]
-        li = lamR[bterm[bi]]
-        for bj in range(nb):
-            rj = bstart[bj]
-            if rj > ri:
-                continue
-            qj = bq[bj]
-            lj = lamR[bterm[bj]]
+    for t in prange(rchunks.shape[0] - 1):
+        for o in range(rchunks[t], rchunks[t + 1]):
+            bi = border[o]
+            ri = bstart[bi]
+            qi = bq[bi]
+            li = lamR[bterm[bi]]
             for a in range(qi):
-                for b in range(qj):
+                for c in range(ri + a + 1):
+                    Om[ri + a, c] = 0.0
+            for e in range(arptr[bi], arptr[bi + 1]):
+                bj = arcol[e]
+                rj = bstart[bj]
+                if rj > ri:
+                    continue
+                qj = bq[bj]
+                lj = lamR[bterm[bj]]
+                for a in range(qi):
+                    for b in range(qj):
+                        s = 0.0
+                        for k in range(qi):
+                            lka = li[k, a]
+                            if lka == 0.0:
+                                continue
+                            for m2 in range(qj):
+                                s += lka * arval[e, k, m2] * lj[m2, b]
+                        Om[ri + a, rj + b] = s
+            for a in range(qi):
+                Om[ri + a, ri + a] += 1.0
+                for c in range(p1):
                     s = 0.0
                     for k in range(qi):
-                        lka = li[k, a]
-                        if lka == 0.0:
-                            continue
-                        for m2 in range(qj):
-                            s += lka * AR[ri + k, rj + m2] * lj[m2, b]
-                    out[ri + a, rj + b] = s
-        for a in range(qi):
-            for c in range(p1):
-                s = 0.0
-                for k in range(qi):
-                    s += li[k, a] * DR[ri + k, c]
-                outD[ri + a, c] = s
-    return out, outD
-
-
-@njit(parallel=True, **_JIT)
-def symmetrize_upper(S):
-    """Copy the upper triangle of the square C-ordered ``S`` onto its lower one, in place.
-
-    LAPACK's dpotri leaves the lower triangle of a Fortran-ordered inverse: its C-ordered
-    transpose (a view, no copy) holds the same numbers in the upper triangle.
-    """
-    n = S.shape[0]
-    blk = 64  # tiles, so that the transposed reads stay in cache
-    nt = (n + blk - 1) // blk
-    for ti in prange(nt):
-        for tj in range(ti + 1):
-            for i in range(ti * blk, min(n, (ti + 1) * blk)):
-                for j in range(tj * blk, min(i, (tj + 1) * blk)):
-                    S[i, j] = S[j, i]
+                        s += li[k, a] * DR[ri + k, c]
+                    OmD[ri + a, c] = s
 
 
 @njit(parallel=True, **_JIT)
@@ -211,7 +211,8 @@ def crossed_backward(A0, D0, lam0, ptr, pcol, pterm, W, lamR, qR, L, P, V, RR, S
                      want_grad, want_modes, g, cf, kappa, reml, m):
     """Back-substitution and selected inverse per leading level, and the gradient pieces.
 
-    ``RR`` = Omega^-T-solved rest modes (m, p+1); ``SigR`` = the dense rest block of M^-1.
+    ``RR`` = Omega^-T-solved rest modes (m, p+1); ``SigR`` = the dense rest block of M^-1, read in
+    its lower triangle only (what dpotri sets).
     Returns per chunk ``GA0 (Q0, Q0)``, ``S0`` (tensor form) or ``GC0`` (contracted form), the
     rest's scattered pieces ``TRc (m, p+1)`` (to subtract from T_R) and ``GRc (m, Qr)`` (the
     leading levels' part of the rest's diagonal blocks of Z'Z Lambda Sigma), and the leading
@@ -274,7 +275,7 @@ def crossed_backward(A0, D0, lam0, ptr, pcol, pterm, W, lamR, qR, L, P, V, RR, S
                             r2 = pcol[e2]
                             q2 = qR[pterm[e2]]
                             for k in range(q2):
-                                s += SigR[r + a, r2 + k] * V[e2, k, b]
+                                s += _sym(SigR, r + a, r2 + k) * V[e2, k, b]
                         Su[e, a, b] = -s
                 _solve_upper_rows(q0, Li, qj, Su[e])
             # Sd = (L^-T - sum_e Su_e' V_e) L^-1
@@ -389,20 +390,18 @@ def crossed_backward(A0, D0, lam0, ptr, pcol, pterm, W, lamR, qR, L, P, V, RR, S
 
 
 @njit(parallel=True, **_JIT)
-def rest_pieces(AR, DR, RR, SigR, TRsub, GRadd, bstart, bq, bterm, lamR, nterms,
+def rest_pieces(arptr, arcol, arval, DR, RR, SigR, TRsub, GRadd, bstart, bq, bterm, lamR, nterms,
                 want_grad, want_modes, g, cf, kappa, reml):
-    """The rest terms' gradient pieces (GA_j, S_j or GC_j) and modes, from the dense rest blocks.
+    """The rest terms' gradient pieces (GA_j, S_j or GC_j) and modes, from the sparse ``A_R`` blocks.
 
     T_R = D_R - A_R Lambda_R R_R - TRsub;  G_R (diagonal blocks) = (A_R Lambda_R Sigma_R) + GRadd.
+    ``SigR`` (the dense rest block of M^-1) is read in its lower triangle only.
     """
-    m = AR.shape[0]
     p1 = DR.shape[1]
     nb = bstart.shape[0]
     Qr = lamR.shape[1]
     tensor = want_grad and cf.shape[0] == 0
     sd = p1 if tensor else 0
-    pp = p1 - 1
-    # A_R Lambda_R (m x m), column blocks times their Lambda
     GA = np.zeros((nb, Qr, Qr))
     S = np.zeros((nb, Qr, Qr, sd, sd))
     GC = np.zeros((nb, Qr, Qr))
@@ -429,7 +428,7 @@ def rest_pieces(AR, DR, RR, SigR, TRsub, GRadd, bstart, bq, bterm, lamR, nterms,
                     s = 0.0
                     for k in range(q):
                         for m2 in range(q):
-                            s += lam[a, k] * SigR[r + k, r + m2] * lam[b, m2]
+                            s += lam[a, k] * _sym(SigR, r + k, r + m2) * lam[b, m2]
                     bcov[bi, a, b] = s
         if not want_grad:
             continue
@@ -438,28 +437,22 @@ def rest_pieces(AR, DR, RR, SigR, TRsub, GRadd, bstart, bq, bterm, lamR, nterms,
                 T[a, c] = DR[r + a, c] - TRsub[r + a, c]
             for b in range(q):
                 Gb[a, b] = GRadd[r + a, b]
-        for bj in range(nb):
+        for e in range(arptr[bi], arptr[bi + 1]):
+            bj = arcol[e]
             r2 = bstart[bj]
             q2 = bq[bj]
             lam2 = lamR[bterm[bj]]
-            nonzero = False
-            for a in range(q):
-                for k in range(q2):
-                    if AR[r + a, r2 + k] != 0.0:
-                        nonzero = True
-            if not nonzero:
-                continue
             for a in range(q):
                 for k in range(q2):
                     al = 0.0  # (A_R Lambda_R)[r + a, r2 + k]
                     for k2 in range(q2):
-                        al += AR[r + a, r2 + k2] * lam2[k2, k]
+                        al += arval[e, a, k2] * lam2[k2, k]
                     if al == 0.0:
                         continue
                     for c in range(p1):
                         T[a, c] -= al * RR[r2 + k, c]
                     for b in range(q):
-                        Gb[a, b] += al * SigR[r2 + k, r + b]
+                        Gb[a, b] += al * _sym(SigR, r2 + k, r + b)
         for a in range(q):
             for b in range(a + 1):
                 GA[bi, a, b] = Gb[a, b]
