@@ -54,6 +54,9 @@ def _missing_expr(c: str, schema) -> pl.Expr:
 
 
 RELEASE_SLABS = 16  # pieces in which the records are split and handed back (see _Records.split)
+# In memory, records at least this large are mapped and handed back while split (Reducer.finish);
+# smaller ones come from malloc's heap (glibc maps only larger blocks afresh), whose pages are reused.
+RELEASE_MIN_BYTES = 32 << 20
 _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
 
 
@@ -135,7 +138,10 @@ class _Records:
             _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, rank, max(1, min(G, 64)))
             return TermStats(A, B, c, n, levels, XX)
         # handed back slab by slab: the arrays' pages are faulted in only as the records' go, so
-        # the two are never resident at once
+        # the two are never resident at once.  In level order each slab of the arrays is faulted
+        # in by one sequential fill first, on the pages the previous slab gave back (the
+        # kernel's threads faulting together are several times slower); scattered by rank they
+        # fill as the kernel writes them.
         A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
         rec_bytes = 8 * self.stride
         unit = math.lcm(mmap.PAGESIZE, rec_bytes) // rec_bytes  # levels per page-aligned piece (madvise)
@@ -146,6 +152,8 @@ class _Records:
             if rank.size:  # scattered into level order: the arrays are whole, the records read in sequence
                 _kernels.split_records(R, self.stride, q, p, A, B, c, n, rank[lo:hi], max(1, min(hi - lo, 64)))
             else:
+                for arr in (A, B, c, n):
+                    arr[lo:hi].fill(0)
                 _kernels.split_records(R, self.stride, q, p, A[lo:hi], B[lo:hi], c[lo:hi], n[lo:hi], rank,
                                        max(1, min(hi - lo, 64)))
             del R
@@ -189,7 +197,10 @@ class Reducer:
             self._rec = [_Records(0, terms[0].q, d.p, (), capacity=self._coder.keys.shape[0], mapped=True)]
             self._levels = [None]
         else:
-            self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k]), mapped=streaming)
+            # one term: large records in a mapping of their own, handed back by finish() (see there)
+            big = plan.layout == "single" and terms[0].n_levels * 8 * record_layout(terms[0].q, d.p)[0] >= \
+                RELEASE_MIN_BYTES
+            self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k]), mapped=streaming or big)
                          for k, t in enumerate(terms)]
             self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
         self._first = plan.sample_term if plan.sample_term is not None else 0
@@ -220,10 +231,16 @@ class Reducer:
         return self._stats
 
     def finish(self) -> Statistics:
-        """The statistics, once no more rows will be added: streaming, the records' memory is handed
-        back while they are split (one-term models; other layouts still read their pair blocks)."""
+        """The statistics, once no more rows will be added: the records' memory is handed back while
+        they are split (one-term models; other layouts still read their pair blocks).
+
+        Streaming, records and per-level arrays are then never resident at once.  In memory it
+        is about time: pages freed a moment ago are taken again cheaply, while fresh ones can
+        cost several times more (a virtual machine's host backs them only when first touched),
+        so the arrays filled on the records' freed pages come at a fraction of their cost.
+        """
         if self._stats is None:
-            self._stats = self._split(release=self.streaming and self.plan.layout == "single")
+            self._stats = self._split(release=self.plan.layout == "single")
         return self._stats
 
     def _split(self, release: bool) -> Statistics:

@@ -82,6 +82,34 @@ def test_accumulate_stats_matches_numpy(q, p, nthreads):
     assert st.N == len(y)
 
 
+def test_pass_skips_unknown_and_non_finite_rows_on_any_thread_count():
+    """Each thread lists its own rows (one thread reads them all directly): unknown codes and
+    non-finite rows are skipped and counted once, and every level's sums are the same bits on
+    1, 2 or 3 threads (a level's rows are added in row order by one thread)."""
+    codes, X, Z, y = make_problem(5, 37, 2, 3)
+    codes = codes.copy()
+    y = y.copy()
+    codes[::11] = -1
+    y[5::13] = np.nan
+    y[5::13][codes[5::13] < 0] = 0.0  # keep the two kinds of skipped row apart
+    n_skip = int(np.sum(codes < 0) + np.sum(np.isnan(y) & (codes >= 0)))
+    ok = (codes >= 0) & np.isfinite(y)
+    runs = []
+    for nthreads in (1, 2, 3):
+        st = Statistics.empty(37, 3, 2)
+        assert st.add_rows(codes, X, Z, y, nthreads) == n_skip
+        runs.append(st)
+    for g in range(37):
+        m = ok & (codes == g)
+        np.testing.assert_allclose(runs[0].A[g], Z[m].T @ Z[m], atol=1e-12)
+        np.testing.assert_allclose(runs[0].c[g], Z[m].T @ y[m], atol=1e-12)
+    for st in runs[1:]:
+        for f in ("A", "B", "c", "n"):
+            assert np.array_equal(getattr(st, f), getattr(runs[0], f)), f
+        np.testing.assert_allclose(st.XtX, runs[0].XtX, rtol=1e-13)  # per-thread sums, added in thread order
+        assert st.N == runs[0].N == int(ok.sum())
+
+
 def test_statistics_of_chunks_add_up():
     codes, X, Z, y = make_problem(7, 40, 2, 3)
     whole = build(codes, X, Z, y)
