@@ -57,6 +57,7 @@ RELEASE_SLABS = 16  # pieces in which the records are split and handed back (see
 # In memory, records at least this large are mapped and handed back while split (Reducer.finish);
 # smaller ones come from malloc's heap (glibc maps only larger blocks afresh), whose pages are reused.
 RELEASE_MIN_BYTES = 32 << 20
+_HUGE_PAGE = 2 << 20  # transparent huge pages on x86-64 and most arm64 systems
 _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
 
 
@@ -144,7 +145,9 @@ class _Records:
         # fill as the kernel writes them.
         A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
         rec_bytes = 8 * self.stride
-        unit = math.lcm(mmap.PAGESIZE, rec_bytes) // rec_bytes  # levels per page-aligned piece (madvise)
+        # levels per piece aligned to whole huge pages (the mapping asks for them): a piece given
+        # back in whole 2 MB pages can be taken again as such by the arrays that fill next
+        unit = math.lcm(mmap.PAGESIZE, _HUGE_PAGE, rec_bytes) // rec_bytes
         step = -(-max(G // RELEASE_SLABS, 1) // unit) * unit
         for lo in range(0, G, step):
             hi = min(G, lo + step)

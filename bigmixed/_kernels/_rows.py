@@ -18,15 +18,19 @@ from ._pass import PREFETCH, _prefetch
 # --------------------------------------------------------------------------
 
 
-@njit(**_JIT)
+@njit(parallel=True, **_JIT)
 def mark_keys(values, lo, table):
     """``table[v - lo] = 0`` for every value (int64, in ``[lo, lo + len(table))``): present keys.
 
     Called once per chunk of the key column (a chunk converts to numpy without a copy);
-    :func:`number_keys` then numbers them.
+    :func:`number_keys` then numbers them.  Threads take fixed row ranges; two of them may
+    mark one key, but every write is the same 0, so the table never depends on timing.
     """
-    for j in range(values.shape[0]):
-        table[values[j] - lo] = 0
+    N = values.shape[0]
+    nchunks = 16
+    for t in prange(nchunks):
+        for j in range(t * N // nchunks, (t + 1) * N // nchunks):
+            table[values[j] - lo] = 0
 
 
 @njit(**_JIT)
