@@ -528,34 +528,39 @@ def test_conditional_modes_match_dense(name, generic):
 
 
 # ---------------------------------------------------------------------- 5. nested2 == generic
+def assert_backends_agree(be1, be2, lams, K: int, tol: float) -> None:
+    """Two backends of one model give the same sums, gradient pieces, contracted gradient (REML and
+    ML, never all zero) and modes at ``lams``."""
+    e1, e2 = be1.evaluate(lams, True), be2.evaluate(lams, True)
+    np.testing.assert_allclose(e1.logdet, e2.logdet, rtol=tol)
+    close(e1.SF, e2.SF, tol)
+    close(e1.Sg, e2.Sg, tol)
+    np.testing.assert_allclose(e1.Sh, e2.Sh, rtol=tol)
+    for k in range(K):
+        close(e1.GA[k], e2.GA[k], tol, f"GA {k}")
+        close(e1.S[k], e2.S[k], tol, f"S {k}")
+    rng = np.random.default_rng(6)
+    beta = rng.normal(size=be1.p)
+    R = rng.normal(size=(be1.p, be1.p))
+    Finv = R @ R.T + np.eye(be1.p)
+    for reml in (True, False):
+        g1, g2 = be1.gradient(lams, beta, Finv, 0.8, reml), be2.gradient(lams, beta, Finv, 0.8, reml)
+        for k in range(K):
+            close(g1[k], g2[k], tol, f"gradient {k}")
+            assert np.any(g1[k] != 0.0)
+    m1, m2 = be1.conditional_modes(lams, beta), be2.conditional_modes(lams, beta)
+    for k in range(K):
+        close(m1[k][0], m2[k][0], tol, f"modes {k}")
+        close(m1[k][1], m2[k][1], tol, f"mode covariances {k}")
+
+
 @pytest.mark.parametrize("name", ["n11", "n22"])
 def test_two_term_kernel_equals_generic(name, kernel_calls):
     b = built(name)
     tmap = tmap_of(b)
     special, generic = backend_of(name), backend_of(name, generic=True)
     lams = tmap.lams(random_theta(tmap, 500))
-    e1, e2 = special.evaluate(lams, True), generic.evaluate(lams, True)
-    tol = 1e-12
-    np.testing.assert_allclose(e1.logdet, e2.logdet, rtol=tol)
-    close(e1.SF, e2.SF, tol)
-    close(e1.Sg, e2.Sg, tol)
-    np.testing.assert_allclose(e1.Sh, e2.Sh, rtol=tol)
-    for k in range(len(b.terms)):
-        close(e1.GA[k], e2.GA[k], tol, f"GA {k}")
-        close(e1.S[k], e2.S[k], tol, f"S {k}")
-    rng = np.random.default_rng(6)
-    beta = rng.normal(size=special.p)
-    R = rng.normal(size=(special.p, special.p))
-    Finv = R @ R.T + np.eye(special.p)
-    for reml in (True, False):
-        g1, g2 = special.gradient(lams, beta, Finv, 0.8, reml), generic.gradient(lams, beta, Finv, 0.8, reml)
-        for k in range(len(b.terms)):
-            close(g1[k], g2[k], tol, f"gradient {k}")
-            assert np.any(g1[k] != 0.0)
-    m1, m2 = special.conditional_modes(lams, beta), generic.conditional_modes(lams, beta)
-    for k in range(len(b.terms)):
-        close(m1[k][0], m2[k][0], tol, f"modes {k}")
-        close(m1[k][1], m2[k][1], tol, f"mode covariances {k}")
+    assert_backends_agree(special, generic, lams, len(b.terms), 1e-12)
     assert kernel_calls["nested2"] > 0 and kernel_calls["nested"] > 0
 
 
@@ -647,23 +652,7 @@ def test_scalar_crossed_kernel_equals_block_kernel(monkeypatch):
     fast, block = backend_of("c1"), backend_of("c1", generic=True)
     assert fast.scalar
     lams = tmap.lams(random_theta(tmap, 800))
-    e1, e2 = fast.evaluate(lams, True), block.evaluate(lams, True)
-    tol = 1e-12
-    for k in range(len(b.terms)):
-        close(e1.GA[k], e2.GA[k], tol, f"GA {k}")
-        close(e1.S[k], e2.S[k], tol, f"S {k}")
-    rng = np.random.default_rng(6)
-    beta = rng.normal(size=fast.p)
-    R = rng.normal(size=(fast.p, fast.p))
-    Finv = R @ R.T + np.eye(fast.p)
-    for reml in (True, False):
-        g1, g2 = fast.gradient(lams, beta, Finv, 0.8, reml), block.gradient(lams, beta, Finv, 0.8, reml)
-        for k in range(len(b.terms)):
-            close(g1[k], g2[k], tol, f"gradient {k}")
-    m1, m2 = fast.conditional_modes(lams, beta), block.conditional_modes(lams, beta)
-    for k in range(len(b.terms)):
-        close(m1[k][0], m2[k][0], tol, f"modes {k}")
-        close(m1[k][1], m2[k][1], tol, f"mode covariances {k}")
+    assert_backends_agree(fast, block, lams, len(b.terms), 1e-12)
     assert calls == {"scalar": 4, "block": 4}
 
 
