@@ -5,7 +5,8 @@ the optimiser and the results never ask which one they have:
 
 * :class:`LocalBackend` - one term: the closed-form per-level kernels (DESIGN.md sections 2-3, 7);
 * :class:`NestedBackend` - nested terms: a two-level (or deeper) closed form per outer group;
-* :class:`CrossedBackend` - crossed terms: the leading term in closed form, the rest dense (LAPACK);
+* :class:`bigmixed.crossed_backend.CrossedBackend` - crossed terms: the leading term in closed form, the
+  rest dense (LAPACK);
 
 and :class:`bigmixed.distributed.DistributedBackend` - statistics resident on Dask workers.
 
@@ -21,15 +22,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy.linalg import lapack
 
 from . import _kernels
 from .start import moment_start
-from .stats import Statistics, blas_threads, default_threads, faulted_zeros
-from .terms import check_crossed_memory, crossed_lead
+from .stats import Statistics, default_threads, faulted_zeros
 
-__all__ = ["Evaluation", "StatsBackend", "LocalBackend", "NestedBackend", "CrossedBackend", "make_backend",
-           "subsample_backend", "NumericalError"]
+__all__ = ["Evaluation", "StatsBackend", "LocalBackend", "NestedBackend", "make_backend", "subsample_backend",
+           "NumericalError"]
 
 # Work is split in at most this many chunks whatever the number of threads, so the sums (and
 # the optimiser's path) are the same bits on any machine.
@@ -313,309 +312,6 @@ def _flat(blocks: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(blocks, dtype=np.float64).reshape(blocks.shape[0], -1)
 
 
-# ---------------------------------------------------------------------------------- crossed
-class CrossedBackend:
-    """Crossed terms: leading term in closed form, the others in one dense block (:mod:`._crossed`).
-
-    ``lead`` is the term with the most random effects (levels x q); the rest are laid out as
-    ``m`` scalar random effects, term by term, level by level.
-    """
-
-    # True: the block kernel even when every term is scalar (tests compare the two)
-    generic = False
-
-    def __init__(self, stats: Statistics, names: list[str] | None = None, nthreads: int | None = None) -> None:
-        self.stats = stats
-        self.names = names or [f"term {k}" for k in range(len(stats.terms))]
-        self.nthreads = nthreads or default_threads()
-        self.p, self.N = stats.p, stats.N
-        self.XtX, self.Xty, self.yty = stats.XtX, stats.Xty, stats.yty
-        self.qs = [t.q for t in stats.terms]
-        self.n_groups = 0  # no warm-start sample
-        K = len(stats.terms)
-        levels_q = [(stats.terms[k].n_groups, self.qs[k]) for k in range(K)]
-        check_crossed_memory(levels_q, self.names)
-        self.lead = crossed_lead(levels_q)
-        self.rest = [k for k in range(K) if k != self.lead]
-        self._layout()
-        self._cache = None
-        self._om = self._sig = None
-
-    def _layout(self) -> None:
-        st = self.stats
-        lead = self.lead
-        q0 = self.qs[lead]
-        t0 = st.terms[lead]
-        self.A0 = np.ascontiguousarray(t0.A)
-        self.D0 = np.ascontiguousarray(np.concatenate([t0.c[:, :, None], t0.B], axis=2))
-        self.pos = self._positions()
-        self.Qr = int(self.qR.max())
-        self._rest_blocks()
-        self._lead_pairs(q0)
-        self.scalar = q0 == 1 and self.Qr == 1
-        per_level = np.diff(self.ptr).astype(float)
-        self.chunks = _chunks(per_level + 1.0, N_CHUNKS)
-        self._row_owners(self._row_chunks())
-
-    def _positions(self) -> dict:
-        """Dense-block position of each rest level: its term's levels by falling pair count.
-
-        Block ``b`` (term by term, level by level) starts at ``bstart[b]``.  Ordering each term's
-        levels by how many leading levels they share keeps the busiest rows and columns of the
-        dense block together (Zipf-like popularity: a few items in most users' rows), so the
-        per-level updates and Sigma gathers touch a cache-sized corner most of the time.  The
-        factorisation does not depend on the order; results are reported per level as before.
-        """
-        st, lead = self.stats, self.lead
-        counts = {k: np.zeros(st.terms[k].n_groups) for k in self.rest}
-        for pr in st.pairs:
-            if lead == pr.k:
-                counts[pr.j] += np.bincount(pr.jcodes, minlength=counts[pr.j].size)
-            elif lead == pr.j:
-                counts[pr.k] += np.bincount(pr.kcodes, minlength=counts[pr.k].size)
-        pos, bstart, bq, bterm, off = {}, [], [], [], 0
-        for r, k in enumerate(self.rest):
-            n, q = st.terms[k].n_groups, self.qs[k]
-            rank = np.empty(n, dtype=np.int64)
-            rank[np.argsort(-counts[k], kind="stable")] = np.arange(n)
-            pos[k] = off + rank * q
-            bstart.append(pos[k])
-            bq.append(np.full(n, q))
-            bterm.append(np.full(n, r))
-            off += n * q
-        self.m = off
-        self.bstart = np.concatenate(bstart).astype(np.int64)
-        self.bq = np.concatenate(bq).astype(np.int64)
-        self.bterm = np.concatenate(bterm).astype(np.int64)
-        self.qR = np.array([self.qs[k] for k in self.rest], dtype=np.int64)
-        return pos
-
-    def _rows_of(self, k: int, codes: np.ndarray) -> np.ndarray:
-        """Dense-block rows ``(n, q_k)`` of levels ``codes`` of rest term ``k``."""
-        return self.pos[k][codes][:, None] + np.arange(self.qs[k])[None, :]
-
-    def _rest_blocks(self) -> None:
-        """``A_R`` by block rows (both triangles, pairs between rest terms included) and ``D_R``.
-
-        Block ``b`` is rest level ``b - boff[r]`` of rest term ``r``.  Only the blocks with
-        entries are kept: each row has one level per term, so ``A_R`` is the rest terms'
-        diagonal blocks and their pairs, however dense the factor of the update becomes.
-        """
-        st, Qr = self.stats, self.Qr
-        boff = np.concatenate(([0], np.cumsum([st.terms[k].n_groups for k in self.rest])))
-        bidx = {k: boff[r] for r, k in enumerate(self.rest)}
-        rows, cols, vals = [], [], []
-
-        def put(bi, bj, v):  # v (n, q_i, q_j), padded to (Qr, Qr)
-            w = np.zeros((bi.size, Qr, Qr))
-            w[:, :v.shape[1], :v.shape[2]] = v
-            rows.append(bi)
-            cols.append(bj)
-            vals.append(w)
-
-        self.DR = np.zeros((self.m, self.p + 1))
-        for k in self.rest:
-            t = st.terms[k]
-            b = bidx[k] + np.arange(t.n_groups)
-            put(b, b, t.A)
-            idx = self._rows_of(k, np.arange(t.n_groups))
-            self.DR[idx, 0] = t.c
-            self.DR[idx, 1:] = t.B
-        for pr in st.pairs:
-            if self.lead not in (pr.k, pr.j):
-                bk, bj = bidx[pr.k] + pr.kcodes, bidx[pr.j] + pr.jcodes
-                put(bj, bk, pr.vals)
-                put(bk, bj, np.swapaxes(pr.vals, 1, 2))
-        bi, bj, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-        nb = int(boff[-1])
-        order = np.argsort(bi * nb + bj, kind="stable")
-        bi, bj, v = bi[order], bj[order], v[order]
-        first = np.ones(bi.size, dtype=bool)  # the same block twice (never from one pass) is summed
-        first[1:] = (bi[1:] != bi[:-1]) | (bj[1:] != bj[:-1])
-        starts = np.flatnonzero(first)
-        self.arval = np.ascontiguousarray(np.add.reduceat(v, starts, axis=0))
-        self.arcol = np.ascontiguousarray(bj[starts]).astype(np.int64)
-        self.arptr = np.concatenate(([0], np.cumsum(np.bincount(bi[starts], minlength=nb)))).astype(np.int64)
-        self.border = np.argsort(self.bstart, kind="stable").astype(np.int64)
-        # clearing a row costs its position, writing it its blocks
-        work = (self.bstart[self.border] + 1.0) * self.bq[self.border] + np.diff(self.arptr)[self.border]
-        self.rchunks = _chunks(work.astype(float), N_CHUNKS)
-
-    def _lead_pairs(self, q0: int) -> None:
-        """The sparse L_21 pattern: pairs (leading level, rest level), sorted by level then row."""
-        st, lead, Qr = self.stats, self.lead, self.Qr
-        keys, cols, terms_, vals = [], [], [], []
-        for pr in st.pairs:
-            if lead not in (pr.k, pr.j):
-                continue
-            if pr.k == lead:
-                lc, oc, v, other = pr.kcodes, pr.jcodes, pr.vals, pr.j
-            else:
-                lc, oc, v, other = pr.jcodes, pr.kcodes, np.swapaxes(pr.vals, 1, 2), pr.k
-            W = np.zeros((lc.size, Qr, q0))
-            W[:, :self.qs[other], :] = v
-            keys.append(lc)
-            cols.append(self.pos[other][oc])
-            terms_.append(np.full(lc.size, self.rest.index(other)))
-            vals.append(W)
-        lc = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-        pc = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-        # rows ascending within a level (crossed_update writes below the diagonal); one int64 key
-        # (level, row) sorts faster than a two-key lexsort
-        order = np.argsort(lc.astype(np.int64) * (self.m + 1) + pc, kind="stable")
-        self.pcol = np.ascontiguousarray(pc[order]).astype(np.int64)
-        self.pterm = np.ascontiguousarray(np.concatenate(terms_)[order]).astype(np.int64) if terms_ \
-            else np.zeros(0, np.int64)
-        self.W = np.ascontiguousarray(np.concatenate(vals)[order]) if vals else np.zeros((0, Qr, q0))
-        self.ptr = np.concatenate(([0], np.cumsum(np.bincount(lc, minlength=st.terms[lead].n_groups)))).astype(np.int64)
-
-    def _row_chunks(self) -> np.ndarray:
-        """Row ranges of the dense update, whole blocks each, balancing the (pairs in level)^2 work."""
-        rank = np.arange(self.pcol.size) - np.repeat(self.ptr[:-1], np.diff(self.ptr))
-        work = np.bincount(self.pcol, weights=rank + 1.0, minlength=self.m + 1)
-        starts = np.sort(self.bstart)
-        cut = _chunks(work[starts] + 1e-9, N_CHUNKS)
-        return np.concatenate((starts[cut[:-1]], [self.m])).astype(np.int64)
-
-    def _row_owners(self, row_chunks: np.ndarray) -> None:
-        """Each row range's pairs, in level order, so a thread visits only the pairs it writes."""
-        self.plev = np.repeat(np.arange(self.ptr.size - 1), np.diff(self.ptr)).astype(np.int64)
-        owner = np.searchsorted(row_chunks, self.pcol, side="right") - 1
-        self.eorder = np.argsort(owner, kind="stable").astype(np.int64)
-        counts = np.bincount(owner, minlength=row_chunks.size - 1)
-        self.eptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-
-    def _blas(self):
-        """All threads for LAPACK on a large dense block (the fit otherwise runs BLAS single-threaded)."""
-        import contextlib
-
-        return blas_threads(self.nthreads) if self.m >= 256 else contextlib.nullcontext()
-
-    def _lamR(self, lams) -> np.ndarray:
-        out = np.zeros((len(self.rest), self.Qr, self.Qr))
-        for r, k in enumerate(self.rest):
-            q = self.qs[k]
-            out[r, :q, :q] = lams[k]
-        return out
-
-    def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
-        """The dense block and its inverse: two ``(m, m)`` C-ordered arrays reused by every evaluation.
-
-        LAPACK works on their transposes (Fortran-ordered views, upper triangle), so nothing is
-        copied and no fresh memory is touched per evaluation.
-        """
-        if self._om is None:
-            self._om = np.zeros((self.m, self.m))
-            self._sig = np.zeros((self.m, self.m))
-        return self._om, self._sig
-
-    def _forward(self, lams):
-        key = tuple(np.asarray(L).tobytes() for L in lams)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        self._cache = None  # the buffer is about to change
-        lam0 = np.ascontiguousarray(lams[self.lead], dtype=float)
-        lamR = self._lamR(lams)
-        ld, SFD, L, P, V, ok = _kernels.crossed_forward(self.A0, self.D0, lam0, self.ptr, self.pterm, self.W, lamR,
-                                                        self.qR, self.chunks)
-        if not ok.all():
-            raise NumericalError("a block of Lambda' Z'Z Lambda + I is not positive definite")
-        Om, _ = self._buffers()
-        OmD = np.empty((self.m, self.p + 1))
-        _kernels.rest_fill(Om, OmD, self.arptr, self.arcol, self.arval, self.DR, self.bstart, self.bq, self.bterm,
-                           lamR, self.border, self.rchunks)
-        _kernels.crossed_update(self.ptr, self.pcol, self.pterm, self.qR, V, P, self.plev, self.eorder, self.eptr,
-                                Om, OmD)
-        with self._blas():
-            # Om's lower triangle is the upper one of its Fortran-ordered transpose: U'U = Omega, U = L'
-            U, info = lapack.dpotrf(Om.T, lower=0, clean=0, overwrite_a=1)
-            if info != 0:
-                raise NumericalError("the dense block of the crossed terms is not positive definite")
-            E, info = lapack.dtrtrs(U, OmD, lower=0, trans=1)
-        logdet = float(ld.sum()) + 2.0 * float(np.sum(np.log(np.diag(U))))
-        SFD = SFD.sum(axis=0) + E.T @ E
-        res = (logdet, SFD, L, P, V, U, E, lam0, lamR)
-        self._cache = (key, res)
-        return res
-
-    def _inverse(self, U: np.ndarray) -> np.ndarray:
-        """Sigma_R = Omega^-1 from its factor, C-ordered with the lower triangle set (dpotri's upper, transposed)."""
-        _, sig = self._buffers()
-        np.copyto(sig.T, U)  # the factor stays for later solves at this theta
-        with self._blas():
-            inv, info = lapack.dpotri(sig.T, lower=0, overwrite_c=1)
-        if info != 0:
-            raise NumericalError("the dense block of the crossed terms is singular")
-        return inv.T
-
-    def _backward(self, lams, grad, modes, g, cf, kappa, reml):
-        logdet, SFD, L, P, V, U, E, lam0, lamR = self._forward(lams)
-        with self._blas():
-            RR, info = lapack.dtrtrs(U, E, lower=0, trans=0)
-        RR = np.ascontiguousarray(RR)
-        Sig = self._inverse(U)
-        if self.scalar and not self.generic:
-            GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward1(
-                self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, L, P, V, RR, Sig,
-                self.chunks, bool(grad), bool(modes), g, cf, float(kappa), bool(reml), self.m)
-        else:
-            GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward(
-                self.A0, self.D0, lam0, self.ptr, self.pcol, self.pterm, self.W, lamR, self.qR, L, P, V, RR, Sig,
-                self.chunks, bool(grad), bool(modes), g, cf, float(kappa), bool(reml), self.m)
-        GAr, Sr, GCr, bhr, bcr = _kernels.rest_pieces(
-            self.arptr, self.arcol, self.arval, self.DR, RR, Sig,
-            TR.sum(axis=0) if grad else np.zeros((self.m, 1)), GR.sum(axis=0) if grad else np.zeros((self.m, 1)),
-            self.bstart, self.bq, self.bterm, lamR, len(self.rest), bool(grad), bool(modes), g, cf, float(kappa),
-            bool(reml))
-        return (GA0, S0, GC0, bh0, bc0), (GAr, Sr, GCr, bhr, bcr)
-
-    def _assemble(self, lead_part, rest_parts) -> list:
-        out = [None] * len(self.qs)
-        out[self.lead] = lead_part
-        for r, k in enumerate(self.rest):
-            q = self.qs[k]
-            out[k] = np.ascontiguousarray(rest_parts[r][:q, :q])
-        return out
-
-    def evaluate(self, lams, grad: bool) -> Evaluation:
-        logdet, SFD, *_ = self._forward(lams)
-        SF, Sg, Sh = _split(SFD)
-        if not grad:
-            return Evaluation(logdet, SF, Sg, Sh)
-        g = np.zeros(self.p + 1)
-        (GA0, S0, *_), (GAr, Sr, *_) = self._backward(lams, True, False, g, np.zeros((0, 0)), 0.0, False)
-        return Evaluation(logdet, SF, Sg, Sh, self._assemble(GA0.sum(axis=0), GAr),
-                          self._assemble(S0.sum(axis=0), Sr))
-
-    def gradient(self, lams, beta, Finv, kappa, reml) -> list:
-        g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
-        cf = _lower_factor(Finv)
-        (_, _, GC0, *_), (_, _, GCr, *_) = self._backward(lams, True, False, g, cf, kappa, reml)
-        return self._assemble(GC0.sum(axis=0), GCr)
-
-    def conditional_modes(self, lams, beta) -> list:
-        g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
-        (_, _, _, bh0, bc0), (_, _, _, bhr, bcr) = self._backward(lams, False, True, g, np.zeros((0, 0)), 0.0,
-                                                                  False)
-        out = [None] * len(self.qs)
-        out[self.lead] = (bh0, bc0)
-        start = 0
-        for r, k in enumerate(self.rest):
-            n, q = self.stats.terms[k].n_groups, self.qs[k]
-            out[k] = (np.ascontiguousarray(bhr[start:start + n, :q]), np.ascontiguousarray(bcr[start:start + n, :q, :q]))
-            start += n
-        return out
-
-    def subsample(self, level: int) -> None:
-        return None  # crossed levels cannot be sampled independently
-
-    def transform_z(self, Ms) -> "CrossedBackend":
-        return CrossedBackend(self.stats.transform_z(Ms), self.names, self.nthreads)
-
-    def moment_start(self, tmap) -> np.ndarray:
-        return moment_start(self.stats, tmap)
-
-
 def make_backend(stats: Statistics, layout: str, chain: list[int] | None = None, names: list[str] | None = None,
                  nthreads: int | None = None):
     """The backend for statistics of the given layout (``"single"``, ``"nested"``, ``"crossed"``)."""
@@ -624,5 +320,7 @@ def make_backend(stats: Statistics, layout: str, chain: list[int] | None = None,
     if layout == "nested":
         return NestedBackend(stats, chain, nthreads)
     if layout == "crossed":
+        from .crossed_backend import CrossedBackend
+
         return CrossedBackend(stats, names, nthreads)
     raise ValueError(f"unknown layout {layout!r}")

@@ -28,7 +28,8 @@ from scipy.linalg import block_diag
 
 import bigmixed
 from bigmixed import _kernels
-from bigmixed.backends import CrossedBackend, NestedBackend, make_backend
+from bigmixed.backends import NestedBackend, make_backend
+from bigmixed.crossed_backend import CrossedBackend
 from bigmixed.data import open_source
 from bigmixed.formula import spec_from_lmer
 from bigmixed.objective import Objective
