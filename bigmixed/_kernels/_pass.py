@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 from ._common import _JIT, LEVEL_MAX, LEVEL_MIN
 
 PREFETCH = 16  # rows ahead
+OWN_BLOCK = 8192  # rows a thread scans for its own at a time (64 KB of row numbers)
 
 
 @intrinsic
@@ -85,114 +86,117 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
     lw = 0.0
     conflicts = 0
     lines = (stride + 7) // 8
-    # This thread's rows first, in row order, by a branch-free scan: testing ownership row by
-    # row in the main loop mispredicts on every other row of shuffled data (both threads own
-    # about half), and prefetching PREFETCH of its own rows ahead reaches the same distance
-    # whatever the share.
-    # A thread that owns every code (one thread) reads the rows directly.
+    # This thread's rows first, in row order, by a branch-free scan of a block of rows into a
+    # small buffer (it stays in cache): testing ownership row by row in the main loop
+    # mispredicts on every other row of shuffled data (both threads own about half), and
+    # prefetching PREFETCH of its own rows ahead reaches the same distance whatever the share.
+    # A thread that owns every code (one thread) reads the rows directly, in one block.
     direct = glo <= 0 and ghi >= G
-    own = np.empty(0 if direct else N, np.int64)
-    cnt = N
+    step = max(N, 1) if direct else OWN_BLOCK
+    own = np.empty(0 if direct else OWN_BLOCK, np.int64)
+    width = np.uint64(ghi - glo) if ghi > glo else np.uint64(0)
     unknown = 0
-    if not direct:
-        cnt = 0
-        width = np.uint64(ghi - glo) if ghi > glo else np.uint64(0)
-        for j in range(N):
-            g = codes[j]
-            own[cnt] = j
-            cnt += np.uint64(g - glo) < width  # g < glo wraps around to a large number
-            unknown += g < 0
-    for jj in range(cnt):
-        j = jj
-        if direct:
-            if jj + PREFETCH < cnt:
-                gf = codes[jj + PREFETCH]
-                if gf >= 0:
+    for r0 in range(0, N, step):
+        stop = min(N, r0 + step)
+        cnt = stop - r0
+        if not direct:
+            cnt = 0
+            for j in range(r0, stop):
+                g = codes[j]
+                own[cnt] = j
+                cnt += np.uint64(g - glo) < width  # g < glo wraps around to a large number
+                unknown += g < 0
+        for jj in range(cnt):
+            j = r0 + jj
+            if direct:
+                if jj + PREFETCH < cnt:
+                    gf = codes[j + PREFETCH]
+                    if gf >= 0:
+                        for k in range(lines):
+                            _prefetch(R, gf * stride + 8 * k)
+                        if sampled:  # the level's sampling level is read with its record
+                            _prefetch(level, gf)
+            else:
+                if jj + PREFETCH < cnt:
+                    gf = codes[own[jj + PREFETCH]]
                     for k in range(lines):
                         _prefetch(R, gf * stride + 8 * k)
-                    if sampled:  # the level's sampling level is read with its record
+                    if sampled:
                         _prefetch(level, gf)
-        else:
-            if jj + PREFETCH < cnt:
-                gf = codes[own[jj + PREFETCH]]
-                for k in range(lines):
-                    _prefetch(R, gf * stride + 8 * k)
-                if sampled:
-                    _prefetch(level, gf)
-            j = own[jj]
-        g = codes[j]
-        if g < 0:  # only read directly
-            unknown += 1
-            continue
-        yj = (y[j] - ys) * yi
-        tot = yj
-        for k in range(p):
-            v = (XT[k, j] - xs[k]) * xi[k]
-            xr[k] = v
-            tot += v
-        for a in range(q):
-            v = (ZT[a, j] - zs[a]) * zi[a]
-            zr[a] = v
-            tot += v
-        # One test for the common all-finite row (a NaN or inf anywhere makes the sum
-        # non-finite); finite values whose sum overflows are checked one by one.
-        if not np.isfinite(tot):
-            ok = np.isfinite(yj)
-            for k in range(p):
-                ok = ok and np.isfinite(xr[k])
-            for a in range(q):
-                ok = ok and np.isfinite(zr[a])
-            if not ok:
-                skip += 1
+                j = own[jj]
+            g = codes[j]
+            if g < 0:  # only read directly
+                unknown += 1
                 continue
-        if weighted:
-            sw = np.sqrt(w[j])
-            lw += np.log(w[j])
-            yj *= sw
+            yj = (y[j] - ys) * yi
+            tot = yj
             for k in range(p):
-                xr[k] *= sw
+                v = (XT[k, j] - xs[k]) * xi[k]
+                xr[k] = v
+                tot += v
             for a in range(q):
-                zr[a] *= sw
-        used += 1
-        base = g * stride
-        for a in range(q):
-            zv = zr[a]
-            for b in range(q):
-                R[base + a * q + b] += zv * zr[b]
-            for k in range(p):
-                R[base + oB + a * p + k] += zv * xr[k]
-            R[base + oc + a] += zv * yj
-        R[base + on] += 1.0
-        for e in range(na):  # nested: the pair block with each ancestor, and its parent
-            h = acodes[e, j]
-            pslot = base + apar[e]
-            if R[pslot] == 0.0:
-                R[pslot] = h + 1.0
-            elif R[pslot] != h + 1.0:
-                conflicts += 1  # not nested: the caller starts again with pair lists
-            sw = np.sqrt(w[j]) if weighted else 1.0
-            for a in range(aq[e]):
-                za[a] = (aZT[aoff[e] + a, j] - azs[aoff[e] + a]) * azi[aoff[e] + a] * sw
-            for a in range(aq[e]):
+                v = (ZT[a, j] - zs[a]) * zi[a]
+                zr[a] = v
+                tot += v
+            # One test for the common all-finite row (a NaN or inf anywhere makes the sum
+            # non-finite); finite values whose sum overflows are checked one by one.
+            if not np.isfinite(tot):
+                ok = np.isfinite(yj)
+                for k in range(p):
+                    ok = ok and np.isfinite(xr[k])
+                for a in range(q):
+                    ok = ok and np.isfinite(zr[a])
+                if not ok:
+                    skip += 1
+                    continue
+            if weighted:
+                sw = np.sqrt(w[j])
+                lw += np.log(w[j])
+                yj *= sw
+                for k in range(p):
+                    xr[k] *= sw
+                for a in range(q):
+                    zr[a] *= sw
+            used += 1
+            base = g * stride
+            for a in range(q):
+                zv = zr[a]
                 for b in range(q):
-                    R[base + aup[e] + a * q + b] += za[a] * zr[b]
-        if not with_globals:
-            continue
-        for k in range(p):
-            xk = xr[k]
-            for m in range(k, p):
-                XtX[k, m] += xk * xr[m]
-            Xty[k] += xk * yj
-        yty += yj * yj
-        if sampled and level[g] >= LEVEL_MIN:
-            bk = min(level[g], LEVEL_MAX) - LEVEL_MIN
+                    R[base + a * q + b] += zv * zr[b]
+                for k in range(p):
+                    R[base + oB + a * p + k] += zv * xr[k]
+                R[base + oc + a] += zv * yj
+            R[base + on] += 1.0
+            for e in range(na):  # nested: the pair block with each ancestor, and its parent
+                h = acodes[e, j]
+                pslot = base + apar[e]
+                if R[pslot] == 0.0:
+                    R[pslot] = h + 1.0
+                elif R[pslot] != h + 1.0:
+                    conflicts += 1  # not nested: the caller starts again with pair lists
+                sw = np.sqrt(w[j]) if weighted else 1.0
+                for a in range(aq[e]):
+                    za[a] = (aZT[aoff[e] + a, j] - azs[aoff[e] + a]) * azi[aoff[e] + a] * sw
+                for a in range(aq[e]):
+                    for b in range(q):
+                        R[base + aup[e] + a * q + b] += za[a] * zr[b]
+            if not with_globals:
+                continue
             for k in range(p):
                 xk = xr[k]
                 for m in range(k, p):
-                    sXtX[bk, k, m] += xk * xr[m]
-                sXty[bk, k] += xk * yj
-            syty[bk] += yj * yj
-            sN[bk] += 1
+                    XtX[k, m] += xk * xr[m]
+                Xty[k] += xk * yj
+            yty += yj * yj
+            if sampled and level[g] >= LEVEL_MIN:
+                bk = min(level[g], LEVEL_MAX) - LEVEL_MIN
+                for k in range(p):
+                    xk = xr[k]
+                    for m in range(k, p):
+                        sXtX[bk, k, m] += xk * xr[m]
+                    sXty[bk, k] += xk * yj
+                syty[bk] += yj * yj
+                sN[bk] += 1
     if count_unknown:
         skip += unknown
     out[0] = yty
