@@ -145,8 +145,8 @@ class _Records:
         # fill as the kernel writes them.
         A, B, c, n = np.empty((G, q, q)), np.empty((G, q, p)), np.empty((G, q)), np.empty(G, np.int64)
         rec_bytes = 8 * self.stride
-        # levels per piece aligned to whole huge pages (the mapping asks for them): a piece given
-        # back in whole 2 MB pages can be taken again as such by the arrays that fill next
+        # levels per piece, a multiple of a huge page's bytes (the mapping asks for huge pages):
+        # pieces given back in 2 MB units are more likely whole pages the arrays can take again
         unit = math.lcm(mmap.PAGESIZE, _HUGE_PAGE, rec_bytes) // rec_bytes
         step = -(-max(G // RELEASE_SLABS, 1) // unit) * unit
         for lo in range(0, G, step):
