@@ -232,8 +232,8 @@ class Reducer:
         back while they are split (one-term models; other layouts still read their pair blocks).
 
         In memory the records stay a plain array: handing them back and faulting the arrays in
-        on the freed pages measured slower (first fits at 1e6 groups 0.72 s vs 0.66 s, repeated
-        fits 0.69 s vs 0.62 s), and there the data outweigh the records anyway.
+        on the freed pages measured slower, for first and for repeated fits (bench/README.md),
+        and there the data outweigh the records anyway.
         """
         if self._stats is None:
             self._stats = self._split(release=self.streaming and self.plan.layout == "single")

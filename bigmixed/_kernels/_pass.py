@@ -9,7 +9,7 @@ Rows arrive in any order, so every row's record is a cache miss; the loop theref
 prefetches the record of the row ``PREFETCH`` rows ahead (LLVM's ``llvm.prefetch``), which
 turns a chain of memory latencies into overlapping transfers (measured about 3x faster on
 shuffled rows).  Thread ``t`` owns the ``t``-th slice of the codes present in the block: it
-lists its rows by one branch-free scan, then adds them (no two threads write one record, no
+lists its rows by a branch-free scan, a block of rows at a time, then adds them (no two threads write one record, no
 per-thread copies); the rows of a level are added in row order, so the bits never depend on
 thread timing.
 
