@@ -107,6 +107,8 @@ MODELS = {
     "n11": ("y ~ x + z2 + (1 | child) + (1 | school)", lambda: nested_frame(1), "nested"),
     # (2, 2), coarse term written first (chain order != model order)
     "n22": ("y ~ x + z2 + (x | school) + (x | child)", lambda: nested_frame(2), "nested"),
+    # (2, 2) with p + 1 = 3 columns (y ~ t): the kernel with the column count as a literal
+    "n22t": ("y ~ x + (x | child) + (x | school)", lambda: nested_frame(2), "nested"),
     # (2, 1): generic kernel only
     "n21": ("y ~ x + z2 + (x | child) + (1 | school)", lambda: nested_frame(3), "nested"),
     # three nested levels
@@ -120,7 +122,7 @@ MODELS = {
     # crossed, scalar terms only (the dense update's scalar path), a rest-rest pair
     "c1": ("y ~ x + (1 | user) + (1 | item) + (1 | site)", lambda: crossed_frame(8, 30, 12, 5, 240), "crossed"),
 }
-NESTED = ["n11", "n22", "n21", "n3", "n3q"]
+NESTED = ["n11", "n22", "n22t", "n21", "n3", "n3q"]
 CROSSED = ["c2", "c3", "c1"]
 
 
@@ -420,8 +422,8 @@ def backend_of(name: str, generic: bool = False, nthreads: int = 2):
 
 
 # (model, generic kernel?) - the two-term (1,1) and (2,2) models through both nested kernels
-NESTED_CASES = [("n11", False), ("n11", True), ("n22", False), ("n22", True), ("n21", False), ("n3", False),
-                ("n3q", False)]
+NESTED_CASES = [("n11", False), ("n11", True), ("n22", False), ("n22", True), ("n22t", False), ("n21", False),
+                ("n3", False), ("n3q", False)]
 ALL_CASES = NESTED_CASES + [(c, False) for c in CROSSED] + [("c1", True)]
 
 
@@ -555,18 +557,30 @@ def assert_backends_agree(be1, be2, lams, K: int, tol: float) -> None:
         close(m1[k][1], m2[k][1], tol, f"mode covariances {k}")
 
 
-@pytest.mark.parametrize("name", ["n11", "n22"])
-def test_two_term_kernel_equals_generic(name, kernel_calls):
+@pytest.mark.parametrize("name", ["n11", "n22", "n22t"])
+def test_two_term_kernel_equals_generic(name, kernel_calls, monkeypatch):
+    from bigmixed._kernels import _nested2
+
+    literal = {"n": 0}
+    real = _nested2.nested2_22p3
+
+    def p3(*a):
+        literal["n"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(_nested2, "nested2_22p3", p3)
     b = built(name)
     tmap = tmap_of(b)
     special, generic = backend_of(name), backend_of(name, generic=True)
     lams = tmap.lams(random_theta(tmap, 500))
     assert_backends_agree(special, generic, lams, len(b.terms), 1e-12)
     assert kernel_calls["nested2"] > 0 and kernel_calls["nested"] > 0
+    # (2, 2) with p + 1 = 3 runs the column-literal kernel, the other models never do
+    assert (literal["n"] > 0) == (name == "n22t")
 
 
 # ---------------------------------------------------------------------- 6. determinism
-@pytest.mark.parametrize("name,generic", [("n22", False), ("n22", True), ("n3q", False), ("c2", False),
+@pytest.mark.parametrize("name,generic", [("n22", False), ("n22", True), ("n22t", False), ("n3q", False), ("c2", False),
                                           ("c3", False), ("c1", False)])
 def test_same_bits_on_one_or_two_threads(name, generic):
     if numba.config.NUMBA_NUM_THREADS < 2:
