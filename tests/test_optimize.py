@@ -124,6 +124,25 @@ def test_newton_converges_with_a_rough_hessian():
     assert it == len(calls) - 1 and it <= 8  # BFGS updates repair the Hessian quickly
 
 
+def test_newton_stops_below_ftol_once_a_step_confirmed_the_model():
+    """A predicted gain below FTOL |f| ends the steps only after a full step gained what the model
+    predicted (to a factor 2); an unconfirmed model takes the step (every one is a pass over the data)."""
+    A, center, lower = np.eye(2), np.zeros(2), np.full(2, -np.inf)
+    f0 = 1e6  # FTOL |f| = 1e-6
+    # H = 1.5 A: the first step gains 4/3 of its prediction; the next would gain 5.6e-7 < 1e-6
+    fg, calls = _quadratic(center, A, f0)
+    d0 = np.full(2, np.sqrt(0.5e-5))
+    ok, theta, it = opt._newton(fg, d0, 1.5 * A, lower, 20)
+    assert ok and len(calls) == 2 and it == 1
+    np.testing.assert_allclose(theta, d0 / 3, rtol=1e-12)
+    # H = 0.6 A: the first step overshoots and gains a third of its prediction, so the next
+    # step is taken although its predicted gain (4.4e-7) is below 1e-6; it lands on the optimum
+    fg, calls = _quadratic(center, A, f0)
+    ok, theta, it = opt._newton(fg, np.full(2, 1e-3), 0.6 * A, lower, 20)
+    assert ok and len(calls) == 3 and it == 2
+    np.testing.assert_allclose(theta, center, atol=1e-12)
+
+
 def test_newton_gives_up_at_a_bound_and_when_it_cannot_descend():
     A = np.eye(2)
     fg, _ = _quadratic(np.array([-1.0, 0.5]), A)  # optimum outside theta_0 >= 0
