@@ -415,13 +415,14 @@ def build_statistics(
             plan = prepare(source, spec, levels=levels, missing=missing, chunk_rows=chunk_rows, progress=progress,
                            keep_xx=keep_xx, one_pass=False)
             red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
+        stats = red.finish()  # (terms summed from the finest term's records are checked here)
     except NotNested:
         # Terms that looked nested share levels: read again keeping pair lists (crossed layout),
         # unless the crossed terms' dense block could not fit anyway.
         check_crossed_memory([(t.n_levels, t.q) for t in plan.terms], [t.name for t in plan.terms])
         plan = replace(plan, layout="crossed", sample_term=None)
         red = reduce_source(source, plan, nthreads=nthreads, progress=progress)
-    stats = red.finish()
+        stats = red.finish()
     scaling = red.scaling if red.scaling is not None else Scaling.identity(plan.design.p, plan.design.q)
     return finalise(stats, plan, scaling, n_read=red.n_read, n_dropped=red.n_dropped, dropped=red.dropped,
                     warn=warn)

@@ -5,6 +5,11 @@ for a :class:`~bigmixed.pipeline.Plan` and keeps, per term, one record per level
 layout of :mod:`bigmixed._kernels._pass`: Z'Z, Z'X, Z'y, n and, for nested terms, the pair
 blocks with the ancestors in the same record), the global sums and the accounting of dropped
 rows.  :attr:`Reducer.stats` turns the records into the contiguous arrays the objective reads.
+
+Nested terms whose columns are all the finest term's (``(1 | batch/cask)``, ``(t | child) +
+(t | school)``) take no pass over the rows: their records are sums of the finest term's
+records over each parent, made when the statistics are (which then also checks that they are
+nested in the terms above them, raising :class:`NotNested` if not).
 """
 
 from __future__ import annotations
@@ -119,8 +124,11 @@ class _Records:
         if not self.anc_q:
             return NO_ANCESTORS
         aoff = np.concatenate(([0], np.cumsum(self.anc_q))).astype(np.int64)
-        return (np.ascontiguousarray(np.vstack(codes)), np.ascontiguousarray(np.vstack([Z.T for Z in Zs])),
-                np.concatenate([s.z_shift for s in scales]), np.concatenate([1.0 / s.z_scale for s in scales]),
+        qa = self.anc_q  # 0 for an ancestor whose pair block is summed from the records afterwards
+        return (np.ascontiguousarray(np.vstack(codes)),
+                np.ascontiguousarray(np.vstack([Z[:, :n].T for Z, n in zip(Zs, qa)])),
+                np.concatenate([s.z_shift[:n] for s, n in zip(scales, qa)]),
+                np.concatenate([1.0 / s.z_scale[:n] for s, n in zip(scales, qa)]),
                 aoff, np.asarray(self.anc_q, np.int64), np.asarray(self.ups, np.int64),
                 np.asarray(self.pars, np.int64))
 
@@ -175,6 +183,68 @@ class _Records:
         return R[:, self.pars[e]].astype(np.int64) - 1, up
 
 
+_CHECK_ROWS = 1000  # rows of the prototype on which a summed term's columns are compared
+
+
+def _columns_in_finest(plan) -> dict[int, np.ndarray]:
+    """Coarser nested terms whose statistics are sums of the finest term's records.
+
+    A term qualifies when each of its columns is one of the finest term's (the same name, and
+    the same values and transform where those are known here), and so does every term coarser
+    than it (its pair blocks with them are then the finest term's Z'Z too).  Returns, per such
+    term, the finest term's column of each of its columns.
+    """
+    d, ch, terms = plan.design, plan.chain, plan.terms
+    if plan.layout != "nested" or plan.coder is not None or len(ch) < 2:
+        return {}
+    f = terms[ch[0]]
+    Z = d.matrices(plan.proto.head(_CHECK_ROWS))[2] if plan.proto is not None else None
+    sc = plan.scaling
+    out: dict[int, np.ndarray] = {}
+    for j in reversed(ch[1:]):  # coarsest first: a term qualifies only if all coarser ones do
+        t = terms[j]
+        if not all(n in f.re_names for n in t.re_names):
+            break
+        m = np.array([f.re_names.index(n) for n in t.re_names], dtype=np.int64)
+        cols_j, cols_f = t.offset + np.arange(t.q), f.offset + m
+        if Z is not None and not np.array_equal(Z[:, cols_j], Z[:, cols_f], equal_nan=True):
+            break
+        if sc is not None and not (np.array_equal(sc.z_shift[cols_j], sc.z_shift[cols_f])
+                                   and np.array_equal(sc.z_scale[cols_j], sc.z_scale[cols_f])):
+            break
+        out[j] = m
+    return out
+
+
+def _sum_plan(rf: "_Records", anc_f: tuple, rj: "_Records", j: int, anc_j: tuple, cols: dict) -> tuple:
+    """The slots of :func:`bigmixed._kernels.sum_records` that build term ``j``'s records from the finest's."""
+    qf, p, qj = rf.q, rf.p, rj.q
+    m = cols[j]
+    src, dst = [], []
+    for a in range(qj):
+        for b in range(qj):
+            src.append(m[a] * qf + m[b])
+            dst.append(a * qj + b)
+        for k in range(p):
+            src.append(qf * qf + m[a] * p + k)
+            dst.append(qj * qj + a * p + k)
+        src.append(qf * qf + qf * p + m[a])
+        dst.append(qj * qj + qj * p + a)
+    src.append(qf * qf + qf * p + qf)  # n
+    dst.append(qj * qj + qj * p + qj)
+    psrc, pdst = [], []
+    for e, j2 in enumerate(anc_j):  # Z_j2'Z_j = the finest term's Z'Z at those columns
+        m2 = cols[j2]
+        for a in range(len(m2)):
+            for b in range(qj):
+                src.append(m2[a] * qf + m[b])
+                dst.append(rj.ups[e] + a * qj + b)
+        psrc.append(rf.pars[anc_f.index(j2)])
+        pdst.append(rj.pars[e])
+    as64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    return rf.pars[anc_f.index(j)], as64(src), as64(dst), as64(psrc), as64(pdst)
+
+
 class Reducer:
     """Adds chunks of rows to the statistics of a :class:`~bigmixed.pipeline.Plan`.
 
@@ -193,14 +263,27 @@ class Reducer:
             anc = {ch[a]: tuple(ch[a + 1:]) for a in range(len(ch))}
         self._anc = anc
         self._coder = plan.coder  # one term whose levels are found during the pass (KeyCoder)
+        self._cols: dict[int, np.ndarray] = {}  # terms summed from the finest term's records
+        self._sums: dict[int, tuple] = {}
+        self._summed = False
         if self._coder is not None:
             self._rec = [_Records(0, terms[0].q, d.p, (), capacity=self._coder.keys.shape[0], mapped=True)]
             self._levels = [None]
         else:
-            self._rec = [_Records(t.n_levels, t.q, d.p, tuple(terms[j].q for j in anc[k]), mapped=streaming)
+            # the finest term keeps only the parent codes of the terms summed from its records
+            self._cols = _columns_in_finest(plan)
+            self._rec = [_Records(t.n_levels, t.q, d.p, tuple(0 if k == ch[0] and j in self._cols else terms[j].q
+                                                              for j in anc[k]), mapped=streaming)
                          for k, t in enumerate(terms)]
             self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
+            self._sums = {j: _sum_plan(self._rec[ch[0]], anc[ch[0]], self._rec[j], j, anc[j], self._cols)
+                          for j in self._cols}
         self._first = plan.sample_term if plan.sample_term is not None else 0
+        # the terms that take a pass over the rows; the one taking the global sums (and the sampling
+        # term's levels, through its code in that term's ancestors when it is summed afterwards)
+        self._passes = [k for k in range(len(terms)) if k not in self._cols]
+        self._glob_term = ch[0] if self._first in self._cols else self._first
+        self._level_of = anc[ch[0]].index(self._first) if self._first in self._cols else -1
         self._XX = np.zeros((terms[self._first].n_levels, d.p, d.p)) if plan.keep_xx else None
         p = d.p
         self._glob = Statistics([], np.zeros((p, p)), np.zeros(p), 0.0, 0, [],
@@ -222,7 +305,11 @@ class Reducer:
 
     @property
     def stats(self) -> Statistics:
-        """The statistics of the rows added so far (the records split into per-level arrays)."""
+        """The statistics of the rows added so far (the records split into per-level arrays).
+
+        Raises :class:`NotNested` when a term summed from the finest term's records turns out to
+        share a level between two levels of a coarser term.
+        """
         if self._stats is None:
             self._stats = self._split(release=False)
         return self._stats
@@ -230,6 +317,7 @@ class Reducer:
     def finish(self) -> Statistics:
         """The statistics, once no more rows will be added: streaming, the records' memory is handed
         back while they are split (one-term models; other layouts still read their pair blocks).
+        Raises :class:`NotNested` as :attr:`stats` may.
 
         In memory the records stay a plain array: handing them back and faulting the arrays in
         on the freed pages measured slower, for first and for repeated fits (bench/README.md),
@@ -247,18 +335,37 @@ class Reducer:
             term.index = TermIndex(term.factors, [index])
             ts = self._rec[0].split(levels, None, release, rank)
             return Statistics([ts], st.XtX, st.Xty, st.yty, st.N, [], st.sample, st.sample_term, st.sum_log_w)
-        pairs = self.pairs()
+        pairs = self.pairs()  # (sums the derived terms' records first)
         terms = [r.split(self._levels[k], self._XX if k == self._first else None, release)
                  for k, r in enumerate(self._rec)]
         return Statistics(terms, st.XtX, st.Xty, st.yty, st.N, pairs, st.sample, st.sample_term, st.sum_log_w)
+
+    def _sum_derived(self) -> None:
+        """The records of the terms summed from the finest term's (see :func:`_columns_in_finest`)."""
+        if self._summed:
+            return
+        rf = self._rec[self.plan.chain[0]]
+        for j, (pslot, src, dst, psrc, pdst) in self._sums.items():
+            rj = self._rec[j]
+            rj.R.fill(0.0)
+            if _kernels.sum_records(rf.R, rf.stride, pslot, src, dst, psrc, pdst, rj.R, rj.stride):
+                terms = self.plan.terms
+                raise NotNested(f"{terms[j].name} in {', '.join(terms[a].name for a in self._anc[j])}")
+        self._summed = True
 
     def pairs(self) -> list[PairStats]:
         """The pair statistics gathered so far (nested blocks, or merged pair lists)."""
         out = []
         terms = self.plan.terms
+        self._sum_derived()
+        f = self.plan.chain[0]
         for k, j in self._pairs:
             if self.plan.layout == "nested":
                 parent, up = self._rec[k].pair(self._anc[k].index(j))
+                if k == f and j in self._cols:  # Z_j'Z_f: rows of the finest term's Z'Z
+                    rec = self._rec[f]
+                    A = rec.R.reshape(rec.G, rec.stride)[:, :rec.q * rec.q].reshape(rec.G, rec.q, rec.q)
+                    up = np.ascontiguousarray(A[:, self._cols[j], :])
                 out.append(PairStats(k, j, np.arange(terms[k].n_levels, dtype=np.int64), parent, up))
                 continue
             parts = self._lists[(k, j)]
@@ -280,6 +387,7 @@ class Reducer:
         if any(r.released for r in self._rec):
             raise RuntimeError("rows added after finish()")
         self._stats = None
+        self._summed = False
         self.n_read += chunk.height
         y, X, Z = d.matrices(chunk, self._buffers)  # nothing below keeps them past this chunk
         off = d.offset(chunk)
@@ -335,27 +443,30 @@ class Reducer:
         ww = np.zeros(0) if w is None else np.ascontiguousarray(w, dtype=np.float64)
         XT = np.ascontiguousarray(X.T, dtype=np.float64)
         y = np.ascontiguousarray(y, dtype=np.float64)
-        if plan.layout != "single":
+        if plan.layout == "crossed" or len(self._passes) > 1:  # every pass must leave out the same rows
             ok = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), XT, np.ascontiguousarray(Z.T), y, nt)
             if not ok.all():
                 codes = [np.where(ok, c, -1) for c in codes]
         Zs = [Z[:, t.offset:t.offset + t.q] for t in terms]
         scales = [sc.term(t.offset, t.q) if len(terms) > 1 else sc for t in terms]
+        if self._cols:
+            self._check_summed_scales(scales)
         skipped = 0
-        order = [self._first] + [k for k in range(len(terms)) if k != self._first]
-        for k in order:  # the sampling (outermost) term first: it also takes the global sums
+        g0 = self._glob_term
+        order = [g0] + [k for k in self._passes if k != g0]
+        for k in order:  # the term taking the global sums first
             rec, s = self._rec[k], scales[k]
             an = rec.ancestors([codes[j] for j in self._anc[k]], [Zs[j] for j in self._anc[k]],
                                [scales[j] for j in self._anc[k]])
             tr = (s.x_shift, 1.0 / s.x_scale, s.z_shift, 1.0 / s.z_scale, float(s.y_shift), 1.0 / float(s.y_scale))
-            glob = k == self._first
-            lv = self._levels[k] if (glob and self._levels[k] is not None and self._glob.sample is not None) \
-                else _NO_INT8
+            glob = k == g0
+            lvs = self._levels[self._first]
+            lv = lvs if (glob and lvs is not None and self._glob.sample is not None) else _NO_INT8
             if self._coder is not None and self._glob.sample is not None:
                 lv = self._coder.levels[:self._coder.G]
             XtX, Xty, out, sXtX, sXty, syty, sN = _kernels.accumulate_records(
                 np.ascontiguousarray(codes[k], dtype=np.int64), XT, np.ascontiguousarray(Zs[k].T, dtype=np.float64),
-                y, ww, tr, rec.R, rec.stride, lv, an, glob, nt)
+                y, ww, tr, rec.R, rec.stride, lv, self._level_of if glob else -1, an, glob, nt)
             if out[:, 4].sum():
                 raise NotNested(f"{terms[k].name} in {', '.join(terms[j].name for j in self._anc[k])}")
             if glob:
@@ -371,6 +482,14 @@ class Reducer:
             okr = _kernels.complete_rows(np.ascontiguousarray(np.vstack(codes)), XT, np.ascontiguousarray(Z.T), y, nt)
             _kernels.accumulate_level_xx(np.where(okr, codes[k], -1), XT, sc.x_shift, 1.0 / sc.x_scale, ww, self._XX)
         return skipped
+
+    def _check_summed_scales(self, scales: list) -> None:
+        """A summed term's columns are the finest term's, so the row transform must be theirs too."""
+        sf = scales[self.plan.chain[0]]
+        for j, m in self._cols.items():
+            if not (np.array_equal(scales[j].z_shift, sf.z_shift[m]) and np.array_equal(scales[j].z_scale, sf.z_scale[m])):
+                raise RuntimeError(f"internal: the transform of the columns of {self.plan.terms[j].name} differs from "
+                                   "that of the same columns of the finest term; please report this")
 
     def _add_globals(self, XtX, Xty, out, sXtX, sXty, syty, sN) -> None:
         st = self._glob

@@ -111,6 +111,8 @@ MODELS = {
     "n22t": ("y ~ x + (x | child) + (x | school)", lambda: nested_frame(2), "nested"),
     # (2, 1): generic kernel only
     "n21": ("y ~ x + z2 + (x | child) + (1 | school)", lambda: nested_frame(3), "nested"),
+    # (1, 2): the school's slope is no column of the child term, so both terms read the rows
+    "n12": ("y ~ x + z2 + (1 | child) + (x | school)", lambda: nested_frame(9), "nested"),
     # three nested levels
     "n3": ("y ~ x + (1 | a/b/c)", lambda: nested3_frame(4), "nested"),
     "n3q": ("y ~ x + (x | a) + (1 | a:b) + (x | a:b:c)", lambda: nested3_frame(5), "nested"),
@@ -122,7 +124,7 @@ MODELS = {
     # crossed, scalar terms only (the dense update's scalar path), a rest-rest pair
     "c1": ("y ~ x + (1 | user) + (1 | item) + (1 | site)", lambda: crossed_frame(8, 30, 12, 5, 240), "crossed"),
 }
-NESTED = ["n11", "n22", "n22t", "n21", "n3", "n3q"]
+NESTED = ["n11", "n22", "n22t", "n21", "n12", "n3", "n3q"]
 CROSSED = ["c2", "c3", "c1"]
 
 
@@ -282,7 +284,7 @@ def check_stats(st, expect_terms, expect_pairs, X, y, rtol=1e-12):
 
 
 # ------------------------------------------------------------------------ 1. the statistics
-@pytest.mark.parametrize("name", ["n22", "n3q", "c2", "c3"])
+@pytest.mark.parametrize("name", ["n22", "n12", "n3", "n3q", "c2", "c3"])
 def test_built_statistics_match_numpy(name):
     """build_statistics (canonical transform included) == sums over the rows under the build's scaling."""
     b = built(name)
@@ -292,6 +294,75 @@ def test_built_statistics_match_numpy(name):
     if b.layout == "nested":  # one block per level of the finer term: its parent in the coarser one
         for pr in b.stats.pairs:
             assert pr.nested(b.stats.terms[pr.k].n_groups)
+
+
+def _sum_records_numpy(Rf, sf, pslot, src, dst, psrc, pdst, Rj, sj):
+    """The plain-numpy twin of ``_kernels.sum_records``."""
+    F, J = Rf.reshape(-1, sf), Rj.reshape(-1, sj)
+    parent = F[:, pslot].astype(np.int64) - 1
+    live = parent >= 0
+    np.add.at(J, (parent[live][:, None], dst[None, :]), F[live][:, src])
+    conflicts = 0
+    for e in range(psrc.size):
+        seen: dict = {}
+        for h, v in zip(parent[live], F[live, psrc[e]]):
+            if seen.setdefault(h, v) != v:
+                conflicts += 1
+            elif J[h, pdst[e]] == 0.0:
+                J[h, pdst[e]] = v
+    return conflicts
+
+
+def test_sum_records_matches_numpy():
+    rng = np.random.default_rng(4)
+    G, sf, Gj, sj = 200, 16, 9, 8
+    Rf = rng.normal(size=G * sf)
+    F = Rf.reshape(G, sf)
+    F[:, 15] = rng.integers(0, Gj + 1, G)  # parent + 1 (0: a record without rows)
+    F[:, 14] = 1.0 + F[:, 15] % 3  # the parent's own parent + 1: the same for every record of a parent
+    args = (15, np.array([0, 3, 4, 7, 2]), np.array([0, 1, 2, 3, 5]), np.array([14]), np.array([7]))
+    got, want = np.zeros(Gj * sj), np.zeros(Gj * sj)
+    assert _kernels.sum_records(Rf, sf, *args, got, sj) == 0
+    assert _sum_records_numpy(Rf, sf, *args, want, sj) == 0
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    F[np.flatnonzero(F[:, 15] == 2)[1], 14] += 1.0  # two records of one parent disagree on its parent
+    got[:], want[:] = 0.0, 0.0
+    assert _kernels.sum_records(Rf, sf, *args, got, sj) == 1 == _sum_records_numpy(Rf, sf, *args, want, sj)
+
+
+@pytest.mark.parametrize("name", NESTED)
+def test_terms_of_the_finest_columns_take_no_pass_of_their_own(name, monkeypatch):
+    """Coarser terms whose columns are all the finest term's are summed from its records: one pass over
+    the rows (the statistics are checked against numpy above); n12's school slope needs its own pass."""
+    passes = []
+    real = _kernels.accumulate_records
+
+    def counted(*a):
+        passes.append(a[0].shape[0])
+        return real(*a)
+
+    monkeypatch.setattr(_kernels, "accumulate_records", counted)
+    b = build_statistics(open_source(frame_of(name)), spec_from_lmer(MODELS[name][0]))
+    assert b.layout == "nested"
+    assert len(passes) == (2 if name == "n12" else 1)
+
+
+def test_terms_crossed_above_the_finest_are_read_again_as_crossed():
+    """c lies in one b and one a, but b spans two levels of a: summing c's records into b finds it,
+    and the statistics are those of the crossed layout."""
+    rng = np.random.default_rng(12)
+    pairs = [(a, b) for a in range(3) for b in range(4) if (a + b) % 3]  # b = 1 lies in a = 0 and a = 2
+    cells = np.repeat(np.arange(len(pairs)), rng.integers(2, 5, len(pairs)))
+    ab = np.array(pairs)[cells]
+    N = cells.size
+    x = rng.normal(size=N)
+    frame = pd.DataFrame({"a": ab[:, 0], "b": ab[:, 1], "c": cells, "x": x,
+                          "y": x + rng.normal(size=3)[ab[:, 0]] + rng.normal(size=4)[ab[:, 1]] + rng.normal(size=N)})
+    b = build_statistics(open_source(frame), spec_from_lmer("y ~ x + (1 | a) + (1 | b) + (1 | c)"))
+    assert b.layout == "crossed"
+    d = Dense(b, frame)
+    terms, pairs_ = numpy_stats(d.codes, d.X, d.Zs, d.y, d.nlev)
+    check_stats(b.stats, terms, pairs_, d.X, d.y)
 
 
 def _custom_scaling(design) -> Scaling:
@@ -423,7 +494,7 @@ def backend_of(name: str, generic: bool = False, nthreads: int = 2):
 
 # (model, generic kernel?) - the two-term (1,1) and (2,2) models through both nested kernels
 NESTED_CASES = [("n11", False), ("n11", True), ("n22", False), ("n22", True), ("n22t", False), ("n21", False),
-                ("n3", False), ("n3q", False)]
+                ("n12", False), ("n3", False), ("n3q", False)]
 ALL_CASES = NESTED_CASES + [(c, False) for c in CROSSED] + [("c1", True)]
 
 

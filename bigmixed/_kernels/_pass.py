@@ -63,7 +63,7 @@ def record_layout(q: int, p: int, anc_q: tuple[int, ...] = ()) -> tuple[int, lis
 
 
 @njit(inline="always", **_JIT)
-def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, an, with_globals):
+def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals):
     """The rows whose code lies in ``[glo, ghi)``; ``gl[2]`` gets (y'y, used, skipped, sum log w, conflicts)."""
     G = R.shape[0] // stride if stride > 0 else 0
     xs, xi, zs, zi, ys, yi = tr
@@ -114,19 +114,25 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
                     if gf >= 0:
                         for k in range(lines):
                             _prefetch(R, gf * stride + 8 * k)
-                        if sampled:  # the level's sampling level is read with its record
+                        if sampled and level_of < 0:  # the level's sampling level is read with its record
                             _prefetch(level, gf)
             else:
                 if jj + PREFETCH < cnt:
                     gf = codes[own[jj + PREFETCH]]
                     for k in range(lines):
                         _prefetch(R, gf * stride + 8 * k)
-                    if sampled:
+                    if sampled and level_of < 0:
                         _prefetch(level, gf)
                 j = own[jj]
             g = codes[j]
             if g < 0:  # only read directly
                 unknown += 1
+                continue
+            outside = False  # a row without a level of an ancestor is in no group of it: left out
+            for e in range(na):
+                outside = outside or acodes[e, j] < 0
+            if outside:
+                skip += 1
                 continue
             yj = (y[j] - ys) * yi
             tot = yj
@@ -188,8 +194,9 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
                     XtX[k, m] += xk * xr[m]
                 Xty[k] += xk * yj
             yty += yj * yj
-            if sampled and level[g] >= LEVEL_MIN:
-                bk = min(level[g], LEVEL_MAX) - LEVEL_MIN
+            lg = g if level_of < 0 else acodes[level_of, j]  # the sampling term's level of the row
+            if sampled and level[lg] >= LEVEL_MIN:
+                bk = min(level[lg], LEVEL_MAX) - LEVEL_MIN
                 for k in range(p):
                     xk = xr[k]
                     for m in range(k, p):
@@ -207,27 +214,30 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
 
 
 @njit(**_JIT)
-def _dispatch(codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, an, with_globals):
+def _dispatch(codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals):
     # q as a literal unrolls the per-row loops (see _groups._pass1_dispatch)
     q = ZT.shape[0]
     p = XT.shape[0]
     if q == 1:
-        _rows(1, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, an, with_globals)
+        _rows(1, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals)
     elif q == 2:
-        _rows(2, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, an, with_globals)
+        _rows(2, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals)
     else:
-        _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, an, with_globals)
+        _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals)
 
 
 @njit(parallel=True, **_JIT)
-def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, an, with_globals, nthreads):
+def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, level_of, an, with_globals, nthreads):
     """Transform rows and add them to the records ``R`` (flat, ``G * stride``), in place.
 
     ``XT`` (p, N) and ``ZT`` (q, N) hold the design column by column; ``tr`` the row transform
     ``(xs, xi, zs, zi, ys, yi)`` (x~ = (x - xs) * xi, likewise z and y); ``w`` precision weights
     (> 0; empty: none), every transformed value multiplied by sqrt(w); ``level`` each level's
-    sampling level (int8, or empty); ``an`` the ancestors of a nested term (see :func:`_rows`).
-    Rows with a negative code or a non-finite value are skipped and counted.
+    sampling level (int8, or empty), indexed by the term's own code (``level_of`` -1) or by the
+    code of ancestor ``level_of`` (the sampling term is a coarser one whose statistics are summed
+    from these records afterwards); ``an`` the ancestors of a nested term (see :func:`_rows`).
+    Rows with a negative code (in the term or an ancestor) or a non-finite value are skipped
+    and counted.
 
     Returns per-thread ``(XtX, Xty, out)`` with ``out`` = (y'y, used, skipped, sum log w,
     conflicts) and the sample sums ``(sXtX, sXty, syty, sN)`` per (thread, bucket); the global
@@ -266,7 +276,7 @@ def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, an, with_globa
         sN = np.zeros(nb, dtype=np.int64)
         # rows of unknown levels are counted by thread 0 only
         _dispatch(codes, XT, ZT, y, w, tr, R, stride, glo, ghi, t == 0, (XtX, Xty, res),
-                  (level, sXtX, sXty, syty, sN), an, with_globals)
+                  (level, sXtX, sXty, syty, sN), level_of, an, with_globals)
         for k in range(p):
             out_Xty[t, k] = Xty[k]
             for m in range(k, p):
@@ -318,3 +328,35 @@ def _split_one(R, base, q, p, oB, oc, on, A, B, c, n, d):
             B[d, a, k] = R[base + oB + a * p + k]
         c[d, a] = R[base + oc + a]
     n[d] = np.int64(R[base + on])
+
+
+@njit(**_JIT)
+def sum_records(Rf, sf, pslot, src, dst, psrc, pdst, Rj, sj):
+    """Add every record of ``Rf`` (stride ``sf``) into its parent's record in ``Rj`` (stride ``sj``).
+
+    Nested terms whose columns are all the finest term's have statistics that are sums of that
+    term's records over each parent (its rows are the parent's rows), so they need no pass over
+    the rows of their own.  The parent of record ``g`` is ``Rf[g * sf + pslot] - 1`` (-1: a
+    record without rows, skipped); slot ``dst[i]`` of the parent's record gets slot ``src[i]``
+    added; parent slots ``pdst[e]`` (a code + 1, of the parent's own parent) take slot
+    ``psrc[e]``, and records that disagree there are counted (not nested).  Sequential, in
+    record order: the same bits whatever the threads.  Returns the count of disagreements.
+    """
+    G = Rf.shape[0] // sf
+    conflicts = 0
+    for g in range(G):
+        b = g * sf
+        h = np.int64(Rf[b + pslot]) - 1
+        if h < 0:
+            continue
+        t = h * sj
+        for i in range(src.shape[0]):
+            Rj[t + dst[i]] += Rf[b + src[i]]
+        for e in range(psrc.shape[0]):
+            v = Rf[b + psrc[e]]
+            cur = Rj[t + pdst[e]]
+            if cur == 0.0:
+                Rj[t + pdst[e]] = v
+            elif cur != v:
+                conflicts += 1
+    return conflicts
