@@ -335,12 +335,12 @@ class Reducer:
             term.index = TermIndex(term.factors, [index])
             ts = self._rec[0].split(levels, None, release, rank)
             return Statistics([ts], st.XtX, st.Xty, st.yty, st.N, [], st.sample, st.sample_term, st.sum_log_w)
-        pairs = self.pairs()  # (sums the derived terms' records first)
+        pairs = self.pairs()  # (sums the summed terms' records first)
         terms = [r.split(self._levels[k], self._XX if k == self._first else None, release)
                  for k, r in enumerate(self._rec)]
         return Statistics(terms, st.XtX, st.Xty, st.yty, st.N, pairs, st.sample, st.sample_term, st.sum_log_w)
 
-    def _sum_derived(self) -> None:
+    def _sum_terms(self) -> None:
         """The records of the terms summed from the finest term's (see :func:`_columns_in_finest`)."""
         if self._summed:
             return
@@ -357,7 +357,7 @@ class Reducer:
         """The pair statistics gathered so far (nested blocks, or merged pair lists)."""
         out = []
         terms = self.plan.terms
-        self._sum_derived()
+        self._sum_terms()
         f = self.plan.chain[0]
         for k, j in self._pairs:
             if self.plan.layout == "nested":

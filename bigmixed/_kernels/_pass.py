@@ -14,7 +14,10 @@ per-thread copies); the rows of a level are added in row order, so the bits neve
 thread timing.
 
 Nested terms keep their pair blocks with the ancestors in the same record (``U``, the
-``parent`` code seen first, plus one), and count rows whose parent differs (not nested).
+``parent`` code seen first, plus one), and count rows whose parent differs (not nested).  An
+ancestor whose statistics are summed from these records afterwards (:func:`sum_records`) keeps
+its parent only (``q_a`` = 0); then this pass also takes the sampling term's level of each row
+through that ancestor's code, and leaves out rows without a level of an ancestor.
 """
 
 from __future__ import annotations
