@@ -379,19 +379,28 @@ def _custom_scaling(design) -> Scaling:
     return Scaling(xs, xsc, zs, zsc, 0.37, 1.7, xi, -1)
 
 
+@pytest.mark.parametrize("custom", [True, False], ids=["custom-transform", "own-transform"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("name", ["n21", "n3q", "c2", "c3"])
-def test_reducer_statistics_match_numpy(name, weighted):
-    """The pass's kernels (accumulate_records with ancestors, pair_products, merge_pairs) under a transform
-    of our choosing, with precision weights, in uneven chunks."""
+def test_reducer_statistics_match_numpy(name, weighted, custom):
+    """The pass's kernels (accumulate_records with ancestors, pair_products, merge_pairs, sum_records) under
+    a transform of our choosing or the build's own, with precision weights, in uneven chunks.  Under the
+    build's transform the coarser nested terms are summed from the finest term's records; under ours
+    (another scale for each column but the intercepts) only those on intercepts are."""
     formula, _, layout = MODELS[name]
     frame = frame_of(name)
     src = open_source(frame)
     spec = spec_from_lmer(formula, weights="w" if weighted else None)
     plan = prepare(src, spec, layout=layout)
     assert plan.layout == layout
-    plan.scaling = sc = _custom_scaling(plan.design)
+    if custom:
+        plan.scaling = _custom_scaling(plan.design)
+    sc = plan.scaling
     red = Reducer(plan, 2)
+    # our transform keeps intercepts as they are, so n21's school intercept is still the child's column;
+    # n3q's coarsest term (x | a) is not (another scale for x), and nothing below it may be summed then
+    summed = layout == "nested" and not (custom and name == "n3q")
+    assert len(red._passes) == (1 if summed else len(plan.terms))
     df = src.frame
     H = df.height
     cuts = [0, 1, H // 3, H // 3 + 1, 2 * H // 3, H]  # uneven chunks, two of one row
