@@ -17,10 +17,11 @@ class Warmup:
     parallel kernels at once, so the thread stops there.  ``join`` before the fit.
     """
 
-    def __init__(self, nthreads: int | None) -> None:
+    def __init__(self, nthreads: int | None, q: int = 1) -> None:
         import threading
 
         self.nthreads = nthreads
+        self.q = max(int(q), 1)  # the evaluation kernel has one entry point per q: load the model's
         self._stats_ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bigmixed-warm")
         self._thread.start()
@@ -29,10 +30,10 @@ class Warmup:
         from .stats import Statistics
 
         try:
-            st = Statistics.empty(2, 1, 1)
-            ones = np.ones((4, 1), order="F")
-            st.add_rows(np.array([0, 0, 1, 1]), ones, ones.copy(order="F"), np.array([1.0, 2.0, 4.0, 3.5]),
-                        self.nthreads)
+            q = self.q
+            st = Statistics.empty(2, 1, q)
+            st.add_rows(np.array([0, 0, 1, 1]), np.ones((4, 1), order="F"), np.ones((4, q), order="F"),
+                        np.array([1.0, 2.0, 4.0, 3.5]), self.nthreads)
         except Exception:  # only a warm-up: the real call reports any problem
             return
         finally:
@@ -47,11 +48,12 @@ class Warmup:
             from .terms import ThetaMap
 
             be = LocalBackend(st, self.nthreads)
-            obj = Objective(be, ThetaMap(1), True, 0.0)
-            theta = np.array([0.5])
+            tmap = ThetaMap(q)
+            obj = Objective(be, tmap, True, 0.0)
+            theta = tmap.start()
             obj(theta)
             obj.unprofiled(theta, 1.0)
-            be.conditional_modes([np.eye(1)], np.zeros(1))
+            be.conditional_modes([np.eye(q)], np.zeros(1))
         except Exception:
             pass
 

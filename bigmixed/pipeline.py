@@ -289,7 +289,7 @@ def reduce_source(source: Source, plan: Plan, *, nthreads: int | None = None,
     """One pass over ``source`` into a :class:`Reducer` (which holds the statistics)."""
     from ._warmup import Warmup
 
-    warm = None if source.in_memory else Warmup(nthreads)
+    warm = None if source.in_memory else Warmup(nthreads, plan.terms[0].q)
     # streaming, the records are the largest thing held (handed back while split); in memory
     # the data outweigh them, and a plain array is a few percent faster
     red = Reducer(plan, nthreads, streaming=not source.in_memory)

@@ -243,14 +243,10 @@ def _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
 
 
 @njit(**_JIT)
-def _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
-    # Branch on q with literals so the inlined body is specialised (unrolled)
-    # for the common sizes.  Kept out of the prange body: the parfor passes
-    # then see one call instead of four inlined copies (compile time 3x lower).
-    if q == 1:
-        return _pass1_q1(p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
-    if q == 2:
-        return _pass1_q2(p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+def _pass1_qn(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
+    # q >= 3 (q = 1 and 2 have entry points of their own): q = 3 as a literal so the
+    # inlined body is specialised (unrolled).  Kept out of the prange body: the parfor
+    # passes then see one call instead of two inlined copies (compile time lower).
     if q == 3:
         return _pass1_range(3, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
     return _pass1_range(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
@@ -278,7 +274,6 @@ def _pass1_q2(p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S):
     return _pass1_p(2, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
 
 
-@njit(parallel=True, **_JIT)
 def objective_fused(A, B, c, lam, nchunks, fused):
     """One pass over the groups: pass-1 sums and, if ``fused``, the gradient tensors.
 
@@ -287,7 +282,20 @@ def objective_fused(A, B, c, lam, nchunks, fused):
     (a, b) is filled: the free entries of Lambda are there); the caller sums
     over chunks.
     See :func:`bigmixed.objective.gradient_from_fused` for the contraction.
+
+    One compiled entry point per q (1, 2, any other): a process compiles or loads only the
+    kernel of its model's q (each is a large function: compiling all of them for one model
+    took most of a cold first fit).
     """
+    q = A.shape[1]
+    kernel = _fused_q1 if q == 1 else (_fused_q2 if q == 2 else _fused_qn)
+    return kernel(A, B, c, lam, nchunks, fused)
+
+
+@njit(inline="always", **_JIT)
+def _fused_body(qlit, A, B, c, lam, nchunks, fused):
+    # qlit is a literal of each entry point: the branches of the other sizes are pruned
+    # before typing, so each entry compiles only its own pass 1
     G = A.shape[0]
     q = A.shape[1]
     p = B.shape[2]
@@ -305,7 +313,12 @@ def objective_fused(A, B, c, lam, nchunks, fused):
         Sg = np.zeros(p)
         GA = np.zeros((q, q))
         S = np.zeros((q, q, ds, ds))
-        ld, sh = _pass1_dispatch(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+        if qlit == 1:
+            ld, sh = _pass1_q1(p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+        elif qlit == 2:
+            ld, sh = _pass1_q2(p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
+        else:
+            ld, sh = _pass1_qn(q, p, A, B, c, lam, lo, hi, SF, Sg, fused, GA, S)
         out_ld[t] = ld
         out_h[t] = sh
         for m in range(p):
@@ -320,6 +333,21 @@ def objective_fused(A, B, c, lam, nchunks, fused):
                     for l in range(ds):
                         out_S[t, a, b, k, l] = S[a, b, k, l]
     return out_ld, out_F, out_g, out_h, out_GA, out_S
+
+
+@njit(parallel=True, **_JIT)
+def _fused_q1(A, B, c, lam, nchunks, fused):
+    return _fused_body(1, A, B, c, lam, nchunks, fused)
+
+
+@njit(parallel=True, **_JIT)
+def _fused_q2(A, B, c, lam, nchunks, fused):
+    return _fused_body(2, A, B, c, lam, nchunks, fused)
+
+
+@njit(parallel=True, **_JIT)
+def _fused_qn(A, B, c, lam, nchunks, fused):
+    return _fused_body(0, A, B, c, lam, nchunks, fused)
 
 
 def objective_pass1(A, B, c, lam, nchunks):
@@ -421,7 +449,8 @@ def _pass2_range(q, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr):
 
 @njit(**_JIT)
 def _pass2_dispatch(q, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr):
-    # see _pass1_dispatch
+    # q as a literal for the usual sizes (specialised, unrolled bodies); kept out of the
+    # prange body, as _pass1_qn
     if q == 1:
         _pass2_range(1, p, A, B, c, lam, beta, Finv, kappa, reml, lo, hi, Gr)
     elif q == 2:

@@ -218,7 +218,7 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
 
 @njit(**_JIT)
 def _dispatch(codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals):
-    # q as a literal unrolls the per-row loops (see _groups._pass1_dispatch)
+    # q as a literal unrolls the per-row loops (see _groups._pass1_qn)
     q = ZT.shape[0]
     p = XT.shape[0]
     if q == 1:
