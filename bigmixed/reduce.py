@@ -64,9 +64,18 @@ _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED") 
 
 
 def _mapping(nbytes: int) -> mmap.mmap:
-    """An anonymous mapping, with transparent huge pages asked for (as numpy does for large
-    arrays): every row lands on a random record, and 4 KB pages would add a TLB miss to it."""
-    m = mmap.mmap(-1, nbytes)
+    """A private anonymous mapping, with transparent huge pages asked for (as numpy does for
+    large arrays): every row lands on a random record, and 4 KB pages would add a TLB miss to it.
+
+    Private, not mmap's default MAP_SHARED: a shared anonymous mapping is shared memory, which
+    Linux backs with huge pages only if shmem_enabled allows (usually not), and from which
+    MADV_DONTNEED only unmaps pages, without freeing them (the release in split would free
+    nothing while the process's RSS fell).
+    """
+    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:  # Windows: no flags (pagefile-backed memory of this process)
+        m = mmap.mmap(-1, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             m.madvise(mmap.MADV_HUGEPAGE)

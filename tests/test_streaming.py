@@ -560,3 +560,45 @@ def test_in_memory_frames_are_sliced_along_their_own_chunks():
     res = bm.lmer(FORMULA, pieces, chunk_rows=4096)
     assert res.objective == pytest.approx(ref.objective, rel=1e-12)
     np.testing.assert_allclose(res.fe_params, ref.fe_params, rtol=1e-10)
+
+
+def _region(addr: int) -> dict[str, str]:
+    """The /proc/self/smaps entry of the mapping holding ``addr``: its permissions and sizes."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            lo, hi = (int(v, 16) for v in head[0].split("-"))
+            if lo <= addr < hi:
+                out = {"perms": head[1]}
+                for entry in lines[i + 1:]:
+                    key, _, val = entry.partition(":")
+                    if "-" in key.split()[0] and len(key.split()) > 1:
+                        break
+                    out[key.strip()] = val.strip()
+                return out
+    raise AssertionError(f"no mapping holds address {addr:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc/self/smaps")
+def test_streamed_records_are_private_memory_given_back_by_split():
+    # A shared anonymous mapping (mmap's default) is shared memory: MADV_DONTNEED only unmaps its
+    # pages (the process's RSS falls, the memory stays taken) and it gets no huge pages.  The
+    # records must be private, and the release in split must leave none of them resident.
+    from bigmixed.reduce import _Records
+
+    G, q, p = 40_000, 2, 3
+    rec = _Records(G, q, p, (), capacity=G, mapped=True)
+    rec.R[:] = 1.0  # every page of the records touched
+    region = _region(rec.R.ctypes.data)
+    assert region["perms"][3] == "p", region["perms"]
+    assert int(region["Rss"].split()[0]) * 1024 >= rec.R.nbytes // 2
+    addr = rec.R.ctypes.data
+    ts = rec.split(None, None, release=True)
+    assert rec.released and ts.A.shape == (G, q, q) and np.all(ts.n == 1)
+    try:
+        after = _region(addr)
+    except AssertionError:
+        return  # unmapped altogether: nothing resident
+    assert int(after["Rss"].split()[0]) == 0, after
