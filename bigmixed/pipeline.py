@@ -290,9 +290,9 @@ def reduce_source(source: Source, plan: Plan, *, nthreads: int | None = None,
     from ._warmup import Warmup
 
     warm = None if source.in_memory else Warmup(nthreads, plan.terms[0].q)
-    # streaming, the records are the largest thing held (handed back while split); in memory
-    # the data outweigh them, and a plain array is a few percent faster
-    red = Reducer(plan, nthreads, streaming=not source.in_memory)
+    # the records in their own mapping, handed back while split: the per-level arrays then fill
+    # on the pages just freed (in memory too: 1e6 groups, peak RSS 875 -> 781 MiB, time the same)
+    red = Reducer(plan, nthreads, mapped=True)
     bar = Progress(progress, len(source.parts), "reading", source.files)
     last = None
     t1 = time.perf_counter()

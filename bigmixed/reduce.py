@@ -93,13 +93,13 @@ class _Records:
         self.stride, self.ups, self.pars = record_layout(q, p, anc_q)
         self.released = False
         self._map = None
-        if not mapped:  # a numpy array (in memory: the data outweigh the records)
+        if not mapped:  # a numpy array (the Dask workers' statistics of one partition)
             self.G, self._cap = G, G
             self.R = faulted_zeros(G * self.stride)
             return
         # An anonymous mapping of its own, so that split(release=True) can hand its pages back
         # to the system slab by slab while the per-level arrays fill: the records and those
-        # arrays are the two largest things of a streamed fit, and need not be held at once.
+        # arrays are the two largest things of a fit's statistics, and need not be held at once.
         # Levels found during the pass (KeyCoder) grow it (``ensure``).
         self.G, self._cap = 0, max(int(capacity or G), G, 1)
         try:  # a large capacity is address space only, but a system may refuse it: then start small
@@ -261,9 +261,9 @@ class Reducer:
     again with ``layout="crossed"``.
     """
 
-    def __init__(self, plan, nthreads: int | None = None, streaming: bool = False) -> None:
+    def __init__(self, plan, nthreads: int | None = None, mapped: bool = False) -> None:
         self.plan = plan
-        self.streaming = streaming  # records in their own mapping, handed back by finish()
+        self.mapped = mapped  # records in their own mapping, handed back by finish()
         self.nthreads = int(nthreads or default_threads())
         d, terms = plan.design, plan.terms
         ch = plan.chain
@@ -282,7 +282,7 @@ class Reducer:
             # the finest term keeps only the parent codes of the terms summed from its records
             self._cols = _columns_in_finest(plan)
             self._rec = [_Records(t.n_levels, t.q, d.p, tuple(0 if k == ch[0] and j in self._cols else terms[j].q
-                                                              for j in anc[k]), mapped=streaming)
+                                                              for j in anc[k]), mapped=mapped)
                          for k, t in enumerate(terms)]
             self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
             self._sums = {j: _sum_plan(self._rec[ch[0]], anc[ch[0]], self._rec[j], j, anc[j], self._cols)
@@ -324,16 +324,12 @@ class Reducer:
         return self._stats
 
     def finish(self) -> Statistics:
-        """The statistics, once no more rows will be added: streaming, the records' memory is handed
-        back while they are split (one-term models; other layouts still read their pair blocks).
-        Raises :class:`NotNested` as :attr:`stats` may.
-
-        In memory the records stay a plain array: handing them back and faulting the arrays in
-        on the freed pages measured slower, for first and for repeated fits (bench/README.md),
-        and there the data outweigh the records anyway.
+        """The statistics, once no more rows will be added: with ``mapped`` records, their memory
+        is handed back while they are split (one-term models; other layouts still read their pair
+        blocks).  Raises :class:`NotNested` as :attr:`stats` may.
         """
         if self._stats is None:
-            self._stats = self._split(release=self.streaming and self.plan.layout == "single")
+            self._stats = self._split(release=self.mapped and self.plan.layout == "single")
         return self._stats
 
     def _split(self, release: bool) -> Statistics:

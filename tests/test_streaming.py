@@ -172,7 +172,7 @@ def test_rows_after_finish_are_refused(data):
 
     src = _open(data[1])
     plan = pipeline.prepare(src, spec_from_lmer(FORMULA))
-    red = Reducer(plan, 2, streaming=True)
+    red = Reducer(plan, 2, mapped=True)
     chunks = list(src.batches(plan.design.columns, 400))
     for label, ch in chunks:
         red.add(ch, label)
