@@ -203,7 +203,9 @@ def aggregate(results: list[dict[str, Any]], layout: str, groups: int, lib: str)
     jobs = [r["job_s"] for r in ok]
     rss = [r["peak_rss_mb"] for r in ok if r.get("peak_rss_mb") is not None]
     crits = [r["criterion"] for r in ok if r.get("criterion") is not None]
+    sys_s = [r["fit_sys_s"] for r in ok if r.get("fit_sys_s") is not None]
     out.update(fit_min=min(fits), fit_med=statistics.median(fits), fit_max=max(fits), fits=fits,
+               sys_med=statistics.median(sys_s) if sys_s else None,
                job_med=statistics.median(jobs), rss_max=max(rss) if rss else None,
                criterion=crits[0] if crits else None,
                criterion_spread=(max(crits) - min(crits)) if crits else None,
@@ -337,7 +339,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         "`bigmixed fit FILE.parquet -f ... --out DIR --quiet` process (interpreter start, imports, reading "
         "the parquet file, fit, writing fit.json and ranef.parquet), wall clock from GNU `time -v`, "
         "no warm-up (numba's on-disk cache is warm). *job s*: the whole child process. *peak RSS*: the "
-        "child's maximum resident set size (GNU `time -v`). *criterion*: REML criterion (-2 REML "
+        "child's maximum resident set size (GNU `time -v`). *fit sys s*: the system (kernel) CPU seconds of "
+        "the fit call, all threads (`getrusage`, median; not for lme4 or the CLI): on a virtual machine "
+        "whose host backs memory at first touch, mostly page faults of fresh memory. *criterion*: REML criterion (-2 REML "
         "log-likelihood, lme4's `REMLcrit`), lower is better. *speed-up*: peer fit s / bigmixed fit s on "
         "the same data (> 1: bigmixed faster; '>N' when the peer ran out of budget).",
         "",
@@ -370,8 +374,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             opt, _ = optimum_summary(results, lay, g)
             lines.append(f"| {g:,} | " + " | ".join(speedup(results, lay, g, p, budget) for p in peers)
                          + f" | {opt} | {criterion_check(results, lay, g)} |")
-        lines += ["", "| groups | library | fit s | job s | peak RSS MB | criterion | rel. to lowest | converged |",
-                  "|---:|---|---:|---:|---:|---:|---:|:-:|"]
+        lines += ["", "| groups | library | fit s | fit sys s | job s | peak RSS MB | criterion | rel. to lowest | converged |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|:-:|"]
         for g in sizes:
             _, best = optimum_summary(results, lay, g)
             for lib in libs:
@@ -380,13 +384,14 @@ def render_markdown(data: dict[str, Any]) -> str:
                     continue
                 if a["status"] != "ok":
                     cell = f"> {budget:g} s" if a["status"] in ("timeout", "skipped") else a["status"]
-                    lines.append(f"| {g:,} | {_label(lib)} | {cell} | {cell} | — | — | — | — |")
+                    lines.append(f"| {g:,} | {_label(lib)} | {cell} | — | {cell} | — | — | — | — |")
                     continue
                 crit = a.get("criterion")
                 rel = "—" if crit is None or best is None else f"{(crit - best) / abs(best):+.1e}"
                 conv = {True: "yes", False: "**no**"}[a["converged"]]
                 rss = "—" if a.get("rss_max") is None else f"{a['rss_max']:.0f}"
-                lines.append(f"| {g:,} | {_label(lib)} | {_time_cell(a, budget)} | {a['job_med']:.3g} | {rss} | "
+                sys_cell = "—" if a.get("sys_med") is None else f"{a['sys_med']:.3g}"
+                lines.append(f"| {g:,} | {_label(lib)} | {_time_cell(a, budget)} | {sys_cell} | {a['job_med']:.3g} | {rss} | "
                              f"{'—' if crit is None else format(crit, '.6f')} | {rel} | {conv} |")
         lines.append("")
 
