@@ -464,6 +464,19 @@ class Design:
             off += len(part.names)
         return X, Z
 
+    def z_in_x(self) -> list[int] | None:
+        """One term: the X column equal to each Z column (both the intercept, or both a plain copy
+        of one numeric data column), or None when some Z column is no such column of X."""
+        if len(self.terms) != 1 or self._fixed.plain is None:
+            return None
+        xcols = list(self._fixed.plain)
+        out = []
+        for part in self._random:
+            if part.plain is None or any(c not in xcols for c in part.plain):
+                return None
+            out += [xcols.index(c) for c in part.plain]
+        return out
+
     def term_matrices(self, Z: np.ndarray) -> list[np.ndarray]:
         """The columns of each term in ``Z`` (views)."""
         return [Z[:, t.offset:t.offset + t.q] for t in self.terms]

@@ -88,9 +88,14 @@ class _Records:
     """One term's records during the pass (see :mod:`bigmixed._kernels._pass`)."""
 
     def __init__(self, G: int, q: int, p: int, anc_q: tuple[int, ...], capacity: int | None = None,
-                 mapped: bool = False) -> None:
+                 mapped: bool = False, packed: bool = False) -> None:
         self.q, self.p, self.anc_q = q, p, anc_q
         self.stride, self.ups, self.pars = record_layout(q, p, anc_q)
+        self.maps, self.packed = _kernels.record_maps(q, p), False
+        if packed and not anc_q:  # Z is X's first q columns: each distinct product once
+            stride, maps = _kernels.packed_layout(q, p)
+            if stride < self.stride:  # fewer cache lines per row (else the full record, as before)
+                self.stride, self.maps, self.packed = stride, maps, True
         self.released = False
         self._map = None
         if not mapped:  # a numpy array (the Dask workers' statistics of one partition)
@@ -150,7 +155,7 @@ class _Records:
         if not release or self._map is None:
             A, B, c, n = (faulted_zeros((G, q, q)), faulted_zeros((G, q, p)), faulted_zeros((G, q)),
                           faulted_zeros(G, np.int64))
-            _kernels.split_records(self.R, self.stride, q, p, A, B, c, n, rank, max(1, min(G, 64)))
+            _kernels.split_records(self.R, self.stride, self.maps, A, B, c, n, rank, max(1, min(G, 64)))
             return TermStats(A, B, c, n, levels, XX)
         # handed back slab by slab: the arrays' pages are faulted in only as the records' go, so
         # the two are never resident at once.  In level order each slab of the arrays is faulted
@@ -167,11 +172,11 @@ class _Records:
             hi = min(G, lo + step)
             R = self.R[lo * self.stride:hi * self.stride]
             if rank.size:  # scattered into level order: the arrays are whole, the records read in sequence
-                _kernels.split_records(R, self.stride, q, p, A, B, c, n, rank[lo:hi], max(1, min(hi - lo, 64)))
+                _kernels.split_records(R, self.stride, self.maps, A, B, c, n, rank[lo:hi], max(1, min(hi - lo, 64)))
             else:
                 for arr in (A, B, c, n):
                     arr[lo:hi].fill(0)
-                _kernels.split_records(R, self.stride, q, p, A[lo:hi], B[lo:hi], c[lo:hi], n[lo:hi], rank,
+                _kernels.split_records(R, self.stride, self.maps, A[lo:hi], B[lo:hi], c[lo:hi], n[lo:hi], rank,
                                        max(1, min(hi - lo, 64)))
             del R
             if _CAN_RELEASE:
@@ -190,6 +195,20 @@ class _Records:
         qa = self.anc_q[e]
         up = np.ascontiguousarray(R[:, self.ups[e]:self.ups[e] + qa * self.q].reshape(self.G, qa, self.q))
         return R[:, self.pars[e]].astype(np.int64) - 1, up
+
+
+def _packed(plan) -> bool:
+    """A one-term model whose Z is the first q columns of X (plain copies of the same data columns,
+    or the intercept) under the same row transform: its records keep each distinct product once
+    (:func:`~bigmixed._kernels.packed_layout`), one cache line a row for ``y ~ x + x2 + (x | g)``."""
+    if plan.layout != "single" or plan.scaling is None:
+        return False
+    zmap, sc = plan.design.z_in_x(), plan.scaling
+    if zmap is None or zmap != list(range(len(zmap))):
+        return False
+    q = len(zmap)
+    # a column transformed otherwise in Z has other values there: the full record
+    return bool(np.array_equal(sc.z_shift[:q], sc.x_shift[:q]) and np.array_equal(sc.z_scale[:q], sc.x_scale[:q]))
 
 
 _CHECK_ROWS = 1000  # rows of the prototype on which a summed term's columns are compared
@@ -275,14 +294,16 @@ class Reducer:
         self._cols: dict[int, np.ndarray] = {}  # terms summed from the finest term's records
         self._sums: dict[int, tuple] = {}
         self._summed = False
+        packed = _packed(plan)
         if self._coder is not None:
-            self._rec = [_Records(0, terms[0].q, d.p, (), capacity=self._coder.keys.shape[0], mapped=True)]
+            self._rec = [_Records(0, terms[0].q, d.p, (), capacity=self._coder.keys.shape[0], mapped=True,
+                                  packed=packed)]
             self._levels = [None]
         else:
             # the finest term keeps only the parent codes of the terms summed from its records
             self._cols = _columns_in_finest(plan)
             self._rec = [_Records(t.n_levels, t.q, d.p, tuple(0 if k == ch[0] and j in self._cols else terms[j].q
-                                                              for j in anc[k]), mapped=mapped)
+                                                              for j in anc[k]), mapped=mapped, packed=packed)
                          for k, t in enumerate(terms)]
             self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
             self._sums = {j: _sum_plan(self._rec[ch[0]], anc[ch[0]], self._rec[j], j, anc[j], self._cols)
@@ -471,7 +492,7 @@ class Reducer:
                 lv = self._coder.levels[:self._coder.G]
             XtX, Xty, out, sXtX, sXty, syty, sN = _kernels.accumulate_records(
                 np.ascontiguousarray(codes[k], dtype=np.int64), XT, np.ascontiguousarray(Zs[k].T, dtype=np.float64),
-                y, ww, tr, rec.R, rec.stride, lv, self._level_of if glob else -1, an, glob, nt)
+                y, ww, tr, rec.R, rec.stride, lv, self._level_of if glob else -1, an, glob, nt, rec.packed)
             if out[:, 4].sum():
                 raise NotNested(f"{terms[k].name} in {', '.join(terms[j].name for j in self._anc[k])}")
             if glob:

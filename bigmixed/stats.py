@@ -350,10 +350,10 @@ class Statistics:
             np.ascontiguousarray(Z.T, dtype=np.float64),
             np.ascontiguousarray(y, dtype=np.float64),
             _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64),
-            tr, R, stride, levels, -1, NO_ANCESTORS, bool(with_globals), int(nthreads),
+            tr, R, stride, levels, -1, NO_ANCESTORS, bool(with_globals), int(nthreads), False,
         )
         A, B, c, n = np.empty_like(ts.A), np.empty_like(ts.B), np.empty_like(ts.c), np.empty_like(ts.n)
-        _kernels.split_records(R, stride, q, p, A, B, c, n, NO_RANK, max(1, min(G, 64)))
+        _kernels.split_records(R, stride, _kernels.record_maps(q, p), A, B, c, n, NO_RANK, max(1, min(G, 64)))
         ts.A += A
         ts.B += B
         ts.c += c

@@ -602,3 +602,33 @@ def test_streamed_records_are_private_memory_given_back_by_split():
     except AssertionError:
         return  # unmapped altogether: nothing resident
     assert int(after["Rss"].split()[0]) == 0, after
+
+
+@pytest.mark.parametrize("formula, packed", [
+    ("y ~ x + x2 + (x | subject)", True),     # Z = (1, x) = X's first two columns
+    ("y ~ x + (x | subject)", True),
+    ("y ~ x2 + (x | subject)", False),        # x is not a fixed effect
+    ("y ~ x2 + x + (x | subject)", False),    # Z is X's columns 0 and 2, not a prefix
+    ("y ~ 0 + x + (x | subject)", False),     # no intercept in X
+    ("y ~ x + x2 + (0 + x | subject)", False),
+])
+def test_packed_records_are_used_when_z_leads_x_and_change_no_bit(monkeypatch, formula, packed):
+    from bigmixed import reduce as reduce_mod
+    from bigmixed.formula import spec_from_lmer
+
+    df = simulate(300, 6, seed=3, shuffle=True)
+    src = open_source(df)
+    plan = pipeline.prepare(src, spec_from_lmer(formula))
+    assert reduce_mod._packed(plan) is packed
+    stats = {}
+    for on in (True, False):
+        monkeypatch.setattr(reduce_mod, "_packed", lambda plan, on=on: on and packed)
+        for where, data in (("memory", df), ("chunks", pl.LazyFrame(df))):
+            b = pipeline.build_statistics(open_source(data), spec_from_lmer(formula),
+                                          chunk_rows=257 if where == "chunks" else None)
+            stats[(on, where)] = b.stats
+    for where in ("memory", "chunks"):
+        s1, s0 = stats[(True, where)], stats[(False, where)]
+        for f in ("A", "B", "c", "n"):
+            assert np.array_equal(getattr(s1.terms[0], f), getattr(s0.terms[0], f)), (where, f)
+        assert np.array_equal(s1.XtX, s0.XtX) and s1.N == s0.N

@@ -39,7 +39,7 @@ from ._groups import (
 from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_fill, rest_pieces
 from ._crossed1 import crossed_backward1
 from ._nested import bucket_order, nested_evaluate, scatter_blocks
-from ._pass import accumulate_records, record_layout, split_records, sum_records
+from ._pass import accumulate_records, packed_layout, record_layout, record_maps, split_records, sum_records
 from ._nested2 import NESTED2_SIZES, nested2_evaluate
 from ._rows import (
     accumulate_level_xx,
@@ -82,6 +82,8 @@ __all__ = [
     "complete_rows",
     "accumulate_records",
     "record_layout",
+    "record_maps",
+    "packed_layout",
     "split_records",
     "sum_records",
     "accumulate_level_xx",

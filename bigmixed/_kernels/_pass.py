@@ -5,6 +5,9 @@ lines), so that a row touches one or two cache lines instead of one per statisti
 
     [ A = Z'Z (q*q) | B = Z'X (q*p) | c = Z'y (q) | n | per ancestor: U = Z_a'Z (q_a*q), parent + 1 ]
 
+or, when Z is the first q columns of X (one term, the same transform), each distinct product once
+(:func:`packed_layout`: ``y ~ x + x2 + (x | g)`` in one cache line instead of two).
+
 Rows arrive in any order, so every row's record is a cache miss; the loop therefore
 prefetches the record of the row ``PREFETCH`` rows ahead (LLVM's ``llvm.prefetch``), which
 turns a chain of memory latencies into overlapping transfers (measured about 3x faster on
@@ -65,8 +68,43 @@ def record_layout(q: int, p: int, anc_q: tuple[int, ...] = ()) -> tuple[int, lis
     return (off + 7) // 8 * 8, ups, pars
 
 
+def record_maps(q: int, p: int) -> tuple:
+    """Slots of ``(A, B, c, n)`` in a full record (:func:`record_layout`): ``(amap (q, q), bmap (q, p),
+    cmap (q,), nslot)``, what :func:`split_records` reads."""
+    oB = q * q
+    oc = oB + q * p
+    return (np.arange(q * q, dtype=np.int64).reshape(q, q), oB + np.arange(q * p, dtype=np.int64).reshape(q, p),
+            oc + np.arange(q, dtype=np.int64), oc + q)
+
+
+def packed_layout(q: int, p: int) -> tuple:
+    """A record holding each distinct product once, for a term whose Z is the first ``q`` columns of X.
+
+    The columns being equal (same values, same transform), ``z_a z_b``, ``z_a x_k`` and ``z_a y``
+    are the products ``x_a x_k`` (``a < q``, ``k >= a``) and ``x_a y``: ``y ~ x + x2 + (x | g)``
+    needs 7 (the full record 13, two cache lines).  Slots: row ``a``'s ``x_a x_k`` for ``k = a ..
+    p-1``, row after row, then ``x_a y`` for each ``a``, then the row count.  Returns ``(stride,
+    maps)`` with ``maps`` as :func:`record_maps` gives.
+    """
+    slot = {}
+    for a in range(q):
+        for k in range(a, p):
+            slot[(a, k)] = len(slot)
+    ys = len(slot)
+
+    def at(a: int, k: int) -> int:
+        return slot[(min(a, k), max(a, k))]  # x_a x_k = x_k x_a, bit for bit
+
+    amap = np.array([[at(a, b) for b in range(q)] for a in range(q)], dtype=np.int64)
+    bmap = np.array([[at(a, k) for k in range(p)] for a in range(q)], dtype=np.int64)
+    cmap = ys + np.arange(q, dtype=np.int64)
+    nslot = ys + q
+    return (nslot + 1 + 7) // 8 * 8, (amap, bmap, cmap, nslot)
+
+
 @njit(inline="always", **_JIT)
-def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals):
+def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals,
+          packed):
     """The rows whose code lies in ``[glo, ghi)``; ``gl[2]`` gets (y'y, used, skipped, sum log w, conflicts)."""
     G = R.shape[0] // stride if stride > 0 else 0
     xs, xi, zs, zi, ys, yi = tr
@@ -143,17 +181,18 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
                 v = (XT[k, j] - xs[k]) * xi[k]
                 xr[k] = v
                 tot += v
-            for a in range(q):
-                v = (ZT[a, j] - zs[a]) * zi[a]
-                zr[a] = v
-                tot += v
+            if not packed:
+                for a in range(q):
+                    v = (ZT[a, j] - zs[a]) * zi[a]
+                    zr[a] = v
+                    tot += v
             # One test for the common all-finite row (a NaN or inf anywhere makes the sum
             # non-finite); finite values whose sum overflows are checked one by one.
             if not np.isfinite(tot):
                 ok = np.isfinite(yj)
                 for k in range(p):
                     ok = ok and np.isfinite(xr[k])
-                for a in range(q):
+                for a in range(0 if packed else q):
                     ok = ok and np.isfinite(zr[a])
                 if not ok:
                     skip += 1
@@ -164,18 +203,30 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
                 yj *= sw
                 for k in range(p):
                     xr[k] *= sw
-                for a in range(q):
+                for a in range(0 if packed else q):
                     zr[a] *= sw
             used += 1
             base = g * stride
-            for a in range(q):
+            if packed:  # Z is X's first q columns (packed_layout): z was not read
+                o = base
+                for a in range(q):
+                    xa = xr[a]
+                    for k in range(a, p):
+                        R[o] += xa * xr[k]
+                        o += 1
+                for a in range(q):
+                    R[o] += xr[a] * yj
+                    o += 1
+                R[o] += 1.0
+            for a in range(0 if packed else q):
                 zv = zr[a]
                 for b in range(q):
                     R[base + a * q + b] += zv * zr[b]
                 for k in range(p):
                     R[base + oB + a * p + k] += zv * xr[k]
                 R[base + oc + a] += zv * yj
-            R[base + on] += 1.0
+            if not packed:
+                R[base + on] += 1.0
             for e in range(na):  # nested: the pair block with each ancestor, and its parent
                 h = acodes[e, j]
                 pslot = base + apar[e]
@@ -217,20 +268,24 @@ def _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl,
 
 
 @njit(**_JIT)
-def _dispatch(codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals):
+def _dispatch(codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals,
+              packed):
     # q as a literal unrolls the per-row loops (see _groups._pass1_qn)
     q = ZT.shape[0]
     p = XT.shape[0]
     if q == 1:
-        _rows(1, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals)
+        _rows(1, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals,
+              packed)
     elif q == 2:
-        _rows(2, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals)
+        _rows(2, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals,
+              packed)
     else:
-        _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals)
+        _rows(q, p, codes, XT, ZT, y, w, tr, R, stride, glo, ghi, count_unknown, gl, sm, level_of, an, with_globals,
+              packed)
 
 
 @njit(parallel=True, **_JIT)
-def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, level_of, an, with_globals, nthreads):
+def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, level_of, an, with_globals, nthreads, packed):
     """Transform rows and add them to the records ``R`` (flat, ``G * stride``), in place.
 
     ``XT`` (p, N) and ``ZT`` (q, N) hold the design column by column; ``tr`` the row transform
@@ -238,7 +293,9 @@ def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, level_of, an, 
     (> 0; empty: none), every transformed value multiplied by sqrt(w); ``level`` each level's
     sampling level (int8, or empty), indexed by the term's own code (``level_of`` -1) or by the
     code of ancestor ``level_of`` (the sampling term is a coarser one whose statistics are summed
-    from these records afterwards); ``an`` the ancestors of a nested term (see :func:`_rows`).
+    from these records afterwards); ``an`` the ancestors of a nested term (see :func:`_rows`); ``packed``
+    the records are :func:`packed_layout`'s (Z is X's first q columns; ``an`` then has none, and
+    ``ZT`` is not read).
     Rows with a negative code (in the term or an ancestor) or a non-finite value are skipped
     and counted.
 
@@ -279,7 +336,7 @@ def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, level_of, an, 
         sN = np.zeros(nb, dtype=np.int64)
         # rows of unknown levels are counted by thread 0 only
         _dispatch(codes, XT, ZT, y, w, tr, R, stride, glo, ghi, t == 0, (XtX, Xty, res),
-                  (level, sXtX, sXty, syty, sN), level_of, an, with_globals)
+                  (level, sXtX, sXty, syty, sN), level_of, an, with_globals, packed)
         for k in range(p):
             out_Xty[t, k] = Xty[k]
             for m in range(k, p):
@@ -299,38 +356,39 @@ def accumulate_records(codes, XT, ZT, y, w, tr, R, stride, level, level_of, an, 
 
 
 @njit(parallel=True, **_JIT)
-def split_records(R, stride, q, p, A, B, c, n, rank, nchunks):
+def split_records(R, stride, maps, A, B, c, n, rank, nchunks):
     """Records -> the contiguous per-level arrays the objective reads (A, B, c, n).
 
-    Record ``g`` (of ``R.shape[0] // stride``) goes to level ``rank[g]``, or to ``g`` when
-    ``rank`` is empty: records kept in the order keys were first seen are put in key order
-    while they are read in sequence.
+    ``maps = (amap, bmap, cmap, nslot)`` give each entry's slot in a record (:func:`record_maps`,
+    or a packed record's, :func:`packed_layout`).  Record ``g`` (of ``R.shape[0] // stride``) goes
+    to level ``rank[g]``, or to ``g`` when ``rank`` is empty: records kept in the order keys were
+    first seen are put in key order while they are read in sequence.
     """
     G = R.shape[0] // stride
-    oB = q * q
-    oc = oB + q * p
-    on = oc + q
     ranked = rank.shape[0] > 0
     for t in prange(nchunks):
         lo = t * G // nchunks
         hi = (t + 1) * G // nchunks
         if ranked:
             for g in range(lo, hi):
-                _split_one(R, g * stride, q, p, oB, oc, on, A, B, c, n, rank[g])
+                _split_one(R, g * stride, maps, A, B, c, n, rank[g])
         else:
             for g in range(lo, hi):
-                _split_one(R, g * stride, q, p, oB, oc, on, A, B, c, n, g)
+                _split_one(R, g * stride, maps, A, B, c, n, g)
 
 
 @njit(inline="always", **_JIT)
-def _split_one(R, base, q, p, oB, oc, on, A, B, c, n, d):
+def _split_one(R, base, maps, A, B, c, n, d):
+    amap, bmap, cmap, nslot = maps
+    q = A.shape[1]
+    p = B.shape[2]
     for a in range(q):
         for b in range(q):
-            A[d, a, b] = R[base + a * q + b]
+            A[d, a, b] = R[base + amap[a, b]]
         for k in range(p):
-            B[d, a, k] = R[base + oB + a * p + k]
-        c[d, a] = R[base + oc + a]
-    n[d] = np.int64(R[base + on])
+            B[d, a, k] = R[base + bmap[a, k]]
+        c[d, a] = R[base + cmap[a]]
+    n[d] = np.int64(R[base + nslot])
 
 
 @njit(**_JIT)
