@@ -1,8 +1,9 @@
 """Numba kernels: arrays in, arrays out.
 
 Everything that loops over rows or groups lives here: :mod:`._rows` (the pass over the
-rows, key coding, sampling levels, predictions) and :mod:`._groups` (the objective's passes
-over the groups, conditional modes, changes of row transform). The per-group statistics
+rows, key coding, sampling levels, predictions), :mod:`._groups` (the objective's passes
+over the groups, conditional modes) and :mod:`._moments` (changes of row transform, the moment
+start's sums). The per-group statistics
 (see DESIGN.md section 2) are stored contiguously:
 
     A (G, q, q)  = Z_i' Z_i          B (G, q, p) = Z_i' X_i
@@ -28,14 +29,8 @@ Why the odd structure:
 """
 
 from ._common import LEVEL_MAX, LEVEL_MIN
-from ._groups import (
-    conditional_modes,
-    moment_sums,
-    objective_fused,
-    objective_pass1,
-    objective_pass2,
-    transform_groups,
-)
+from ._groups import conditional_modes, objective_fused, objective_pass1, objective_pass2
+from ._moments import moment_sums, transform_groups
 from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_fill, rest_pieces
 from ._crossed1 import crossed_backward1
 from ._nested import bucket_order, nested_evaluate, scatter_blocks
