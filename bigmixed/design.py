@@ -464,18 +464,13 @@ class Design:
             off += len(part.names)
         return X, Z
 
-    def z_in_x(self) -> list[int] | None:
-        """One term: the X column equal to each Z column (both the intercept, or both a plain copy
-        of one numeric data column), or None when some Z column is no such column of X."""
-        if len(self.terms) != 1 or self._fixed.plain is None:
-            return None
-        xcols = list(self._fixed.plain)
-        out = []
-        for part in self._random:
-            if part.plain is None or any(c not in xcols for c in part.plain):
-                return None
-            out += [xcols.index(c) for c in part.plain]
-        return out
+    def z_leads_x(self) -> bool:
+        """One term whose Z columns are X's first columns, in order: both the intercept, or both a
+        plain copy of one numeric data column (so the values are equal)."""
+        if len(self.terms) != 1 or self._fixed.plain is None or any(p.plain is None for p in self._random):
+            return False
+        zcols = [c for p in self._random for c in p.plain]
+        return list(self._fixed.plain[:len(zcols)]) == zcols
 
     def term_matrices(self, Z: np.ndarray) -> list[np.ndarray]:
         """The columns of each term in ``Z`` (views)."""

@@ -203,10 +203,9 @@ def _packed(plan) -> bool:
     (:func:`~bigmixed._kernels.packed_layout`), one cache line a row for ``y ~ x + x2 + (x | g)``."""
     if plan.layout != "single" or plan.scaling is None:
         return False
-    zmap, sc = plan.design.z_in_x(), plan.scaling
-    if zmap is None or zmap != list(range(len(zmap))):
+    if not plan.design.z_leads_x():
         return False
-    q = len(zmap)
+    sc, q = plan.scaling, plan.design.q
     # a column transformed otherwise in Z has other values there: the full record
     return bool(np.array_equal(sc.z_shift[:q], sc.x_shift[:q]) and np.array_equal(sc.z_scale[:q], sc.x_scale[:q]))
 
