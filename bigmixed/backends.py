@@ -59,6 +59,7 @@ class StatsBackend(Protocol):
     p: int
     N: int
     n_groups: int  # sampling units of the warm start (the outermost term's levels)
+    information: bool  # schur_columns answers: Newton steps with the average information (crossed terms)
     XtX: np.ndarray
     Xty: np.ndarray
     yty: float
@@ -74,6 +75,11 @@ class StatsBackend(Protocol):
     def transform_z(self, Ms: list) -> "StatsBackend": ...
 
     def moment_start(self, tmap) -> np.ndarray: ...
+
+    def schur_columns(self, lams: list, ext: list) -> tuple[np.ndarray, np.ndarray]:
+        """Corrections for extra columns beside ``[y X]`` from the factor at ``lams``, for the
+        average-information matrix (:mod:`bigmixed.information`); only where ``information``."""
+        ...
 
 
 def _chunks(weights: np.ndarray, n: int) -> np.ndarray:
@@ -101,6 +107,8 @@ def _lower_factor(Finv: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------- one term
 class LocalBackend:
     """One term, statistics held in this process as contiguous numpy arrays."""
+
+    information = False  # the subsample warm start and Newton steps serve instead
 
     def __init__(self, stats: Statistics, nthreads: int | None = None) -> None:
         self.stats = stats
@@ -150,6 +158,9 @@ class LocalBackend:
         """theta from moments of the statistics (:func:`bigmixed.start.moment_start`)."""
         return moment_start(self.stats, tmap)
 
+    def schur_columns(self, lams, ext):
+        raise NotImplementedError("no average-information route here (one term)")
+
 
 def subsample_backend(sub: Statistics, sample, level: int, nthreads: int | None):
     """A backend for the sampled levels: their statistics ``sub`` and their rows' sums from ``sample``."""
@@ -177,6 +188,7 @@ class NestedBackend:
 
     # True: always the generic K-term kernel (tests compare the two)
     generic = False
+    information = False  # the subsample warm start and Newton steps serve instead
 
     def __init__(self, stats: Statistics, chain: list[int], nthreads: int | None = None) -> None:
         self.stats, self.chain = stats, list(chain)
@@ -305,6 +317,9 @@ class NestedBackend:
 
     def moment_start(self, tmap) -> np.ndarray:
         return moment_start(self.stats, tmap)
+
+    def schur_columns(self, lams, ext):
+        raise NotImplementedError("no average-information route here (nested terms)")
 
 
 def _flat(blocks: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ class CrossedBackend:
 
     # True: the block kernel even when every term is scalar (tests compare the two)
     generic = False
+    information = True  # schur_columns: Newton steps with the average information
 
     def __init__(self, stats: Statistics, names: list[str] | None = None, nthreads: int | None = None) -> None:
         self.stats = stats
@@ -46,6 +47,7 @@ class CrossedBackend:
         self._layout()
         self._cache = None
         self._om = self._sig = None
+        self._sig_key = None  # the forward key whose Sigma_R the second buffer holds
 
     def _layout(self) -> None:
         st = self.stats
@@ -245,13 +247,22 @@ class CrossedBackend:
         return res
 
     def _inverse(self, U: np.ndarray) -> np.ndarray:
-        """Sigma_R = Omega^-1 from its factor, C-ordered with the lower triangle set (dpotri's upper, transposed)."""
+        """Sigma_R = Omega^-1 from its factor, C-ordered with the lower triangle set (dpotri's upper, transposed).
+
+        Kept for the theta of the factor: the gradient, the conditional modes and the final check
+        at one theta share one inversion (the costliest step of an evaluation).
+        """
         _, sig = self._buffers()
+        key = self._cache[0] if self._cache is not None else None
+        if key is not None and self._sig_key == key:
+            return sig
+        self._sig_key = None
         np.copyto(sig.T, U)  # the factor stays for later solves at this theta
         with self._blas():
             inv, info = lapack.dpotri(sig.T, lower=0, overwrite_c=1)
         if info != 0:
             raise NumericalError("the dense block of the crossed terms is singular")
+        self._sig_key = key
         return inv.T
 
     def _backward(self, lams, grad, modes, g, cf, kappa, reml):
@@ -311,6 +322,38 @@ class CrossedBackend:
             out[k] = (np.ascontiguousarray(bhr[start:start + n, :q]), np.ascontiguousarray(bcr[start:start + n, :q, :q]))
             start += n
         return out
+
+    def schur_columns(self, lams, ext: list) -> tuple[np.ndarray, np.ndarray]:
+        """Corrections for extra columns W beside ``[y X]``, from the factor at ``lams``.
+
+        ``ext[k] (levels_k, q_k, K)`` holds ``Z_k' W`` per level of term k.  Returns ``(SWW (K, K),
+        SWD (K, p + 1))`` with ``W'H^-1W = W'W - SWW`` and ``W'H^-1[y X] = W'[y X] - SWD``, as
+        the evaluation's ``SFD`` is for ``[y X]`` (:mod:`bigmixed.information`).  The factor is
+        not recomputed: the leading levels' pieces are ``L_i^-1 Lambda_0' Z_0'W``, the rest's
+        ``Lambda_R' Z_R'W - sum_i V_i (...)``, solved with the dense factor.
+        """
+        logdet, SFD, L, P, V, U, E, lam0, lamR = self._forward(lams)
+        Px = np.einsum("ba,gbk->gak", lam0, ext[self.lead])
+        if Px.shape[1] == 1:
+            Px /= L[:, :1, :1]
+        else:
+            Px = np.linalg.solve(L, Px)  # L_i lower triangular, q0 x q0
+        SWW = np.einsum("gak,gal->kl", Px, Px)
+        SWD = np.einsum("gak,gac->kc", Px, P)
+        K = Px.shape[2]
+        OmDx = np.zeros((self.m + self.Qr, K))  # padded: a pair's block rows past its q are zero
+        for k in self.rest:
+            rows = self._rows_of(k, np.arange(self.stats.terms[k].n_groups))
+            OmDx[rows] = np.einsum("ba,nbk->nak", lams[k], ext[k])
+        contrib = np.einsum("eab,ebk->eak", V, Px[self.plev])
+        for a in range(self.Qr):  # bincount sums in pair order: the same bits every time
+            for c in range(K):
+                OmDx[:, c] -= np.bincount(self.pcol + a, weights=contrib[:, a, c], minlength=OmDx.shape[0])
+        with self._blas():
+            Ex, info = lapack.dtrtrs(U, np.ascontiguousarray(OmDx[:self.m]), lower=0, trans=1)
+        if info != 0:
+            raise NumericalError("the dense block of the crossed terms is singular")
+        return SWW + Ex.T @ Ex, SWD + Ex.T @ E
 
     def subsample(self, level: int) -> None:
         return None  # crossed levels cannot be sampled independently

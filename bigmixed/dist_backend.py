@@ -108,6 +108,8 @@ class DistributedBackend:
     O(sum_k q_k^2 p^2) numbers, whatever the number of groups.
     """
 
+    information = False  # one term or nested: the subsample warm start serves instead
+
     def __init__(self, client: Client, owners: list[Future], indexes: list[DistributedTermIndex], *, layout: str,
                  chain: list[int], p: int, qs: list[int], XtX: np.ndarray, Xty: np.ndarray, yty: float, N: int,
                  sample: SampleSums | None, sum_log_w: float, nbytes: int) -> None:
@@ -209,6 +211,9 @@ class DistributedBackend:
             return None  # too few outer groups to stand for the others (as NestedBackend)
         sub = Statistics(sub.terms, self.XtX, self.Xty, self.yty, self.N, sub.pairs, None, self.root)
         return subsample_backend(sub, self.sample, level, None)
+
+    def schur_columns(self, lams, ext):
+        raise NotImplementedError("no average-information route for statistics resident on workers")
 
     def transform_z(self, Ms) -> "DistributedBackend":
         """Backend for the random-effects designs Z_k M_k, transformed on the workers (lineage kept)."""

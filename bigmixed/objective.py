@@ -180,6 +180,13 @@ class Objective:
             return [gradient_from_fused(GA, S, s.beta, Finv, kappa, self.reml) for GA, S in zip(s.GA, s.S)]
         return self.backend.gradient(s.lams, s.beta, Finv, kappa, self.reml)
 
+    def information(self, theta: np.ndarray) -> np.ndarray | None:
+        """The average-information matrix at ``theta`` (:mod:`bigmixed.information`), or None
+        where the backend has no route for it."""
+        from .information import average_information
+
+        return average_information(self, theta)
+
     def subsample(self, min_groups: int) -> "Objective | None":
         """The same objective on a hash sample of at least ``min_groups`` groups (None if unavailable).
 

@@ -1,9 +1,15 @@
 """Minimise the profiled deviance over theta with the analytic gradient.
 
-Two routes to the same optimum (the same first-order test decides convergence):
+Three routes to the same optimum (the same first-order test decides convergence):
 
 * **L-BFGS-B** from lme4's start (Lambda = I): ~13 evaluations for the usual
   random intercept and slope.
+* **Newton steps with the average information** for crossed terms
+  (:mod:`bigmixed.information`): the AI matrix at every point, from the
+  factor the evaluation already holds and a few solves, instead of the
+  Hessian; from the moment start 5-7 evaluations instead of L-BFGS-B's
+  13-17 (InstEval, 1e5 users x 2,000 items).  A point where it cannot be had
+  (a variance at 0: the matrix is singular) hands over to L-BFGS-B.
 * **Subsample, then Newton** for many groups (at least 16 times
   ``WARM_GROUPS_MIN``): fit the same model to 2-4% of the groups, a sample
   by a hash of the key whose statistics the pass over the rows kept exactly
@@ -176,7 +182,11 @@ def minimize(
         return bool(np.max(np.abs(pg) * np.maximum(1.0, np.abs(theta))) <= gtol * scale) if pg.size else True
 
     start, n_iter, message, done = theta0, 0, "", False
-    if warm_start:
+    if objective.backend.information:
+        done, start, n_iter = _newton(fg, theta0, None, lower, min(NEWTON_MAXITER, maxiter),
+                                      information=_information(objective))
+        message = "Newton steps with the average information converged" if done else ""
+    elif warm_start:
         want = min(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)), WARM_GROUPS_MAX)
         sub = objective.subsample(want)
         guess = _subsample_guess(sub, theta0, objective.map, objective.N, gtol) if sub is not None else None
@@ -330,8 +340,26 @@ def _subsample_guess(sub: Objective, theta0: np.ndarray, tmap, n_full: int,
     return th, H
 
 
-def _newton(fg, theta: np.ndarray, H: np.ndarray, lower: np.ndarray, maxiter: int):
+def _information(objective):
+    """The average information at theta, or None where it cannot be had (the caller gives up)."""
+
+    def info(theta: np.ndarray) -> np.ndarray | None:
+        try:
+            with np.errstate(all="ignore"):
+                H = objective.information(theta)
+        except (NumericalError, np.linalg.LinAlgError, FloatingPointError):
+            return None
+        return H if H is not None and np.all(np.isfinite(H)) else None
+
+    return info
+
+
+def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxiter: int, information=None):
     """Newton steps with BFGS updates of ``H`` from a point near the optimum.
+
+    With ``information`` (theta -> matrix or None) ``H`` is that matrix at every point instead
+    (Fisher scoring with the average information, :mod:`bigmixed.information`), which needs no
+    point near the optimum: the steps are halved until they descend.
 
     Returns ``(converged, theta, iterations)``.  Converged means the predicted
     decrease ``g' H^-1 g / 2`` fell below the relative ``FTOL`` that stops L-BFGS-B,
@@ -349,6 +377,10 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray, lower: np.ndarray, maxiter: in
     tol = FTOL * max(1.0, abs(f))
     confirmed = False  # the last step gained what the quadratic model predicted
     for it in range(1, maxiter + 1):
+        if information is not None:
+            H = information(theta)
+            if H is None:
+                return False, theta, it - 1
         try:
             L = np.linalg.cholesky(H)
         except np.linalg.LinAlgError:
@@ -356,10 +388,12 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray, lower: np.ndarray, maxiter: in
         step = -np.linalg.solve(L.T, np.linalg.solve(L, g))
         slope = float(g @ step)  # < 0: a descent direction, H being positive definite
         predicted = -0.5 * slope
-        if predicted <= 1e-3 * tol or (confirmed and predicted <= tol):
+        # With the average information the last step is cheap and pins the flat directions of
+        # crossed terms (a 14-level factor's theta) well below what FTOL of the deviance would.
+        if predicted <= 1e-3 * tol or (confirmed and predicted <= tol and information is None):
             return True, theta, it - 1
         t = 1.0
-        for _ in range(4):  # halve a step that does not descend enough (Armijo)
+        for _ in range(4 if information is None else 8):  # halve a step that does not descend enough (Armijo)
             new = theta + t * step
             if np.any(new < lower):
                 return False, theta, it
@@ -372,7 +406,7 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray, lower: np.ndarray, maxiter: in
         confirmed = t == 1.0 and 0.5 * predicted <= f - fn <= 2.0 * predicted
         s, yv = new - theta, gn - g
         sy = float(s @ yv)
-        if sy > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(yv)):
+        if information is None and sy > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(yv)):
             Hs = H @ s
             H = H - np.outer(Hs, Hs) / float(s @ Hs) + np.outer(yv, yv) / sy
         theta, f, g = new, fn, gn

@@ -1,0 +1,94 @@
+"""The average-information matrix of crossed fits (bigmixed.information) and the Newton route that uses it."""
+
+import numpy as np
+import pytest
+
+import bigmixed as bm
+from bigmixed import information, optimize
+from bigmixed.crossed_backend import CrossedBackend
+from bigmixed.simulate_multi import simulate_crossed
+
+SCALAR = "y ~ x + (1|user) + (1|item)"
+SLOPE = "y ~ x + (x|user) + (1|item)"
+
+
+@pytest.fixture(scope="module")
+def crossed():
+    """Users crossed with items, each user with a slope in x too (so SLOPE is not singular)."""
+    df = simulate_crossed(3_000, 120, 30_000, seed=5)
+    slope = np.random.default_rng(6).normal(0.0, 0.3, 3_000)
+    return df.with_columns(y=df["y"] + slope[df["user"].to_numpy() % 3_000] * df["x"])
+
+
+@pytest.fixture(scope="module", params=[SCALAR, SLOPE])
+def fit(request, crossed):
+    return bm.lmer(request.param, crossed)
+
+
+def test_schur_columns_of_the_data_columns_are_the_evaluation_s(fit):
+    """Given [y X]'s own per-level sums as the extra columns, schur_columns must return the
+    evaluation's corrections for them (the same factor, the same algebra)."""
+    obj = fit.objective_fn
+    be = obj.backend
+    lams = obj.map.lams(fit.optimizer.theta * 1.1)  # anywhere, not only at the optimum
+    ev = be.evaluate(lams, False)
+    ext = [np.concatenate([t.c[:, :, None], t.B], axis=2) for t in be.stats.terms]
+    SWW, SWD = be.schur_columns(lams, ext)
+    SFD = np.block([[np.array([[ev.Sh]]), ev.Sg[None, :]], [ev.Sg[:, None], ev.SF]])
+    np.testing.assert_allclose(SWW, SFD, rtol=1e-10, atol=1e-10 * np.abs(SFD).max())
+    np.testing.assert_allclose(SWD, SFD, rtol=1e-10, atol=1e-10 * np.abs(SFD).max())
+
+
+def test_residual_sums_match_the_conditional_modes(crossed):
+    """For scalar terms the mixed-model equations give Z_k'r = b_k / theta_k^2: the sums from Z'Z
+    (pair blocks included) must agree with the factor's conditional modes."""
+    res = bm.lmer(SCALAR, crossed)
+    obj, be = res.objective_fn, res.objective_fn.backend
+    theta = res.optimizer.theta
+    sol = obj.solve(theta)
+    modes = [m[0] for m in be.conditional_modes(sol.lams, sol.beta)]
+    sums = information._residual_sums(be.stats, sol.beta, modes)
+    for k, (s, b) in enumerate(zip(sums, modes)):
+        np.testing.assert_allclose(s, b / theta[k] ** 2, rtol=1e-8, atol=1e-10 * np.abs(s).max())
+
+
+def test_information_is_close_to_the_hessian_at_the_optimum(fit):
+    """AI is the mean of the observed and expected information: at the optimum of a well
+    identified model it is within a few % of the Hessian (a wrong factor or a missing profiling
+    term would be off by far more)."""
+    obj = fit.objective_fn
+    theta = fit.optimizer.theta
+    H = optimize.hessian(obj, theta)
+    A = obj.information(theta)
+    assert A.shape == H.shape
+    assert np.all(np.linalg.eigvalsh(A) > 0)
+    np.testing.assert_allclose(np.diag(A), np.diag(H), rtol=0.1)
+    assert np.linalg.norm(A - H) <= 0.1 * np.linalg.norm(H)
+
+
+def test_information_is_only_for_crossed_backends(crossed):
+    one = bm.lmer("y ~ x + (1|user)", crossed)
+    assert one.objective_fn.information(one.optimizer.theta) is None
+    with pytest.raises(NotImplementedError):
+        one.objective_fn.backend.schur_columns(one.objective_fn.map.lams(one.optimizer.theta), [])
+
+
+@pytest.mark.parametrize("formula", [SCALAR, SLOPE])
+def test_newton_with_information_reaches_lbfgsb_s_optimum_in_fewer_evaluations(crossed, formula, monkeypatch):
+    ai = bm.lmer(formula, crossed)
+    assert ai.converged and ai.optimizer.message.startswith("Newton steps with the average information")
+    monkeypatch.setattr(CrossedBackend, "information", False)
+    lb = bm.lmer(formula, crossed)
+    assert lb.converged and not lb.optimizer.message.startswith("Newton")
+    assert ai.optimizer.n_evals < lb.optimizer.n_evals
+    # the same optimum: AI's is no worse, and theta agrees
+    assert ai.objective <= lb.objective + 1e-10 * abs(lb.objective)
+    np.testing.assert_allclose(ai.theta, lb.theta, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ai.fe_params, lb.fe_params, rtol=1e-6)
+
+
+def test_a_failing_information_hands_over_to_lbfgsb(crossed, monkeypatch):
+    """No information (None) at the start: the fit is L-BFGS-B's, converged as before."""
+    monkeypatch.setattr(information, "average_information", lambda objective, theta: None)
+    res = bm.lmer(SCALAR, crossed)
+    assert res.converged and not res.optimizer.message.startswith("Newton")
