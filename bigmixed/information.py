@@ -35,11 +35,15 @@ def zz_times(stats: Statistics, j: int, k: int, v: np.ndarray) -> np.ndarray:
     out = np.zeros((n, q))
     for pr in stats.pairs:  # pr.vals (pairs, q_j, q_k) = Z_j'Z_k over the rows a pair of levels shares
         if (pr.j, pr.k) == (j, k):
-            codes, part = pr.jcodes, np.einsum("eab,eb->ea", pr.vals, v[pr.kcodes])
+            codes, other, vals = pr.jcodes, pr.kcodes, pr.vals
         elif (pr.j, pr.k) == (k, j):
-            codes, part = pr.kcodes, np.einsum("eba,eb->ea", pr.vals, v[pr.jcodes])
+            codes, other, vals = pr.kcodes, pr.jcodes, np.swapaxes(pr.vals, 1, 2)
         else:
             continue
+        if vals.shape[1] == vals.shape[2] == 1:  # scalar terms (most crossed models): no einsum over pairs
+            part = (vals[:, 0, 0] * v[other, 0])[:, None]
+        else:
+            part = np.einsum("eab,eb->ea", vals, v[other])
         for a in range(q):  # bincount sums in pair order: the same bits every time
             out[:, a] += np.bincount(codes, weights=part[:, a], minlength=n)
     return out
