@@ -54,12 +54,13 @@ class Evaluation:
 
 
 class StatsBackend(Protocol):
-    """The calls the objective makes; every backend implements all of them."""
+    """The calls the objective makes; every backend implements all of them, and the two of the
+    average-information route (:mod:`bigmixed.information`) where ``information`` is True."""
 
     p: int
     N: int
     n_groups: int  # sampling units of the warm start (the outermost term's levels)
-    information: bool  # schur_columns answers: Newton steps with the average information (crossed terms)
+    information: bool  # mode_vectors and schur_columns answer: the average-information route (crossed terms)
     XtX: np.ndarray
     Xty: np.ndarray
     yty: float
@@ -76,9 +77,13 @@ class StatsBackend(Protocol):
 
     def moment_start(self, tmap) -> np.ndarray: ...
 
+    # -- only where ``information``
+    def mode_vectors(self, lams: list, beta: np.ndarray) -> list:
+        """Each term's conditional modes ``(levels, q)`` alone (no covariances): solves with the factor."""
+        ...
+
     def schur_columns(self, lams: list, ext: list) -> tuple[np.ndarray, np.ndarray]:
-        """Corrections for extra columns beside ``[y X]`` from the factor at ``lams``, for the
-        average-information matrix (:mod:`bigmixed.information`); only where ``information``."""
+        """Corrections for extra columns beside ``[y X]`` from the factor at ``lams``."""
         ...
 
 
@@ -158,8 +163,6 @@ class LocalBackend:
         """theta from moments of the statistics (:func:`bigmixed.start.moment_start`)."""
         return moment_start(self.stats, tmap)
 
-    def schur_columns(self, lams, ext):
-        raise NotImplementedError("no average-information route here (one term)")
 
 
 def subsample_backend(sub: Statistics, sample, level: int, nthreads: int | None):
@@ -318,8 +321,6 @@ class NestedBackend:
     def moment_start(self, tmap) -> np.ndarray:
         return moment_start(self.stats, tmap)
 
-    def schur_columns(self, lams, ext):
-        raise NotImplementedError("no average-information route here (nested terms)")
 
 
 def _flat(blocks: np.ndarray) -> np.ndarray:

@@ -212,9 +212,6 @@ class DistributedBackend:
         sub = Statistics(sub.terms, self.XtX, self.Xty, self.yty, self.N, sub.pairs, None, self.root)
         return subsample_backend(sub, self.sample, level, None)
 
-    def schur_columns(self, lams, ext):
-        raise NotImplementedError("no average-information route for statistics resident on workers")
-
     def transform_z(self, Ms) -> "DistributedBackend":
         """Backend for the random-effects designs Z_k M_k, transformed on the workers (lineage kept)."""
         Ms = [Ms] if isinstance(Ms, np.ndarray) else list(Ms)

@@ -80,7 +80,7 @@ def average_information(objective, theta: np.ndarray) -> np.ndarray | None:
         return None
     stats = be.stats
     sol = objective.solve(theta)
-    modes = [m[0] for m in be.conditional_modes(sol.lams, sol.beta)]
+    modes = be.mode_vectors(sol.lams, sol.beta)
     variates = _variates(objective.map, sol.lams, _residual_sums(stats, sol.beta, modes))
     K, p, nterms = len(variates), be.p, len(stats.terms)
     # Z_j' w_k per level of every term j (levels_j, q_j, K)

@@ -378,6 +378,8 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
     confirmed = False  # the last step gained what the quadratic model predicted
     for it in range(1, maxiter + 1):
         if information is not None:
+            if H is not None and _predicted(H, g) <= 1e-3 * tol:
+                return True, theta, it - 1  # converged by the last matrix: this point's is not needed
             H = information(theta)
             if H is None:
                 return False, theta, it - 1
@@ -411,6 +413,16 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
             H = H - np.outer(Hs, Hs) / float(s @ Hs) + np.outer(yv, yv) / sy
         theta, f, g = new, fn, gn
     return False, theta, maxiter
+
+
+def _predicted(H: np.ndarray, g: np.ndarray) -> float:
+    """The quadratic model's decrease ``g' H^-1 g / 2`` (inf where H is not positive definite)."""
+    try:
+        L = np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        return np.inf
+    z = np.linalg.solve(L, g)
+    return 0.5 * float(z @ z)
 
 
 def hessian(fun_grad, x: np.ndarray, rel_step: float = 1e-5) -> np.ndarray:

@@ -66,11 +66,21 @@ def test_information_is_close_to_the_hessian_at_the_optimum(fit):
     assert np.linalg.norm(A - H) <= 0.1 * np.linalg.norm(H)
 
 
+def test_mode_vectors_are_the_conditional_modes(fit):
+    """The modes by two solves equal the back-substitution kernels' (which also give covariances)."""
+    obj = fit.objective_fn
+    for theta in (fit.optimizer.theta, fit.optimizer.theta * 0.7 + 0.05):
+        sol = obj.solve(theta)
+        fast = obj.backend.mode_vectors(sol.lams, sol.beta)
+        full = obj.backend.conditional_modes(sol.lams, sol.beta)
+        for b, (bh, _) in zip(fast, full):
+            np.testing.assert_allclose(b, bh, rtol=1e-9, atol=1e-12 * np.abs(bh).max())
+
+
 def test_information_is_only_for_crossed_backends(crossed):
     one = bm.lmer("y ~ x + (1|user)", crossed)
+    assert not one.objective_fn.backend.information
     assert one.objective_fn.information(one.optimizer.theta) is None
-    with pytest.raises(NotImplementedError):
-        one.objective_fn.backend.schur_columns(one.objective_fn.map.lams(one.optimizer.theta), [])
 
 
 @pytest.mark.parametrize("formula", [SCALAR, SLOPE])
