@@ -60,7 +60,7 @@ class StatsBackend(Protocol):
     p: int
     N: int
     n_groups: int  # sampling units of the warm start (the outermost term's levels)
-    information: bool  # mode_vectors and schur_columns answer: the average-information route (crossed terms)
+    information: bool  # spherical_modes and schur_columns answer: the average-information route (crossed terms)
     XtX: np.ndarray
     Xty: np.ndarray
     yty: float
@@ -78,8 +78,8 @@ class StatsBackend(Protocol):
     def moment_start(self, tmap) -> np.ndarray: ...
 
     # -- only where ``information``
-    def mode_vectors(self, lams: list, beta: np.ndarray) -> list:
-        """Each term's conditional modes ``(levels, q)`` alone (no covariances): solves with the factor."""
+    def spherical_modes(self, lams: list, beta: np.ndarray) -> list:
+        """Each term's spherical conditional modes ``u (levels, q)``, ``b = Lambda u`` (no covariances)."""
         ...
 
     def schur_columns(self, lams: list, ext: list) -> tuple[np.ndarray, np.ndarray]:

@@ -323,12 +323,12 @@ class CrossedBackend:
             start += n
         return out
 
-    def mode_vectors(self, lams, beta) -> list:
-        """Each term's conditional modes ``(levels, q)``, by two solves with the factor at ``lams``.
+    def spherical_modes(self, lams, beta) -> list:
+        """Each term's spherical conditional modes ``u (levels, q)`` (``b = Lambda u``), by two solves.
 
-        What :meth:`conditional_modes` returns first, without the conditional covariances (which
-        need the inverse of the dense block): the rest's spherical modes ``u_R = U^-1 E g``, the
-        leading levels' ``u_i = L_i^-T (P_i g - sum_e V_e' u_R)``, ``b = Lambda u``.
+        What :meth:`conditional_modes` computes first, without the conditional covariances (which
+        need the inverse of the dense block): the rest's ``u_R = U^-1 E g``, the leading levels'
+        ``u_i = L_i^-T (P_i g - sum_e V_e' u_R)``.
         """
         logdet, SFD, L, P, V, U, E, lam0, lamR = self._forward(lams)
         g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
@@ -345,12 +345,10 @@ class CrossedBackend:
             vu = np.einsum("eab,ea->eb", V, uR[self.pcol[:, None] + np.arange(self.Qr)])
         for b in range(q0):  # bincount sums in pair order: the same bits every time
             t[:, b] -= np.bincount(self.plev, weights=vu[:, b], minlength=n0)
-        u0 = t / L[:, 0, :1] if q0 == 1 else np.linalg.solve(np.swapaxes(L, 1, 2), t[:, :, None])[:, :, 0]
         out = [None] * len(self.qs)
-        out[self.lead] = u0 @ lam0.T
+        out[self.lead] = t / L[:, 0, :1] if q0 == 1 else np.linalg.solve(np.swapaxes(L, 1, 2), t[:, :, None])[:, :, 0]
         for k in self.rest:
-            rows = self._rows_of(k, np.arange(self.stats.terms[k].n_groups))
-            out[k] = uR[rows] @ np.asarray(lams[k], dtype=float).T
+            out[k] = uR[self._rows_of(k, np.arange(self.stats.terms[k].n_groups))]
         return out
 
     def schur_columns(self, lams, ext: list) -> tuple[np.ndarray, np.ndarray]:

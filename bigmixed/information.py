@@ -10,7 +10,8 @@ its observed and expected values, which needs no traces: with ``H = I + Z Lambda
 in deviance units, with sigma^2 profiled out (the Schur complement of the (theta, sigma^2)
 matrix) and ``nu`` the residual degrees of freedom.  ``w_k' P_H w_l`` is what the deviance's
 own sums are for ``y``: the working variates are added as extra columns beside ``[y X]``
-(their per-level sums ``Z_j' w_k`` come from Z'Z: a term's blocks and the pair blocks), the
+(their per-level sums ``Z_j' w_k`` come from Z'Z: a term's blocks and the pair blocks; ``Z'r`` from
+the spherical conditional modes), the
 backend returns their corrections from the factor it already holds at this theta
 (``schur_columns``), and X is profiled out as for the deviance.  At the optimum AI is close to
 the Hessian (tests compare it with finite differences), so Newton steps with it converge in a
@@ -49,14 +50,16 @@ def zz_times(stats: Statistics, j: int, k: int, v: np.ndarray) -> np.ndarray:
     return out
 
 
-def _residual_sums(stats: Statistics, beta: np.ndarray, modes: list) -> list:
-    """``Z_k' r`` per term, ``r = y - X beta - Z b`` with ``b`` the conditional modes."""
+def _residual_sums(lams: list, modes: list) -> list | None:
+    """``Z_k' r`` per term from the spherical modes: the mixed-model equations give
+    ``Lambda' Z' r = u``, so ``Z_k' r = Lambda_k^-T u_k``; None where a Lambda is singular (a
+    variance at 0: the information is singular there too)."""
     out = []
-    for k, t in enumerate(stats.terms):
-        s = t.c - np.einsum("gap,p->ga", t.B, beta)
-        for j in range(len(stats.terms)):
-            s = s - zz_times(stats, k, j, modes[j])
-        out.append(s)
+    for lam, u in zip(lams, modes):
+        d = np.abs(np.diag(lam))
+        if d.min() <= 1e-10 * max(1.0, d.max()):
+            return None
+        out.append(np.linalg.solve(lam.T, u.T).T)  # s = Lambda^-T u, per level
     return out
 
 
@@ -80,8 +83,10 @@ def average_information(objective, theta: np.ndarray) -> np.ndarray | None:
         return None
     stats = be.stats
     sol = objective.solve(theta)
-    modes = be.mode_vectors(sol.lams, sol.beta)
-    variates = _variates(objective.map, sol.lams, _residual_sums(stats, sol.beta, modes))
+    sums = _residual_sums(sol.lams, be.spherical_modes(sol.lams, sol.beta))
+    if sums is None:
+        return None
+    variates = _variates(objective.map, sol.lams, sums)
     K, p, nterms = len(variates), be.p, len(stats.terms)
     # Z_j' w_k per level of every term j (levels_j, q_j, K)
     ext = [np.stack([zz_times(stats, j, k, v) for k, v in variates], axis=2) if K else None

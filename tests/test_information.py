@@ -39,17 +39,26 @@ def test_schur_columns_of_the_data_columns_are_the_evaluation_s(fit):
     np.testing.assert_allclose(SWD, SFD, rtol=1e-10, atol=1e-10 * np.abs(SFD).max())
 
 
-def test_residual_sums_match_the_conditional_modes(crossed):
-    """For scalar terms the mixed-model equations give Z_k'r = b_k / theta_k^2: the sums from Z'Z
-    (pair blocks included) must agree with the factor's conditional modes."""
-    res = bm.lmer(SCALAR, crossed)
-    obj, be = res.objective_fn, res.objective_fn.backend
-    theta = res.optimizer.theta
-    sol = obj.solve(theta)
-    modes = [m[0] for m in be.conditional_modes(sol.lams, sol.beta)]
-    sums = information._residual_sums(be.stats, sol.beta, modes)
-    for k, (s, b) in enumerate(zip(sums, modes)):
-        np.testing.assert_allclose(s, b / theta[k] ** 2, rtol=1e-8, atol=1e-10 * np.abs(s).max())
+def test_residual_sums_from_the_modes_equal_those_from_z_z(fit):
+    """``Z_k'r = Lambda_k^-T u_k`` (the mixed-model equations) against ``Z_k'y - Z_k'X beta - sum_j
+    Z_k'Z_j b_j`` from the statistics (pair blocks included), for scalar and slope terms."""
+    obj, be = fit.objective_fn, fit.objective_fn.backend
+    sol = obj.solve(fit.optimizer.theta)
+    u = be.spherical_modes(sol.lams, sol.beta)
+    b = [uk @ lam.T for uk, lam in zip(u, sol.lams)]
+    sums = information._residual_sums(sol.lams, u)
+    for k, t in enumerate(be.stats.terms):
+        ref = t.c - np.einsum("gap,p->ga", t.B, sol.beta)
+        for j in range(len(be.stats.terms)):
+            ref = ref - information.zz_times(be.stats, k, j, b[j])
+        np.testing.assert_allclose(sums[k], ref, rtol=1e-7, atol=1e-9 * np.abs(ref).max())
+
+
+def test_a_zero_variance_has_no_information(fit):
+    obj = fit.objective_fn
+    theta = fit.optimizer.theta.copy()
+    theta[0] = 0.0
+    assert obj.information(theta) is None
 
 
 def test_information_is_close_to_the_hessian_at_the_optimum(fit):
@@ -66,15 +75,15 @@ def test_information_is_close_to_the_hessian_at_the_optimum(fit):
     assert np.linalg.norm(A - H) <= 0.1 * np.linalg.norm(H)
 
 
-def test_mode_vectors_are_the_conditional_modes(fit):
-    """The modes by two solves equal the back-substitution kernels' (which also give covariances)."""
+def test_spherical_modes_are_the_conditional_modes(fit):
+    """Lambda u by two solves equals the back-substitution kernels' modes (which also give covariances)."""
     obj = fit.objective_fn
     for theta in (fit.optimizer.theta, fit.optimizer.theta * 0.7 + 0.05):
         sol = obj.solve(theta)
-        fast = obj.backend.mode_vectors(sol.lams, sol.beta)
+        fast = obj.backend.spherical_modes(sol.lams, sol.beta)
         full = obj.backend.conditional_modes(sol.lams, sol.beta)
-        for b, (bh, _) in zip(fast, full):
-            np.testing.assert_allclose(b, bh, rtol=1e-9, atol=1e-12 * np.abs(bh).max())
+        for u, lam, (bh, _) in zip(fast, sol.lams, full):
+            np.testing.assert_allclose(u @ lam.T, bh, rtol=1e-9, atol=1e-12 * np.abs(bh).max())
 
 
 def test_information_is_only_for_crossed_backends(crossed):
