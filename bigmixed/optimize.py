@@ -53,6 +53,12 @@ NEWTON_MAXITER = 20
 SNAP_TOL = 1e-4
 # One-sided probes off a zero diagonal (the optimiser's scaled units, where theta ~ 1).
 PROBE_STEPS = (1e-3, 1e-2, 1e-1)
+# The average information is taken as singular below this ratio of its smallest to its largest
+# eigenvalue (InstEval's is about 1/15 at the optimum; a slope's small moment start, 1e-5).
+INFO_COND_MIN = 1e-8
+# A Newton step with the average information that takes a scalar term's theta below this (the
+# optimiser's scaled units, theta ~ 1) through 0 hands over to L-BFGS-B: a variance at 0 in sight.
+FLIP_SMALL = 0.05
 # How often the optimiser may restart off a false boundary point.
 MAX_RESTARTS = 3
 # Same relative decrease that ends L-BFGS-B (its ftol, see minimize).
@@ -184,7 +190,7 @@ def minimize(
     start, n_iter, message, done = theta0, 0, "", False
     if objective.backend.information:
         done, start, n_iter = _newton(fg, theta0, None, lower, min(NEWTON_MAXITER, maxiter),
-                                      information=_information(objective))
+                                      information=_information(objective), diag=_scalar_thetas(objective.map))
         message = "Newton steps with the average information converged" if done else ""
     elif warm_start:
         want = min(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)), WARM_GROUPS_MAX)
@@ -340,26 +346,41 @@ def _subsample_guess(sub: Objective, theta0: np.ndarray, tmap, n_full: int,
     return th, H
 
 
+def _scalar_thetas(tmap) -> np.ndarray:
+    """Which theta entries are a scalar term's (``(1 | g)``, ``(0 + x | g)``): relative sds."""
+    return np.concatenate([t.is_diag & (t.q == 1) for t in tmap.terms]) if tmap.terms else np.zeros(0, bool)
+
+
 def _information(objective):
-    """The average information at theta, or None where it cannot be had (the caller gives up)."""
+    """The average information at theta, or None where it cannot be had or is singular (the
+    caller gives up)."""
 
     def info(theta: np.ndarray) -> np.ndarray | None:
         try:
             with np.errstate(all="ignore"):
                 H = objective.information(theta)
+                if H is None or not np.all(np.isfinite(H)):
+                    return None
+                ev = np.linalg.eigvalsh(H)
         except (NumericalError, np.linalg.LinAlgError, FloatingPointError):
             return None
-        return H if H is not None and np.all(np.isfinite(H)) else None
+        return H if ev[0] > INFO_COND_MIN * ev[-1] else None
 
     return info
 
 
-def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxiter: int, information=None):
+def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxiter: int, information=None,
+            diag: np.ndarray | None = None):
     """Newton steps with BFGS updates of ``H`` from a point near the optimum.
 
     With ``information`` (theta -> matrix or None) ``H`` is that matrix at every point instead
     (Fisher scoring with the average information, :mod:`bigmixed.information`), which needs no
-    point near the optimum: the steps are halved until they descend.
+    point near the optimum: the steps are halved until they descend.  A step that takes the
+    theta of a scalar term (``diag``: a relative standard deviation) through 0 goes at most half
+    way to 0 from afar, and gives up from below ``FLIP_SMALL``: a variance at 0 is in sight,
+    which L-BFGS-B and the boundary probes settle in fewer evaluations than steps with a matrix
+    that becomes singular there.  (The diagonal of a vector term's Lambda is free to cross 0:
+    the deviance is even in each column, and the moment start of a slope's entry is often small.)
 
     Returns ``(converged, theta, iterations)``.  Converged means the predicted
     decrease ``g' H^-1 g / 2`` fell below the relative ``FTOL`` that stops L-BFGS-B,
@@ -395,7 +416,13 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
         if predicted <= 1e-3 * tol or (confirmed and predicted <= tol and information is None):
             return True, theta, it - 1
         t = 1.0
-        for _ in range(4 if information is None else 8):  # halve a step that does not descend enough (Armijo)
+        if diag is not None:
+            flip = diag & (theta != 0.0) & (np.sign(theta + step) != np.sign(theta))
+            if np.any(flip & (np.abs(theta) < FLIP_SMALL)):
+                return False, theta, it - 1
+            if np.any(flip):  # an overshoot from afar: go at most half way to 0
+                t = min(1.0, 0.5 * float(np.min(np.abs(theta[flip] / step[flip]))))
+        for _ in range(4 if information is None else 6):  # halve a step that does not descend enough (Armijo)
             new = theta + t * step
             if np.any(new < lower):
                 return False, theta, it

@@ -111,3 +111,21 @@ def test_a_failing_information_hands_over_to_lbfgsb(crossed, monkeypatch):
     monkeypatch.setattr(information, "average_information", lambda objective, theta: None)
     res = bm.lmer(SCALAR, crossed)
     assert res.converged and not res.optimizer.message.startswith("Newton")
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_a_variance_at_zero_hands_over_without_creeping(seed, monkeypatch):
+    """Five items with no item effect: the optimum has theta_item = 0, where the information is
+    singular.  The Newton route hands over at once (a step through 0 from the moment start's
+    floor) instead of creeping, so the fit costs about what L-BFGS-B alone does, and ends at
+    the same boundary optimum."""
+    df = simulate_crossed(3_000, 5, 20_000, seed=seed, sd_item=0.0, min_rows_per_item=1)
+    with pytest.warns(bm.SingularFitWarning):
+        ai = bm.lmer(SCALAR, df)
+    monkeypatch.setattr(CrossedBackend, "information", False)
+    with pytest.warns(bm.SingularFitWarning):
+        lb = bm.lmer(SCALAR, df)
+    assert ai.converged and lb.converged
+    assert ai.theta[1] == 0.0 == lb.theta[1]
+    assert ai.optimizer.n_evals <= lb.optimizer.n_evals + 2
+    assert ai.objective == pytest.approx(lb.objective, rel=1e-12)
