@@ -2,7 +2,9 @@
 
 :class:`Design` freezes the encoding (columns, categorical levels, transform state) once so that
 every chunk of a streamed data set yields identical columns.  Plain numeric columns are copied
-with numpy (the fast path); anything else goes through formulaic with a frozen model spec.
+with numpy and plain categorical columns beside an intercept get their treatment dummies from the
+level codes (the fast path, named and checked against formulaic's columns on the first rows);
+anything else goes through formulaic with a frozen model spec.
 """
 from __future__ import annotations
 
@@ -163,7 +165,8 @@ class _Part:
     text: str
     formula: SimpleFormula
     used: list[str]
-    plain: list[str | None] | None = None  # None entry = intercept
+    # None: the intercept; "c": numeric column c copied; ("c", j): treatment dummy of level j of c
+    plain: list | None = None
     spec: Any = None
     names: tuple[str, ...] = ()
     cats: tuple[str, ...] = ()
@@ -250,7 +253,9 @@ class Design:
             p.cats = tuple(c for c in p.used if c in self.categorical)
             p.plain = self._plain(resp_terms if k == 0 else list(p.formula), columns)
             if p.plain is not None:
-                p.names = tuple("Intercept" if c is None else c for c in p.plain)
+                p.names = tuple(self._plain_name(c) for c in p.plain)
+                if any(isinstance(c, tuple) for c in p.plain) and p.names != self._formulaic_names(p, prototype):
+                    p.plain, p.names = None, ()
         self._fml_cols = [c for c in self.columns if any(c in p.used for p in parts if p.plain is None)]
         if self._fml_cols:  # freeze formulaic's encoding/transform state on the whole prototype
             pdf, _ = self._pandas(prototype, is_pl)
@@ -310,19 +315,76 @@ class Design:
         return (f"Design({self.spec.lmer_formula()!r}, fe_names={self.fe_names}, re_names={self.re_names}, "
                 f"terms={[t.name for t in self.terms]}, fast_path={self.fast_path})")
 
-    def _plain(self, terms: list, columns: list) -> list[str | None] | None:
-        """Columns of a part made only of the intercept and numeric columns, else None."""
-        out: list[str | None] = []
+    def _plain(self, terms: list, columns: list) -> list | None:
+        """Columns of a part made only of the intercept, numeric columns and (beside the intercept)
+        categorical columns, else None: such a part needs no formula engine per chunk."""
+        def one(t) -> bool:
+            return len(t.factors) == 1 and t.factors[0].eval_method.value == "literal" and t.factors[0].expr == "1"
+
+        intercept = any(one(t) for t in terms)
+        out: list = []
         for t in terms:
             f = t.factors
-            if len(f) == 1 and f[0].eval_method.value == "literal" and f[0].expr == "1":
+            if one(t):
                 out.append(None)
-            elif (len(f) == 1 and f[0].eval_method.value == "lookup" and f[0].expr in columns
-                  and f[0].expr not in self.categorical):
-                out.append(f[0].expr)
+            elif len(f) == 1 and f[0].eval_method.value == "lookup" and f[0].expr in columns:
+                c = f[0].expr
+                if c not in self.categorical:
+                    out.append(c)
+                elif intercept:  # treatment coding: a dummy per level but the first (formulaic's default)
+                    out += [(c, j) for j in range(1, len(self.categorical[c]))]
+                else:
+                    return None
             else:
                 return None
         return out
+
+    def _plain_name(self, c) -> str:
+        if c is None:
+            return "Intercept"
+        if isinstance(c, tuple):
+            return f"{c[0]}[T.{self.categorical[c[0]][c[1]]}]"
+        return c
+
+    def _formulaic_names(self, part: _Part, prototype: Any) -> tuple[str, ...]:
+        """formulaic's column names for ``part`` on the first rows: the dummies above must be named
+        (hence ordered and coded) as formulaic would, or the part goes through formulaic."""
+        head = prototype.head(64) if _frame(prototype) else prototype.iloc[:64]
+        pdf, _ = self._pandas(head, _frame(prototype), part.used)
+        mm = self._formulaic(lambda: formulaic.model_matrix(part.text, pdf, na_action="ignore", context={},
+                                                            output="numpy"), part.text)
+        return tuple(mm.model_spec.column_names)
+
+    def _codes(self, chunk: Any, col: str, is_pl: bool) -> np.ndarray:
+        """Each row's level of categorical ``col`` (index into its stored levels; -1 where missing)."""
+        lv = self.categorical[col]
+        if is_pl:
+            s = chunk.get_column(col)
+            if isinstance(s.dtype, (pl.Categorical, pl.Enum)):
+                s = s.cast(pl.String)
+            nulls = s.is_null().to_numpy()
+            try:
+                if s.dtype == pl.String and all(isinstance(v, str) for v in lv):  # Enum codes: the fastest
+                    coded = s.cast(pl.Enum(lv), strict=False).to_physical().fill_null(-1)
+                else:
+                    coded = s.replace_strict(lv, list(range(len(lv))), default=-1, return_dtype=pl.Int64)
+                codes = coded.cast(pl.Int64).to_numpy(writable=True)
+            except pl.exceptions.PolarsError:  # values of another type than the levels
+                codes = np.full(len(s), -1)
+            bad = np.flatnonzero((codes < 0) & ~nulls)
+            value = s[int(bad[0])] if bad.size else None
+        else:
+            s = chunk[col]
+            codes = pd.Index(lv).get_indexer(s)
+            nulls = s.isna().to_numpy()
+            bad = np.flatnonzero((codes < 0) & ~nulls)
+            value = s.iloc[bad[0]] if bad.size else None
+        if bad.size:
+            raise ValueError(f"column {col!r} has level {value!r} that is not among the levels known "
+                             f"when the design was built ({lv[:10]}{' ...' if len(lv) > 10 else ''}); "
+                             "pass all levels via levels=")
+        codes[nulls] = -1
+        return codes
 
     @staticmethod
     def _formulaic(fn: Any, text: str) -> Any:
@@ -335,11 +397,12 @@ class Design:
         except Exception as e:  # never leak a deep formulaic traceback
             raise ValueError(f"cannot evaluate formula {text!r}: {_one_line(e)}") from None
 
-    def _pandas(self, chunk: Any, is_pl: bool) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    def _pandas(self, chunk: Any, is_pl: bool, cols: list | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
         """The columns formulaic needs as pandas, categoricals cast to the stored levels, plus null masks."""
-        pdf = chunk.select(self._fml_cols).to_pandas() if is_pl else chunk[self._fml_cols].copy(deep=False)
+        cols = self._fml_cols if cols is None else cols
+        pdf = chunk.select(cols).to_pandas() if is_pl else chunk[cols].copy(deep=False)
         nulls: dict[str, np.ndarray] = {}
-        for c in self._fml_cols:
+        for c in cols:
             s, lv = pdf[c], self.categorical.get(c)
             if lv is None:
                 if isinstance(s.dtype, pd.api.extensions.ExtensionDtype) and _numeric(pdf, c):
@@ -359,7 +422,13 @@ class Design:
               pdf: pd.DataFrame | None, nulls: dict[str, np.ndarray]) -> None:
         k = len(part.names)
         if part.plain is not None:
+            codes: dict[str, np.ndarray] = {}
             for j, c in enumerate(part.plain):
+                if isinstance(c, tuple):  # a treatment dummy
+                    if c[0] not in codes:
+                        codes[c[0]] = self._codes(chunk, c[0], is_pl)
+                    out[:, off + j] = codes[c[0]] == c[1]
+                    continue
                 try:
                     if c is None:
                         out[:, off + j] = 1.0
@@ -371,6 +440,8 @@ class Design:
                     dtype = chunk.schema[c] if is_pl else chunk[c].dtype
                     raise ValueError(f"column {c!r} is used as a number by the model but holds {dtype} values; "
                                      "convert it to a numeric type") from None
+            for cc in codes.values():  # a missing level makes the row's part NaN, as formulaic's below
+                out[cc < 0, off:off + k] = np.nan
             return
         mm = self._formulaic(lambda: part.spec.get_model_matrix(pdf, context={}), part.text)
         arr = np.asarray(mm, dtype=np.float64)

@@ -323,6 +323,52 @@ def test_fast_path_equals_formulaic_column_order(dietox):
     assert d.re_names == ["Time", "Start"]
 
 
+@pytest.mark.parametrize("rhs", ["Time + Evit", "Evit + Time + Cu", "1 + Cu", "Cu + Evit - Time + Time",
+                                 "Time + flag", "Time + Evit_cat"])
+@pytest.mark.parametrize("backend", ["pandas", "polars"])
+def test_categorical_main_effects_on_the_fast_path_equal_formulaic(dietox, rhs, backend, monkeypatch):
+    """A categorical column beside the intercept is coded from its level codes, with formulaic's
+    names, order and values (string, bool and polars Categorical columns); formulaic is asked
+    only for the names, on the first rows."""
+    df = dietox.assign(flag=dietox["Litter"] % 3 == 0)
+    data = pl.from_pandas(df).with_columns(Evit_cat=pl.col("Evit").cast(pl.Categorical)) if backend == "polars" \
+        else df.assign(Evit_cat=df["Evit"].astype("category"))
+    ref = _mm(rhs, df.assign(Evit_cat=df["Evit"], flag=df["flag"].astype("category")))  # bool: a factor
+    calls = []
+    real = formulaic.ModelSpec.get_model_matrix
+    monkeypatch.setattr(formulaic.ModelSpec, "get_model_matrix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = Design(spec_from_lmer(f"Weight ~ {rhs} + (1|Pig)"), data)
+    assert d.fast_path
+    calls.clear()  # the names were checked on the first rows; the chunks need no formulaic
+    _, X, _ = d.matrices(data)
+    assert not calls
+    assert d.fe_names == list(ref.columns)
+    np.testing.assert_array_equal(X, ref.to_numpy(float))
+
+
+def test_categorical_fast_path_missing_and_unknown_levels(dietox):
+    df = dietox.copy()
+    df.loc[[3, 10], "Evit"] = None
+    d = Design(spec_from_lmer("Weight ~ Time + Evit + (1|Pig)"), df)
+    assert d.fast_path
+    _, X, _ = d.matrices(df)
+    assert np.isnan(X[[3, 10]]).all() and not np.isnan(np.delete(X, [3, 10], axis=0)).any()
+    _, Xp, _ = d.matrices(pl.from_pandas(df))
+    np.testing.assert_array_equal(Xp, X)
+    for bad in (df.assign(Evit="Evit999"), pl.from_pandas(df.assign(Evit="Evit999"))):
+        with pytest.raises(ValueError, match="column 'Evit' has level 'Evit999' that is not among the levels"):
+            d.matrices(bad)
+
+
+def test_categorical_without_intercept_goes_through_formulaic(dietox):
+    d = Design(spec_from_lmer("Weight ~ 0 + Evit + Time + (1|Pig)"), dietox)
+    assert not d.fast_path
+    _, X, _ = d.matrices(dietox)
+    ref = _mm("0 + Evit + Time", dietox)
+    assert d.fe_names == list(ref.columns)
+    np.testing.assert_array_equal(X, ref.to_numpy(float))
+
+
 def test_fast_path_keeps_nan_rows(dietox):
     d = Design(spec_from_lmer("Weight ~ Feed + (1|Pig)"), dietox)
     assert d.fast_path
