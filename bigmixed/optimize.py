@@ -415,13 +415,9 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
         # crossed terms (a 14-level factor's theta) well below what FTOL of the deviance would.
         if predicted <= 1e-3 * tol or (confirmed and predicted <= tol and information is None):
             return True, theta, it - 1
-        t = 1.0
-        if diag is not None:
-            flip = diag & (theta != 0.0) & (np.sign(theta + step) != np.sign(theta))
-            if np.any(flip & (np.abs(theta) < FLIP_SMALL)):
-                return False, theta, it - 1
-            if np.any(flip):  # an overshoot from afar: go at most half way to 0
-                t = min(1.0, 0.5 * float(np.min(np.abs(theta[flip] / step[flip]))))
+        t = 1.0 if diag is None else _first_step(theta, step, diag)
+        if t == 0.0:
+            return False, theta, it - 1
         for _ in range(4 if information is None else 6):  # halve a step that does not descend enough (Armijo)
             new = theta + t * step
             if np.any(new < lower):
@@ -440,6 +436,17 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
             H = H - np.outer(Hs, Hs) / float(s @ Hs) + np.outer(yv, yv) / sy
         theta, f, g = new, fn, gn
     return False, theta, maxiter
+
+
+def _first_step(theta: np.ndarray, step: np.ndarray, diag: np.ndarray) -> float:
+    """The first step length to try: 1, at most half way to 0 for an entry of ``diag`` the step
+    takes through 0, or 0 (give up) when that entry is below ``FLIP_SMALL`` already."""
+    flip = diag & (theta != 0.0) & (np.sign(theta + step) != np.sign(theta))
+    if not np.any(flip):
+        return 1.0
+    if np.any(flip & (np.abs(theta) < FLIP_SMALL)):
+        return 0.0
+    return min(1.0, 0.5 * float(np.min(np.abs(theta[flip] / step[flip]))))
 
 
 def _predicted(H: np.ndarray, g: np.ndarray) -> float:
