@@ -24,6 +24,7 @@ from formulaic.errors import DataMismatchWarning
 from formulaic.formula import SimpleFormula
 from formulaic.transforms import TRANSFORMS
 
+from .columns import level_codes, numeric_column
 from .formula import ModelSpec
 from .terms import ReTerm
 
@@ -165,24 +166,12 @@ class _Part:
     text: str
     formula: SimpleFormula
     used: list[str]
-    # None: the intercept; "c": numeric column c copied; ("c", j): treatment dummy of level j of c
+    # None: the intercept; "c": numeric column c copied; a tuple of (column, level or None, "T." for
+    # treatment coding): the product of those numeric columns and level dummies (an interaction)
     plain: list | None = None
     spec: Any = None
     names: tuple[str, ...] = ()
     cats: tuple[str, ...] = ()
-
-
-def _copy_column(s: pl.Series, dest: np.ndarray) -> None:
-    """Copy a polars column into ``dest`` piece by piece: a column read from parquet is a list
-    of chunks, each of which converts to numpy without a copy (the whole column would be
-    concatenated first)."""
-    if s.n_chunks() == 1:
-        dest[:] = s.to_numpy()
-        return
-    start = 0
-    for n in s.chunk_lengths():
-        dest[start:start + n] = s.slice(start, n).to_numpy()
-        start += n
 
 
 class Design:
@@ -316,34 +305,41 @@ class Design:
                 f"terms={[t.name for t in self.terms]}, fast_path={self.fast_path})")
 
     def _plain(self, terms: list, columns: list) -> list | None:
-        """Columns of a part made only of the intercept, numeric columns and (beside the intercept)
-        categorical columns, else None: such a part needs no formula engine per chunk."""
-        def one(t) -> bool:
-            return len(t.factors) == 1 and t.factors[0].eval_method.value == "literal" and t.factors[0].expr == "1"
+        """Columns of a part whose terms are the intercept, data columns and their interactions (at
+        most one categorical column a term), else None: such a part needs no formula engine per chunk.
 
-        intercept = any(one(t) for t in terms)
+        A categorical factor is coded by treatment contrasts (a dummy per level but the first) when
+        the rest of its term is an earlier term (the intercept for a main effect), else by a dummy
+        per level, as formulaic does; the names are checked against formulaic's on the first rows.
+        """
+        seen: set[frozenset] = set()
         out: list = []
         for t in terms:
             f = t.factors
-            if one(t):
+            if len(f) == 1 and f[0].eval_method.value == "literal" and f[0].expr == "1":
                 out.append(None)
-            elif len(f) == 1 and f[0].eval_method.value == "lookup" and f[0].expr in columns:
-                c = f[0].expr
-                if c not in self.categorical:
-                    out.append(c)
-                elif intercept:  # treatment coding: a dummy per level but the first (formulaic's default)
-                    out += [(c, j) for j in range(1, len(self.categorical[c]))]
-                else:
-                    return None
-            else:
+                seen.add(frozenset())
+                continue
+            if not all(x.eval_method.value == "lookup" and x.expr in columns for x in f):
                 return None
+            names = [x.expr for x in f]
+            cats = [c for c in names if c in self.categorical]
+            if len(cats) > 1:
+                return None
+            if not cats:
+                out.append(names[0] if len(names) == 1 else tuple((c, None, "") for c in names))
+            else:
+                reduced = frozenset(names) - {cats[0]} in seen
+                for lv in range(1 if reduced else 0, len(self.categorical[cats[0]])):
+                    out.append(tuple((c, lv if c == cats[0] else None, "T." if reduced else "") for c in names))
+            seen.add(frozenset(names))
         return out
 
     def _plain_name(self, c) -> str:
         if c is None:
             return "Intercept"
         if isinstance(c, tuple):
-            return f"{c[0]}[T.{self.categorical[c[0]][c[1]]}]"
+            return ":".join(col if lv is None else f"{col}[{tag}{self.categorical[col][lv]}]" for col, lv, tag in c)
         return c
 
     def _formulaic_names(self, part: _Part, prototype: Any) -> tuple[str, ...]:
@@ -354,37 +350,6 @@ class Design:
         mm = self._formulaic(lambda: formulaic.model_matrix(part.text, pdf, na_action="ignore", context={},
                                                             output="numpy"), part.text)
         return tuple(mm.model_spec.column_names)
-
-    def _codes(self, chunk: Any, col: str, is_pl: bool) -> np.ndarray:
-        """Each row's level of categorical ``col`` (index into its stored levels; -1 where missing)."""
-        lv = self.categorical[col]
-        if is_pl:
-            s = chunk.get_column(col)
-            if isinstance(s.dtype, (pl.Categorical, pl.Enum)):
-                s = s.cast(pl.String)
-            nulls = s.is_null().to_numpy()
-            try:
-                if s.dtype == pl.String and all(isinstance(v, str) for v in lv):  # Enum codes: the fastest
-                    coded = s.cast(pl.Enum(lv), strict=False).to_physical().fill_null(-1)
-                else:
-                    coded = s.replace_strict(lv, list(range(len(lv))), default=-1, return_dtype=pl.Int64)
-                codes = coded.cast(pl.Int64).to_numpy(writable=True)
-            except pl.exceptions.PolarsError:  # values of another type than the levels
-                codes = np.full(len(s), -1)
-            bad = np.flatnonzero((codes < 0) & ~nulls)
-            value = s[int(bad[0])] if bad.size else None
-        else:
-            s = chunk[col]
-            codes = pd.Index(lv).get_indexer(s)
-            nulls = s.isna().to_numpy()
-            bad = np.flatnonzero((codes < 0) & ~nulls)
-            value = s.iloc[bad[0]] if bad.size else None
-        if bad.size:
-            raise ValueError(f"column {col!r} has level {value!r} that is not among the levels known "
-                             f"when the design was built ({lv[:10]}{' ...' if len(lv) > 10 else ''}); "
-                             "pass all levels via levels=")
-        codes[nulls] = -1
-        return codes
 
     @staticmethod
     def _formulaic(fn: Any, text: str) -> Any:
@@ -423,23 +388,24 @@ class Design:
         k = len(part.names)
         if part.plain is not None:
             codes: dict[str, np.ndarray] = {}
+            values: dict[str, np.ndarray] = {}
             for j, c in enumerate(part.plain):
-                if isinstance(c, tuple):  # a treatment dummy
-                    if c[0] not in codes:
-                        codes[c[0]] = self._codes(chunk, c[0], is_pl)
-                    out[:, off + j] = codes[c[0]] == c[1]
-                    continue
-                try:
-                    if c is None:
-                        out[:, off + j] = 1.0
-                    elif is_pl:
-                        _copy_column(chunk.get_column(c), out[:, off + j])
-                    else:
-                        out[:, off + j] = chunk[c].to_numpy(dtype=np.float64, na_value=np.nan)
-                except (ValueError, TypeError):  # e.g. strings in new data for predict()
-                    dtype = chunk.schema[c] if is_pl else chunk[c].dtype
-                    raise ValueError(f"column {c!r} is used as a number by the model but holds {dtype} values; "
-                                     "convert it to a numeric type") from None
+                if c is None:
+                    out[:, off + j] = 1.0
+                elif not isinstance(c, tuple):
+                    numeric_column(chunk, c, is_pl, out[:, off + j])
+                else:  # a product of numeric columns and (at most one) level dummy
+                    col = out[:, off + j]
+                    col[:] = 1.0
+                    for name, lv, _ in c:
+                        if lv is None:
+                            if name not in values:
+                                values[name] = numeric_column(chunk, name, is_pl, np.empty(col.shape[0]))
+                            col *= values[name]
+                        else:
+                            if name not in codes:
+                                codes[name] = level_codes(chunk, name, self.categorical[name], is_pl)
+                            col *= codes[name] == lv
             for cc in codes.values():  # a missing level makes the row's part NaN, as formulaic's below
                 out[cc < 0, off:off + k] = np.nan
             return

@@ -360,13 +360,40 @@ def test_categorical_fast_path_missing_and_unknown_levels(dietox):
             d.matrices(bad)
 
 
-def test_categorical_without_intercept_goes_through_formulaic(dietox):
-    d = Design(spec_from_lmer("Weight ~ 0 + Evit + Time + (1|Pig)"), dietox)
-    assert not d.fast_path
-    _, X, _ = d.matrices(dietox)
-    ref = _mm("0 + Evit + Time", dietox)
-    assert d.fe_names == list(ref.columns)
-    np.testing.assert_array_equal(X, ref.to_numpy(float))
+@pytest.mark.parametrize("rhs, fast", [
+    ("0 + Evit + Time", True),  # no intercept: a dummy per level for the first factor
+    ("Time * Evit", True),  # Time + Evit + Time:Evit, the interaction with treatment coding
+    ("Time:Evit", True),  # no main effect of Time: a dummy per level inside the interaction
+    ("Evit:Time + Start", True),
+    ("Time * Start + Cu", True),  # numeric interaction
+    ("Time * Evit + Start:Cu", True),
+    ("0 + Time:Evit", True),
+    ("Evit:Cu", False),  # two categorical columns in a term: formulaic
+    ("Time + C(Evit)", False),  # a function call: formulaic
+])
+def test_interactions_on_the_fast_path_equal_formulaic(dietox, rhs, fast):
+    for data in (dietox, pl.from_pandas(dietox)):
+        d = Design(spec_from_lmer(f"Weight ~ {rhs} + (1|Pig)"), data)
+        assert d.fast_path == fast
+        _, X, _ = d.matrices(data)
+        ref = _mm(rhs, dietox)
+        assert d.fe_names == list(ref.columns)
+        np.testing.assert_allclose(X, ref.to_numpy(float), rtol=1e-15, atol=0)
+
+
+def test_interaction_in_the_random_part_and_missing_values(dietox):
+    df = dietox.copy()
+    df.loc[[5, 9], "Evit"] = None
+    df.loc[[7], "Time"] = np.nan
+    d = Design(spec_from_lmer("Weight ~ Time * Evit + (Time * Evit | Pig)"), df)
+    assert d.fast_path
+    _, X, Z = d.matrices(df)
+    ref = _mm("Time * Evit", df.dropna(subset=["Evit", "Time"]))
+    keep = np.ones(len(df), bool)
+    keep[[5, 7, 9]] = False
+    np.testing.assert_allclose(X[keep], ref.to_numpy(float), rtol=1e-15)
+    np.testing.assert_array_equal(Z[keep], X[keep])
+    assert np.isnan(X[[5, 9]]).all() and np.isnan(X[7, [1, 4, 5]]).all()
 
 
 def test_fast_path_keeps_nan_rows(dietox):
