@@ -29,7 +29,7 @@ class CrossedBackend:
 
     # True: the block kernel even when every term is scalar (tests compare the two)
     generic = False
-    information = True  # schur_columns: Newton steps with the average information
+    information = True  # spherical_modes, schur_columns: Newton steps with the average information
 
     def __init__(self, stats: Statistics, names: list[str] | None = None, nthreads: int | None = None) -> None:
         self.stats = stats

@@ -1,10 +1,11 @@
 """Design matrices: a frozen recipe that turns data chunks into ``(y, X, Z)`` arrays.
 
 :class:`Design` freezes the encoding (columns, categorical levels, transform state) once so that
-every chunk of a streamed data set yields identical columns.  Plain numeric columns are copied
-with numpy and plain categorical columns beside an intercept get their treatment dummies from the
-level codes (the fast path, named and checked against formulaic's columns on the first rows);
-anything else goes through formulaic with a frozen model spec.
+every chunk of a streamed data set yields identical columns.  Plain parts - the intercept, numeric
+and categorical data columns and their interactions, one categorical column a term - are computed
+with numpy from the columns' values and level codes (the fast path: named as formulaic names them,
+and checked against formulaic's columns on the first rows); anything else goes through formulaic
+with a frozen model spec.
 """
 from __future__ import annotations
 
@@ -387,27 +388,7 @@ class Design:
               pdf: pd.DataFrame | None, nulls: dict[str, np.ndarray]) -> None:
         k = len(part.names)
         if part.plain is not None:
-            codes: dict[str, np.ndarray] = {}
-            values: dict[str, np.ndarray] = {}
-            for j, c in enumerate(part.plain):
-                if c is None:
-                    out[:, off + j] = 1.0
-                elif not isinstance(c, tuple):
-                    numeric_column(chunk, c, is_pl, out[:, off + j])
-                else:  # a product of numeric columns and (at most one) level dummy
-                    col = out[:, off + j]
-                    col[:] = 1.0
-                    for name, lv, _ in c:
-                        if lv is None:
-                            if name not in values:
-                                values[name] = numeric_column(chunk, name, is_pl, np.empty(col.shape[0]))
-                            col *= values[name]
-                        else:
-                            if name not in codes:
-                                codes[name] = level_codes(chunk, name, self.categorical[name], is_pl)
-                            col *= codes[name] == lv
-            for cc in codes.values():  # a missing level makes the row's part NaN, as formulaic's below
-                out[cc < 0, off:off + k] = np.nan
+            self._fill_plain(part, out[:, off:off + k], chunk, is_pl)
             return
         mm = self._formulaic(lambda: part.spec.get_model_matrix(pdf, context={}), part.text)
         arr = np.asarray(mm, dtype=np.float64)
@@ -419,6 +400,30 @@ class Design:
         for c in part.cats:
             if nulls[c].any():
                 out[nulls[c], off:off + k] = np.nan
+
+    def _fill_plain(self, part: _Part, out: np.ndarray, chunk: Any, is_pl: bool) -> None:
+        """The columns of a plain part (see :meth:`_plain`) into ``out`` (n, k), with numpy."""
+        codes: dict[str, np.ndarray] = {}
+        values: dict[str, np.ndarray] = {}
+        for j, c in enumerate(part.plain):
+            if c is None:
+                out[:, j] = 1.0
+            elif not isinstance(c, tuple):
+                numeric_column(chunk, c, is_pl, out[:, j])
+            else:  # a product of numeric columns and (at most one) level dummy
+                col = out[:, j]
+                col[:] = 1.0
+                for name, lv, _ in c:
+                    if lv is None:
+                        if name not in values:
+                            values[name] = numeric_column(chunk, name, is_pl, np.empty(col.shape[0]))
+                        col *= values[name]
+                    else:
+                        if name not in codes:
+                            codes[name] = level_codes(chunk, name, self.categorical[name], is_pl)
+                        col *= codes[name] == lv
+        for cc in codes.values():  # a missing level makes the row's part NaN, as formulaic's in _fill
+            out[cc < 0] = np.nan
 
     def matrices(self, chunk: Any, reuse: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Encode one chunk.
