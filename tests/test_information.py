@@ -92,12 +92,12 @@ def test_information_is_only_for_crossed_backends(crossed):
     assert one.objective_fn.information(one.optimizer.theta) is None
 
 
-@pytest.mark.parametrize("formula", [SCALAR, SLOPE])
-def test_newton_with_information_reaches_lbfgsb_s_optimum_in_fewer_evaluations(crossed, formula, monkeypatch):
-    ai = bm.lmer(formula, crossed)
+@pytest.mark.parametrize("formula, reml", [(SCALAR, True), (SLOPE, True), (SCALAR, False)])
+def test_newton_with_information_reaches_lbfgsb_s_optimum_in_fewer_evaluations(crossed, formula, reml, monkeypatch):
+    ai = bm.lmer(formula, crossed, REML=reml)
     assert ai.converged and ai.optimizer.message.startswith("Newton steps with the average information")
     monkeypatch.setattr(CrossedBackend, "information", False)
-    lb = bm.lmer(formula, crossed)
+    lb = bm.lmer(formula, crossed, REML=reml)
     assert lb.converged and not lb.optimizer.message.startswith("Newton")
     assert ai.optimizer.n_evals < lb.optimizer.n_evals
     # the same optimum: AI's is no worse, and theta agrees
