@@ -231,10 +231,12 @@ class MixedLM:
             :class:`MixedLMParams` (``cov_re`` relative to the residual variance, as statsmodels)
             or an array of lme4's theta (in lme4's order of the terms).
         maxiter
-            Iteration limit for L-BFGS-B.
+            Iteration limit (of the Newton steps that come first, and of L-BFGS-B).
         method
-            Only ``"lbfgs"`` (L-BFGS-B with the analytic gradient); statsmodels' other names are
-            accepted for compatibility and mean the same.
+            Only ``"lbfgs"``: the analytic gradient, with L-BFGS-B, after Newton steps where they
+            pay (from a subsample fit for many groups; with the average-information matrix for
+            crossed terms; :mod:`bigmixed.optimize`); statsmodels' other names are accepted for
+            compatibility and mean the same.
         gtol
             Convergence threshold on the gradient, relative to the deviance.
         """
