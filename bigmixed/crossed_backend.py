@@ -160,21 +160,25 @@ class CrossedBackend:
                 lc, oc, v, other = pr.kcodes, pr.jcodes, pr.vals, pr.j
             else:
                 lc, oc, v, other = pr.jcodes, pr.kcodes, np.swapaxes(pr.vals, 1, 2), pr.k
-            W = np.zeros((lc.size, Qr, q0))
-            W[:, :self.qs[other], :] = v
+            W = v
+            if v.shape[1] != Qr:  # padded to the widest rest term
+                W = np.zeros((lc.size, Qr, q0))
+                W[:, :self.qs[other], :] = v
             keys.append(lc)
             cols.append(self.pos[other][oc])
             terms_.append(np.full(lc.size, self.rest.index(other)))
             vals.append(W)
-        lc = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-        pc = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        def joined(parts: list, empty: np.ndarray) -> np.ndarray:  # no copy for the one pair list of two terms
+            return parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else empty)
+
+        lc = joined(keys, np.zeros(0, np.int64))
+        pc = joined(cols, np.zeros(0, np.int64))
         # rows ascending within a level (crossed_update writes below the diagonal); one int64 key
         # (level, row) sorts faster than a two-key lexsort
         order = np.argsort(lc.astype(np.int64) * (self.m + 1) + pc, kind="stable")
-        self.pcol = np.ascontiguousarray(pc[order]).astype(np.int64)
-        self.pterm = np.ascontiguousarray(np.concatenate(terms_)[order]).astype(np.int64) if terms_ \
-            else np.zeros(0, np.int64)
-        self.W = np.ascontiguousarray(np.concatenate(vals)[order]) if vals else np.zeros((0, Qr, q0))
+        self.pcol = np.ascontiguousarray(pc[order]).astype(np.int64, copy=False)
+        self.pterm = np.ascontiguousarray(joined(terms_, np.zeros(0, np.int64))[order]).astype(np.int64, copy=False)
+        self.W = np.ascontiguousarray(joined(vals, np.zeros((0, Qr, q0)))[order], dtype=float)
         self.ptr = np.concatenate(([0], np.cumsum(np.bincount(lc, minlength=st.terms[lead].n_groups)))).astype(np.int64)
 
     def _row_chunks(self) -> np.ndarray:
@@ -187,9 +191,11 @@ class CrossedBackend:
 
     def _row_owners(self, row_chunks: np.ndarray) -> None:
         """Each row range's pairs, in level order, so a thread visits only the pairs it writes."""
-        self.plev = np.repeat(np.arange(self.ptr.size - 1), np.diff(self.ptr)).astype(np.int64)
+        self.plev = np.repeat(np.arange(self.ptr.size - 1), np.diff(self.ptr)).astype(np.int64, copy=False)
         owner = np.searchsorted(row_chunks, self.pcol, side="right") - 1
-        self.eorder = np.argsort(owner, kind="stable").astype(np.int64)
+        # at most N_CHUNKS owners: as 16-bit keys the stable sort is a radix sort (linear)
+        key = owner.astype(np.int16) if row_chunks.size <= np.iinfo(np.int16).max else owner
+        self.eorder = np.argsort(key, kind="stable").astype(np.int64, copy=False)
         counts = np.bincount(owner, minlength=row_chunks.size - 1)
         self.eptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 
