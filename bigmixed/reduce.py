@@ -398,7 +398,7 @@ class Reducer:
             if parts:
                 keys = np.concatenate([p[0] for p in parts])
                 vals = np.concatenate([p[1] for p in parts])
-                keys, vals = _kernels.merge_pairs(keys, vals) if len(parts) > 1 else (keys, vals)
+                keys, vals = _kernels.merge_pairs(keys, vals, max(nj, 1)) if len(parts) > 1 else (keys, vals)
             else:
                 keys, vals = np.zeros(0, np.int64), np.zeros((0, terms[j].q, terms[k].q))
             out.append(PairStats(k, j, keys // max(nj, 1), keys % max(nj, 1), vals))

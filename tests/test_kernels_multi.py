@@ -788,3 +788,28 @@ def test_layout_kernels_match_numpy():
             want[rows, base + a * width: base + a * width + qb] = src[:, a, :]
         _kernels.scatter_blocks(dst, rows, src.reshape(rows.size, -1), qa, qb, width, base)
         np.testing.assert_array_equal(dst, want)
+
+
+@pytest.mark.parametrize("nk, nj, m", [(1, 1, 50), (3, 1_000, 5_000), (2_000, 7, 20_000), (1, 5, 0), (500, 500, 1)])
+def test_pair_order_is_a_stable_sort_of_the_keys(nk, nj, m):
+    """The counting sort behind pair_products and merge_pairs against numpy's stable sort of
+    ``ck * nj + cj`` (many equal keys: their order must stay the rows' order)."""
+    rng = np.random.default_rng(nk + nj + m)
+    ck = rng.integers(0, nk, m).astype(np.int64)
+    cj = rng.integers(0, nj, m).astype(np.int64)
+    order = _kernels.pair_order(ck, cj, nk, nj)
+    np.testing.assert_array_equal(order, np.argsort(ck * nj + cj, kind="stable"))
+
+
+def test_merge_pairs_sums_equal_keys_in_row_order():
+    """merge_pairs against a numpy twin: sorted unique keys, blocks summed in the order given."""
+    rng = np.random.default_rng(3)
+    nj = 37
+    keys = rng.integers(0, 50 * nj, 4_000).astype(np.int64)
+    vals = rng.normal(size=(4_000, 2, 1))
+    uk, out = _kernels.merge_pairs(keys, vals, nj)
+    sums: dict[int, np.ndarray] = {}
+    for i in np.argsort(keys, kind="stable"):  # one add at a time, in that order: the kernel's bits
+        sums[int(keys[i])] = sums[int(keys[i])] + vals[i] if int(keys[i]) in sums else vals[i].copy()
+    np.testing.assert_array_equal(uk, sorted(sums))
+    np.testing.assert_array_equal(out, np.stack([sums[k] for k in sorted(sums)]))

@@ -49,6 +49,7 @@ from ._rows import (
     number_keys,
     pack_string_views,
     pack_strings,
+    pair_order,
     pair_products,
     rehash_first_seen,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "split_records",
     "sum_records",
     "accumulate_level_xx",
+    "pair_order",
     "pair_products",
     "merge_pairs",
     "nested_evaluate",

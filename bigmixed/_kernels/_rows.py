@@ -315,6 +315,36 @@ def complete_rows(codes, XT, ZT, y, nthreads):
 
 
 @njit(**_JIT)
+def pair_order(ck, cj, nk, nj):
+    """Indices that sort the pairs ``(ck, cj)`` (``0 <= ck < nk``, ``0 <= cj < nj``) by ``ck``, then
+    ``cj``, stably: two counting-sort passes (``cj``, then ``ck``), linear where a comparison sort
+    of the keys ``ck * nj + cj`` is not; the same order as a stable sort of those keys."""
+    m = ck.shape[0]
+    cnt = np.zeros(nj + 1, dtype=np.int64)
+    for i in range(m):
+        cnt[cj[i] + 1] += 1
+    for v in range(nj):
+        cnt[v + 1] += cnt[v]
+    first = np.empty(m, dtype=np.int64)
+    for i in range(m):
+        v = cj[i]
+        first[cnt[v]] = i
+        cnt[v] += 1
+    cnt = np.zeros(nk + 1, dtype=np.int64)
+    for i in range(m):
+        cnt[ck[i] + 1] += 1
+    for v in range(nk):
+        cnt[v + 1] += cnt[v]
+    order = np.empty(m, dtype=np.int64)
+    for t in range(m):
+        i = first[t]
+        v = ck[i]
+        order[cnt[v]] = i
+        cnt[v] += 1
+    return order
+
+
+@njit(**_JIT)
 def pair_products(ck, cj, nj, ZkT, ZjT, zks, zki, zjs, zji, w):
     """Pair keys ``c_k * nj + c_j`` and blocks ``z_j z_k'`` of the rows (``c_k >= 0``), summed per key.
 
@@ -329,13 +359,19 @@ def pair_products(ck, cj, nj, ZkT, ZjT, zks, zki, zjs, zji, w):
             m += 1
     keys = np.empty(m, dtype=np.int64)
     rows = np.empty(m, dtype=np.int64)
+    sk = np.empty(m, dtype=np.int64)
+    sj = np.empty(m, dtype=np.int64)
     m = 0
+    nk = 0
     for r in range(N):
         if ck[r] >= 0:
             keys[m] = ck[r] * nj + cj[r]
             rows[m] = r
+            sk[m] = ck[r]
+            sj[m] = cj[r]
+            nk = max(nk, ck[r] + 1)
             m += 1
-    order = np.argsort(keys, kind="mergesort")
+    order = pair_order(sk, sj, nk, nj)
     nu = 0
     for i in range(m):
         if i == 0 or keys[order[i]] != keys[order[i - 1]]:
@@ -363,10 +399,13 @@ def pair_products(ck, cj, nj, ZkT, ZjT, zks, zki, zjs, zji, w):
 
 
 @njit(**_JIT)
-def merge_pairs(keys, vals):
-    """Sum the blocks of equal keys (``keys`` concatenated from chunks); stable, sorted result."""
+def merge_pairs(keys, vals, nj):
+    """Sum the blocks of equal keys ``ck * nj + cj`` (concatenated from chunks); stable, sorted result."""
     m = keys.shape[0]
-    order = np.argsort(keys, kind="mergesort")
+    nk = 0
+    for i in range(m):
+        nk = max(nk, keys[i] // nj + 1)
+    order = pair_order(keys // nj, keys % nj, nk, nj)
     nu = 0
     for i in range(m):
         if i == 0 or keys[order[i]] != keys[order[i - 1]]:
