@@ -314,34 +314,30 @@ def complete_rows(codes, XT, ZT, y, nthreads):
     return ok
 
 
+@njit(inline="always", **_JIT)
+def _counting_pass(codes, n, idx):
+    """The indices ``idx`` stably sorted by ``codes[idx]`` (``0 <= codes < n``): one counting sort."""
+    m = idx.shape[0]
+    cnt = np.zeros(n + 1, dtype=np.int64)
+    for t in range(m):
+        cnt[codes[idx[t]] + 1] += 1
+    for v in range(n):
+        cnt[v + 1] += cnt[v]
+    out = np.empty(m, dtype=np.int64)
+    for t in range(m):
+        i = idx[t]
+        v = codes[i]
+        out[cnt[v]] = i
+        cnt[v] += 1
+    return out
+
+
 @njit(**_JIT)
 def pair_order(ck, cj, nk, nj):
     """Indices that sort the pairs ``(ck, cj)`` (``0 <= ck < nk``, ``0 <= cj < nj``) by ``ck``, then
     ``cj``, stably: two counting-sort passes (``cj``, then ``ck``), linear where a comparison sort
     of the keys ``ck * nj + cj`` is not; the same order as a stable sort of those keys."""
-    m = ck.shape[0]
-    cnt = np.zeros(nj + 1, dtype=np.int64)
-    for i in range(m):
-        cnt[cj[i] + 1] += 1
-    for v in range(nj):
-        cnt[v + 1] += cnt[v]
-    first = np.empty(m, dtype=np.int64)
-    for i in range(m):
-        v = cj[i]
-        first[cnt[v]] = i
-        cnt[v] += 1
-    cnt = np.zeros(nk + 1, dtype=np.int64)
-    for i in range(m):
-        cnt[ck[i] + 1] += 1
-    for v in range(nk):
-        cnt[v + 1] += cnt[v]
-    order = np.empty(m, dtype=np.int64)
-    for t in range(m):
-        i = first[t]
-        v = ck[i]
-        order[cnt[v]] = i
-        cnt[v] += 1
-    return order
+    return _counting_pass(ck, nk, _counting_pass(cj, nj, np.arange(ck.shape[0])))
 
 
 @njit(**_JIT)
