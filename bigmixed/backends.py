@@ -164,7 +164,6 @@ class LocalBackend:
         return moment_start(self.stats, tmap)
 
 
-
 def subsample_backend(sub: Statistics, sample, level: int, nthreads: int | None):
     """A backend for the sampled levels: their statistics ``sub`` and their rows' sums from ``sample``."""
     XtX, Xty, yty, N = sample.at_least(level)
@@ -320,7 +319,6 @@ class NestedBackend:
 
     def moment_start(self, tmap) -> np.ndarray:
         return moment_start(self.stats, tmap)
-
 
 
 def _flat(blocks: np.ndarray) -> np.ndarray:
