@@ -52,14 +52,26 @@ def zz_times(stats: Statistics, j: int, k: int, v: np.ndarray) -> np.ndarray:
 
 def _residual_sums(lams: list, modes: list) -> list | None:
     """``Z_k' r`` per term from the spherical modes: the mixed-model equations give
-    ``Lambda' Z' r = u``, so ``Z_k' r = Lambda_k^-T u_k``; None where a Lambda is singular (a
-    variance at 0: the information is singular there too)."""
+    ``Lambda' Z' r = u``, so ``Z_k' r = Lambda_k^-T u_k``.
+
+    A column of Lambda that is 0 and alone in its block (a variance held at 0 by the Newton
+    route) has no working variate (``dH/dtheta`` is 0 there), so its entry of ``Z'r`` is not
+    needed: it is set to 0 and the rest solved without it.  None where a Lambda is singular
+    otherwise (a column at 0 among others; the information is singular there)."""
     out = []
     for lam, u in zip(lams, modes):
         d = np.abs(np.diag(lam))
-        if d.min() <= 1e-10 * max(1.0, d.max()):
+        zero = d == 0.0
+        off = np.abs(lam) * (1.0 - np.eye(lam.shape[0]))
+        alone = zero & ~off.any(axis=0) & ~off.any(axis=1)
+        keep = ~alone
+        if d[keep].size and d[keep].min() <= 1e-10 * max(1.0, d.max()):
             return None
-        out.append(np.linalg.solve(lam.T, u.T).T)  # s = Lambda^-T u, per level
+        s = np.zeros_like(u)
+        if keep.any():
+            sub = lam[np.ix_(keep, keep)]
+            s[:, keep] = np.linalg.solve(sub.T, u[:, keep].T).T  # s = Lambda^-T u, per level
+        out.append(s)
     return out
 
 

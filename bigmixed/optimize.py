@@ -8,8 +8,10 @@ Three routes to the same optimum (the same first-order test decides convergence)
   (:mod:`bigmixed.information`): the AI matrix at every point, from the
   factor the evaluation already holds and a few solves, instead of the
   Hessian; from the moment start 5-7 evaluations instead of L-BFGS-B's
-  13-17 (InstEval, 1e5 users x 2,000 items).  A point where it cannot be had
-  (a variance at 0: the matrix is singular) hands over to L-BFGS-B.
+  13-17 (InstEval, 1e5 users x 2,000 items).  A variance heading for 0 is
+  held there (the matrix is singular in that entry alone) and the boundary
+  probes check it; a point where the matrix cannot be had hands over to
+  L-BFGS-B.
 * **Subsample, then Newton** for many groups (at least 16 times
   ``WARM_GROUPS_MIN``): fit the same model to 2-4% of the groups, a sample
   by a hash of the key whose statistics the pass over the rows kept exactly
@@ -56,8 +58,9 @@ PROBE_STEPS = (1e-3, 1e-2, 1e-1)
 # The average information is taken as singular below this ratio of its smallest to its largest
 # eigenvalue (InstEval's is about 1/15 at the optimum; a slope's small moment start, 1e-5).
 INFO_COND_MIN = 1e-8
-# A Newton step with the average information that takes a scalar term's theta below this (the
-# optimiser's scaled units, theta ~ 1) through 0 hands over to L-BFGS-B: a variance at 0 in sight.
+# A Newton step with the average information that takes an even theta entry (a relative sd)
+# below this (the optimiser's scaled units, theta ~ 1) through 0, the deviance rising away from
+# 0, holds that entry at 0: a variance at 0 in sight.  From above, a step goes at most half way.
 FLIP_SMALL = 0.05
 # How often the optimiser may restart off a false boundary point.
 MAX_RESTARTS = 3
@@ -190,7 +193,7 @@ def minimize(
     start, n_iter, message, done = theta0, 0, "", False
     if objective.backend.information:
         done, start, n_iter = _newton(fg, theta0, None, lower, min(NEWTON_MAXITER, maxiter),
-                                      information=_information(objective), diag=_scalar_thetas(objective.map))
+                                      information=_information(objective), diag=_even_thetas(objective.map))
         message = "Newton steps with the average information converged" if done else ""
     elif warm_start:
         want = min(max(WARM_GROUPS_MIN, int(WARM_FRACTION * objective.backend.n_groups)), WARM_GROUPS_MAX)
@@ -346,27 +349,53 @@ def _subsample_guess(sub: Objective, theta0: np.ndarray, tmap, n_full: int,
     return th, H
 
 
-def _scalar_thetas(tmap) -> np.ndarray:
-    """Which theta entries are a scalar term's (``(1 | g)``, ``(0 + x | g)``): relative sds."""
-    return np.concatenate([t.is_diag & (t.q == 1) for t in tmap.terms]) if tmap.terms else np.zeros(0, bool)
+def _even_thetas(tmap) -> np.ndarray:
+    """Which theta entries the deviance is even in: a diagonal of Lambda alone in its column
+    (a scalar term ``(1 | g)``, each entry of ``(x || g)``), a relative standard deviation."""
+    parts = []
+    for t in tmap.terms:
+        alone = np.array([np.sum(t.cols == c) == 1 for c in t.cols], dtype=bool)
+        parts.append(t.is_diag & alone)
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
 def _information(objective):
-    """The average information at theta, or None where it cannot be had or is singular (the
-    caller gives up)."""
+    """The average information at theta, or None where it cannot be had (the caller gives up)."""
 
     def info(theta: np.ndarray) -> np.ndarray | None:
         try:
             with np.errstate(all="ignore"):
                 H = objective.information(theta)
-                if H is None or not np.all(np.isfinite(H)):
-                    return None
-                ev = np.linalg.eigvalsh(H)
         except (NumericalError, np.linalg.LinAlgError, FloatingPointError):
             return None
-        return H if ev[0] > INFO_COND_MIN * ev[-1] else None
+        return H if H is not None and np.all(np.isfinite(H)) else None
 
     return info
+
+
+def _newton_step(H: np.ndarray, g: np.ndarray, theta: np.ndarray, held: np.ndarray,
+                 information: bool) -> np.ndarray | None:
+    """The Newton step of the quadratic model ``g, H``, with the ``held`` entries taken to 0.
+
+    The other entries minimise the model given those moves.  None where the matrix of the free
+    entries is not positive definite (or, for the average information, numerically singular).
+    """
+    free = ~held
+    Hf, gf = H[np.ix_(free, free)], g[free]
+    step = np.zeros_like(theta)
+    step[held] = -theta[held]
+    if held.any():
+        gf = gf + H[np.ix_(free, held)] @ step[held]
+    if information and gf.size:
+        ev = np.linalg.eigvalsh(Hf)
+        if not ev[0] > INFO_COND_MIN * ev[-1]:
+            return None
+    try:
+        L = np.linalg.cholesky(Hf)
+    except np.linalg.LinAlgError:
+        return None
+    step[free] = -np.linalg.solve(L.T, np.linalg.solve(L, gf))
+    return step
 
 
 def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxiter: int, information=None,
@@ -375,12 +404,13 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
 
     With ``information`` (theta -> matrix or None) ``H`` is that matrix at every point instead
     (Fisher scoring with the average information, :mod:`bigmixed.information`), which needs no
-    point near the optimum: the steps are halved until they descend.  A step that takes the
-    theta of a scalar term (``diag``: a relative standard deviation) through 0 goes at most half
-    way to 0 from afar, and gives up from below ``FLIP_SMALL``: a variance at 0 is in sight,
-    which L-BFGS-B and the boundary probes settle in fewer evaluations than steps with a matrix
-    that becomes singular there.  (The diagonal of a vector term's Lambda is free to cross 0:
-    the deviance is even in each column, and the moment start of a slope's entry is often small.)
+    point near the optimum: the steps are halved until they descend.  ``diag`` marks the entries
+    the deviance is even in (:func:`_even_thetas`).  A step that takes one of them through 0
+    goes at most half way to 0 from afar.  From below ``FLIP_SMALL``, where the deviance rises
+    away from 0, the entry is held: taken to 0 and kept there while the others converge (the
+    information is singular in it at 0); the boundary probes of :func:`minimize` then check
+    that 0 is its optimum.  Otherwise such a step gives up.  (The diagonal of a correlated
+    term's Lambda is free to cross 0: the deviance is even in its whole column only.)
 
     Returns ``(converged, theta, iterations)``.  Converged means the predicted
     decrease ``g' H^-1 g / 2`` fell below the relative ``FTOL`` that stops L-BFGS-B,
@@ -397,27 +427,33 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
         return False, theta, 0
     tol = FTOL * max(1.0, abs(f))
     confirmed = False  # the last step gained what the quadratic model predicted
+    held = np.zeros(theta.size, dtype=bool)  # even entries taken to 0 (the information route)
     for it in range(1, maxiter + 1):
         if information is not None:
-            if H is not None and _predicted(H, g) <= 1e-3 * tol:
+            free = ~held
+            if H is not None and not theta[held].any() and _predicted(H[np.ix_(free, free)], g[free]) <= 1e-3 * tol:
                 return True, theta, it - 1  # converged by the last matrix: this point's is not needed
             H = information(theta)
             if H is None:
                 return False, theta, it - 1
-        try:
-            L = np.linalg.cholesky(H)
-        except np.linalg.LinAlgError:
+        step = _newton_step(H, g, theta, held, information is not None)
+        if step is not None and information is not None and diag is not None:
+            hold = _to_hold(theta, step, g, diag & ~held)
+            if hold.any():
+                held |= hold
+                step = _newton_step(H, g, theta, held, True)
+        if step is None:
             return False, theta, it - 1
-        step = -np.linalg.solve(L.T, np.linalg.solve(L, g))
         slope = float(g @ step)  # < 0: a descent direction, H being positive definite
         predicted = -0.5 * slope
         # With the average information the last step is cheap and pins the flat directions of
         # crossed terms (a 14-level factor's theta) well below what FTOL of the deviance would.
-        if predicted <= 1e-3 * tol or (confirmed and predicted <= tol and information is None):
+        settled = not theta[held].any()
+        if settled and (predicted <= 1e-3 * tol or (confirmed and predicted <= tol and information is None)):
             return True, theta, it - 1
-        t = 1.0 if diag is None else _first_step(theta, step, diag)
-        if t == 0.0:
+        if not slope < 0.0:  # held entries' moves against the gradient
             return False, theta, it - 1
+        t = 1.0 if diag is None else _first_step(theta, step, diag & ~held)
         for _ in range(4 if information is None else 6):  # halve a step that does not descend enough (Armijo)
             new = theta + t * step
             if np.any(new < lower):
@@ -427,7 +463,7 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
                 break
             t *= 0.5
         else:
-            return predicted <= tol, theta, it
+            return settled and predicted <= tol, theta, it
         confirmed = t == 1.0 and 0.5 * predicted <= f - fn <= 2.0 * predicted
         s, yv = new - theta, gn - g
         sy = float(s @ yv)
@@ -438,15 +474,19 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
     return False, theta, maxiter
 
 
-def _first_step(theta: np.ndarray, step: np.ndarray, diag: np.ndarray) -> float:
-    """The first step length to try: 1, at most half way to 0 for an entry of ``diag`` the step
-    takes through 0, or 0 (give up) when that entry is below ``FLIP_SMALL`` already."""
-    flip = diag & (theta != 0.0) & (np.sign(theta + step) != np.sign(theta))
-    if not np.any(flip):
+def _to_hold(theta: np.ndarray, step: np.ndarray, g: np.ndarray, even: np.ndarray) -> np.ndarray:
+    """Even entries to hold at 0: below ``FLIP_SMALL``, stepped through 0, the deviance rising away from 0."""
+    flip = even & (theta != 0.0) & (np.sign(theta + step) != np.sign(theta))
+    return flip & (np.abs(theta) < FLIP_SMALL) & (g * theta > 0.0)
+
+
+def _first_step(theta: np.ndarray, step: np.ndarray, even: np.ndarray) -> float:
+    """The first step length to try: 1, or at most half way to 0 for an ``even`` entry the step
+    takes through 0 from ``FLIP_SMALL`` or more (from below, the mirror image is as good a point)."""
+    far = even & (np.abs(theta) >= FLIP_SMALL) & (np.sign(theta + step) != np.sign(theta))
+    if not np.any(far):
         return 1.0
-    if np.any(flip & (np.abs(theta) < FLIP_SMALL)):
-        return 0.0
-    return min(1.0, 0.5 * float(np.min(np.abs(theta[flip] / step[flip]))))
+    return min(1.0, 0.5 * float(np.min(np.abs(theta[far] / step[far]))))
 
 
 def _predicted(H: np.ndarray, g: np.ndarray) -> float:
