@@ -400,4 +400,4 @@ class CrossedBackend:
         return CrossedBackend(self.stats.transform_z(Ms), self.names, self.nthreads)
 
     def moment_start(self, tmap) -> np.ndarray:
-        return moment_start(self.stats, tmap)
+        return moment_start(self.stats, tmap, crossed=True)
