@@ -15,7 +15,7 @@ process (lme4 through Rscript), REML:
    nested / single is reported); mixedlm and lme4 up to
    ``--nested-peer-max`` children.
 3. **crossed** - :func:`bigmixed.simulate.simulate_crossed_to_parquet`, ``y ~ x
-   + (1|user) + (1|item)`` at ``--crossed`` sizes (users:items:rows; default
+   + (1|user) + (1|item)`` (or ``--crossed-formula``) at ``--crossed`` sizes (users:items:rows; default
    1e5:2000:1e6 and 1e6:2000:1e7) in ``--files`` parquet files.  bigmixed in
    memory (the files read into one frame before timing) and *bigmixed-parquet*
    (given the files' glob: reading is inside its fit time); the two criteria
@@ -447,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                          "bigmixed runs at all sizes)")
     ap.add_argument("--crossed-peer-max", default="mixedlm=1e5,lme4=1e5",
                     help="largest number of users each peer is run at (default mixedlm=1e5,lme4=1e5)")
+    ap.add_argument("--crossed-formula", default=FORMULAS["crossed"],
+                    help=f"model of the crossed benchmark (default {FORMULAS['crossed']!r}; e.g. with "
+                         "'(x || user)': a slope variance at 0 on these data)")
     ap.add_argument("--files", type=int, default=8, help="parquet files of the crossed data")
     ap.add_argument("--budget", type=float, default=600.0, help="seconds per run")
     ap.add_argument("--seed", type=int, default=1)
@@ -466,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     nested_txt = a.nested or (TRIAL if a.trial else DEFAULTS)["nested"]
     crossed_txt = a.crossed or (TRIAL if a.trial else DEFAULTS)["crossed"]
     nested_sizes, crossed_sizes = _sizes(nested_txt, 2), _sizes(crossed_txt, 3)
+    default_crossed = FORMULAS["crossed"]
+    FORMULAS["crossed"] = a.crossed_formula  # this run's model (the children and the report read it)
     full = (not a.trial and set(benches) == set(BENCH_LIBS) and libs == set(ALL_LIBS)
+            and a.crossed_formula == default_crossed
             and nested_sizes == _sizes(DEFAULTS["nested"], 2) and crossed_sizes == _sizes(DEFAULTS["crossed"], 3))
     out_dir = a.out_dir or (BENCH_DIR if full else BENCH_DIR / "data" / "multiterm-trial")
     nested_max, crossed_max = _peer_max(a.nested_peer_max), _peer_max(a.crossed_peer_max)
