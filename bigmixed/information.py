@@ -50,29 +50,45 @@ def zz_times(stats: Statistics, j: int, k: int, v: np.ndarray) -> np.ndarray:
     return out
 
 
-def _residual_sums(lams: list, modes: list) -> list | None:
+def _residual_sums(lams: list, modes: list, stats: Statistics | None = None,
+                   beta: np.ndarray | None = None) -> list | None:
     """``Z_k' r`` per term from the spherical modes: the mixed-model equations give
     ``Lambda' Z' r = u``, so ``Z_k' r = Lambda_k^-T u_k``.
 
     A column of Lambda that is 0 and alone in its block (a variance held at 0 by the Newton
     route) has no working variate (``dH/dtheta`` is 0 there), so its entry of ``Z'r`` is not
-    needed: it is set to 0 and the rest solved without it.  None where a Lambda is singular
-    otherwise (a column at 0 among others; the information is singular there)."""
-    out = []
-    for lam, u in zip(lams, modes):
-        d = np.abs(np.diag(lam))
-        zero = d == 0.0
-        off = np.abs(lam) * (1.0 - np.eye(lam.shape[0]))
-        alone = zero & ~off.any(axis=0) & ~off.any(axis=1)
-        keep = ~alone
-        if d[keep].size and d[keep].min() <= 1e-10 * max(1.0, d.max()):
-            return None
-        s = np.zeros_like(u)
-        if keep.any():
-            sub = lam[np.ix_(keep, keep)]
-            s[:, keep] = np.linalg.solve(sub.T, u[:, keep].T).T  # s = Lambda^-T u, per level
+    needed: it is set to 0 and the rest solved without it.  Where a Lambda is singular otherwise
+    (a correlated term's last diagonal at 0: a correlation of +-1) the term's sums come from the
+    statistics, ``Z_k'y - Z_k'X beta - sum_j Z_k'Z_j b_j``; None if they are not given.
+    """
+    out, b = [], None
+    for k, (lam, u) in enumerate(zip(lams, modes)):
+        s = _sums_from_modes(lam, u)
+        if s is None:
+            if stats is None or beta is None:
+                return None
+            if b is None:
+                b = [uj @ lj.T for uj, lj in zip(modes, lams)]
+            t = stats.terms[k]
+            s = t.c - np.einsum("gap,p->ga", t.B, beta)
+            for j in range(len(stats.terms)):
+                s = s - zz_times(stats, k, j, b[j])
         out.append(s)
     return out
+
+
+def _sums_from_modes(lam: np.ndarray, u: np.ndarray) -> np.ndarray | None:
+    d = np.abs(np.diag(lam))
+    zero = d == 0.0
+    off = np.abs(lam) * (1.0 - np.eye(lam.shape[0]))
+    keep = ~(zero & ~off.any(axis=0) & ~off.any(axis=1))  # all but the zero columns alone in their block
+    if d[keep].size and d[keep].min() <= 1e-10 * max(1.0, d.max()):
+        return None
+    s = np.zeros_like(u)
+    if keep.any():
+        sub = lam[np.ix_(keep, keep)]
+        s[:, keep] = np.linalg.solve(sub.T, u[:, keep].T).T  # s = Lambda^-T u, per level
+    return s
 
 
 def _variates(tmap, lams: list, sums: list) -> list:
@@ -95,7 +111,7 @@ def average_information(objective, theta: np.ndarray) -> np.ndarray | None:
         return None
     stats = be.stats
     sol = objective.solve(theta)
-    sums = _residual_sums(sol.lams, be.spherical_modes(sol.lams, sol.beta))
+    sums = _residual_sums(sol.lams, be.spherical_modes(sol.lams, sol.beta), stats, sol.beta)
     if sums is None:
         return None
     variates = _variates(objective.map, sol.lams, sums)
