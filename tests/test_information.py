@@ -1,5 +1,7 @@
 """The average-information matrix of crossed fits (bigmixed.information) and the Newton route that uses it."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,20 @@ def test_even_entries_are_the_diagonals_alone_in_their_column():
     tmap = ThetaMap([1, 2, 2], [None, ((0,), (1,)), None], [(), (), ()], [None, None, None])
     # (1|g): its entry; (x||g): both diagonals; (x|g): Lambda's (0,0) shares its column with (1,0)
     np.testing.assert_array_equal(optimize._even_thetas(tmap), [True, True, True, False, False, True])
+
+
+@pytest.mark.parametrize("formula", [SCALAR, "y ~ x + (x || user) + (1|item)", SLOPE])
+@pytest.mark.parametrize("sd_item, seed", [(0.0, 0), (0.0, 2), (0.03, 0), (0.1, 1)])
+def test_holding_at_zero_never_ends_above_lbfgsb(formula, sd_item, seed, monkeypatch):
+    """Eight items with little or no item variance and users with 7-8 rows: optima at 0, or just off
+    it (theta_item ~ 0.01, where a hold is wrong and the probes must release it), from moment starts
+    that can be far off.  Whatever the route takes, it ends at L-BFGS-B's optimum or lower."""
+    df = simulate_crossed(2_000, 8, 15_000, seed=seed, sd_item=sd_item, min_rows_per_item=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bm.SingularFitWarning)
+        ai = bm.lmer(formula, df)
+        monkeypatch.setattr(CrossedBackend, "information", False)
+        lb = bm.lmer(formula, df)
+    assert ai.converged and lb.converged
+    assert ai.objective <= lb.objective + 1e-10 * abs(lb.objective)
+    assert ai.is_singular == lb.is_singular
