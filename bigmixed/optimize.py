@@ -409,8 +409,10 @@ def _newton(fg, theta: np.ndarray, H: np.ndarray | None, lower: np.ndarray, maxi
     goes at most half way to 0 from afar.  From below ``FLIP_SMALL``, where the deviance rises
     away from 0, the entry is held: taken to 0 and kept there while the others converge (the
     information is singular in it at 0); the boundary probes of :func:`minimize` then check
-    that 0 is its optimum.  Otherwise such a step gives up.  (The diagonal of a correlated
-    term's Lambda is free to cross 0: the deviance is even in its whole column only.)
+    that 0 is its optimum.  From below ``FLIP_SMALL`` otherwise, the step crosses 0 (its mirror
+    image is as good a point).  (A diagonal sharing its column of Lambda with off-diagonal
+    entries, as all but the last of a correlated term's do, is free to cross 0: the deviance is
+    even in the whole column only.)
 
     Returns ``(converged, theta, iterations)``.  Converged means the predicted
     decrease ``g' H^-1 g / 2`` fell below the relative ``FTOL`` that stops L-BFGS-B,
