@@ -78,6 +78,7 @@ def _residual_sums(lams: list, modes: list, stats: Statistics | None = None,
 
 
 def _sums_from_modes(lam: np.ndarray, u: np.ndarray) -> np.ndarray | None:
+    """``Lambda^-T u`` per level, 0 in the zero columns alone in their block; None if singular otherwise."""
     d = np.abs(np.diag(lam))
     zero = d == 0.0
     off = np.abs(lam) * (1.0 - np.eye(lam.shape[0]))
