@@ -125,6 +125,18 @@ def test_a_failing_information_hands_over_to_lbfgsb(crossed, monkeypatch):
     assert res.converged and not res.optimizer.message.startswith("Newton")
 
 
+def _held_fits(formula, df, monkeypatch):
+    """The fit by the Newton route, then by L-BFGS-B alone: both singular; the Newton route's by it."""
+    with pytest.warns(bm.SingularFitWarning):
+        ai = bm.lmer(formula, df)
+    monkeypatch.setattr(CrossedBackend, "information", False)
+    with pytest.warns(bm.SingularFitWarning):
+        lb = bm.lmer(formula, df)
+    assert ai.converged and lb.converged
+    assert ai.optimizer.message.startswith("Newton steps with the average information")
+    return ai, lb
+
+
 @pytest.mark.parametrize("seed", [1, 4])
 def test_a_variance_at_zero_is_held_there(seed, monkeypatch):
     """Five items with no item effect: the optimum has theta_item = 0, where the information is
@@ -132,13 +144,7 @@ def test_a_variance_at_zero_is_held_there(seed, monkeypatch):
     other converges (no creeping towards 0, no hand-over to L-BFGS-B); the boundary probes
     confirm it.  The same boundary optimum as L-BFGS-B, in fewer evaluations."""
     df = simulate_crossed(3_000, 5, 20_000, seed=seed, sd_item=0.0, min_rows_per_item=1)
-    with pytest.warns(bm.SingularFitWarning):
-        ai = bm.lmer(SCALAR, df)
-    monkeypatch.setattr(CrossedBackend, "information", False)
-    with pytest.warns(bm.SingularFitWarning):
-        lb = bm.lmer(SCALAR, df)
-    assert ai.converged and lb.converged
-    assert ai.optimizer.message.startswith("Newton steps with the average information")
+    ai, lb = _held_fits(SCALAR, df, monkeypatch)
     assert ai.theta[1] == 0.0 == lb.theta[1]
     assert ai.optimizer.n_evals < lb.optimizer.n_evals
     assert ai.objective == pytest.approx(lb.objective, rel=1e-12)
@@ -151,13 +157,7 @@ def test_a_slope_at_zero_is_held_there(formula, k, monkeypatch):
     diagonal (alone in its column), a correlation of +-1, where Z'r comes from the statistics.
     L-BFGS-B's optimum, in fewer evaluations."""
     df = simulate_crossed(3_000, 60, 30_000, seed=3)
-    with pytest.warns(bm.SingularFitWarning):
-        ai = bm.lmer(formula, df)
-    monkeypatch.setattr(CrossedBackend, "information", False)
-    with pytest.warns(bm.SingularFitWarning):
-        lb = bm.lmer(formula, df)
-    assert ai.converged and lb.converged
-    assert ai.optimizer.message.startswith("Newton steps with the average information")
+    ai, lb = _held_fits(formula, df, monkeypatch)
     assert ai.theta[k] == 0.0 == lb.theta[k]
     assert ai.optimizer.n_evals < lb.optimizer.n_evals
     assert ai.objective <= lb.objective + 1e-12 * abs(lb.objective)
