@@ -7,8 +7,8 @@ Three routes to the same optimum (the same first-order test decides convergence)
 * **Newton steps with the average information** for crossed terms
   (:mod:`bigmixed.information`): the AI matrix at every point, from the
   factor the evaluation already holds and a few solves, instead of the
-  Hessian; from the moment start 5-7 evaluations instead of L-BFGS-B's
-  13-17 (InstEval, 1e5 users x 2,000 items).  A variance heading for 0 is
+  Hessian; from the moment start 6-7 evaluations instead of L-BFGS-B's
+  11-12 (InstEval, 1e5 users x 2,000 items).  A variance heading for 0 is
   held there (the matrix is singular in that entry alone) and the boundary
   probes check it; a point where the matrix cannot be had hands over to
   L-BFGS-B.
