@@ -11,12 +11,18 @@ below costs one pass over the levels and no evaluation of the deviance:
 
 (the moment identity E[b b'] = Psi + sigma^2 A^-1 for one term alone; crossed and nested terms
 bias it, which a start can afford), projected onto the term's covariance pattern and made
-positive definite, relative to sigma_ols^2.  For crossed terms (``crossed=True``) the OLS
-residual variance also holds every term's own variance, so theta is taken relative to what is
-left of it, ``sigma_ols^2 - sum_k tr(Psi_k sum_l A_l / N)`` (at least ``RESIDUAL_SHARE_MIN`` of
-it): 1e5 users x 2,000 items start at theta (0.96, 0.47) instead of (0.63, 0.33) for an optimum
-at (1.00, 0.49).  Nested terms would subtract an outer term's variance twice (a level's mean
-also carries the effect of the level it sits in), so they keep sigma_ols^2.
+positive definite, relative to sigma_ols^2.
+
+Crossed terms (``crossed=True``) change two things.  The OLS residual variance also holds every
+term's own variance, so theta is taken relative to what is left of it, ``sigma_ols^2 - sum_k
+tr(Psi_k sum_l A_l / N)`` (at least ``RESIDUAL_SHARE_MIN`` of it): 1e5 users x 2,000 items start
+at theta (0.96, 0.47) instead of (0.63, 0.33) for an optimum at (1.00, 0.49).  And a term with
+a slope takes Psi from ``sum_l e_l e_l' = sum_l A_l Psi A_l + sigma_w^2 sum_l A_l`` (``e_l =
+Z_l'(y - X beta_ols)``, ``sigma_w^2`` the within-level residual variance): users with 2-3 rows
+have nearly singular A_l, whose own effects ``A_l^+ e_l`` swing the moments above negative (every
+entry floored), while here they weigh little.  Nested terms would subtract an outer term's
+variance twice (a level's mean also carries the effect of the level it sits in), so they keep
+the moments above relative to sigma_ols^2.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from . import _kernels
 from .stats import Statistics
 from .terms import ThetaMap
 
-__all__ = ["moment_start", "ols_moments", "term_moments", "theta_from_moments", "psd_pinv"]
+__all__ = ["moment_start", "ols_moments", "term_moments", "level_sums", "theta_from_moments", "theta_from_psi", "psd_pinv"]
 
 # singular values below this share of the largest count as 0 (numpy's pinv default)
 _RCOND = 1e-15
@@ -89,24 +95,37 @@ def term_moments(t, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
     These sums add up over disjoint sets of levels (the Dask owners send theirs).
     """
+    return level_sums(t, beta)[:3]
+
+
+def level_sums(t, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """:func:`term_moments` and ``(sum_l e_l' b_l, sum_l rank A_l)``: the sum of squares the
+    levels' own effects explain, and the parameters they use (for the within-level variance)."""
     if t.n_groups == 0:
-        return np.zeros((t.q, t.q)), np.zeros((t.q, t.q)), 0.0
+        return np.zeros((t.q, t.q)), np.zeros((t.q, t.q)), 0.0, 0.0, 0.0
     if t.q <= 2:  # one pass in a kernel: the numpy below makes a dozen temporaries of G blocks
-        bb, ai, n = _kernels.moment_sums(t.A, t.B, t.c, t.n, np.ascontiguousarray(beta, dtype=float), _RCOND,
-                                         _MOMENT_CHUNKS)
-        return bb.sum(axis=0), ai.sum(axis=0), float(n.sum())
+        bb, ai, n, eb, rk = _kernels.moment_sums(t.A, t.B, t.c, t.n, np.ascontiguousarray(beta, dtype=float),
+                                                 _RCOND, _MOMENT_CHUNKS)
+        return bb.sum(axis=0), ai.sum(axis=0), float(n.sum()), float(eb.sum()), float(rk.sum())
     e = t.c - np.einsum("gqp,p->gq", t.B, beta)
     Ainv = psd_pinv(t.A)
     b = np.einsum("gab,gb->ga", Ainv, e)
     n = t.n.astype(float)
-    return np.einsum("g,ga,gb->ab", n, b, b), np.einsum("g,gab->ab", n, Ainv), float(n.sum())
+    vals = np.linalg.eigvalsh(t.A)
+    rank = float(np.sum(vals > _RCOND * np.maximum(vals.max(axis=1, keepdims=True), 0.0)))
+    return (np.einsum("g,ga,gb->ab", n, b, b), np.einsum("g,gab->ab", n, Ainv), float(n.sum()),
+            float(np.sum(e * b)), rank)
 
 
 def theta_from_moments(moments: list, s2: float, tmap: ThetaMap, floor: float = 1e-2) -> np.ndarray:
     """theta from each term's :func:`term_moments`, relative to the residual variance ``s2``."""
+    return theta_from_psi([(Sbb - s2 * SA) / max(n, 1.0) for Sbb, SA, n in moments], s2, tmap, floor)
+
+
+def theta_from_psi(psis: list, s2: float, tmap: ThetaMap, floor: float = 1e-2) -> np.ndarray:
+    """theta from each term's covariance estimate ``Psi``, relative to the residual variance ``s2``."""
     parts = []
-    for (Sbb, SA, n), tt in zip(moments, tmap.terms):
-        psi = (Sbb - s2 * SA) / max(n, 1.0)
+    for psi, tt in zip(psis, tmap.terms):
         rel = _pattern(psi / s2, tt)
         vals, vecs = np.linalg.eigh(rel)
         rel = (vecs * np.maximum(vals, floor**2)) @ vecs.T
@@ -119,24 +138,47 @@ def theta_from_moments(moments: list, s2: float, tmap: ThetaMap, floor: float = 
 def moment_start(stats: Statistics, tmap: ThetaMap, floor: float = 1e-2, crossed: bool = False) -> np.ndarray:
     """theta (the model's order) from the moments above; diagonal entries at least ``floor``.
 
-    ``crossed``: relative to the residual variance left once every term's is taken out of the
-    OLS one (module docstring).
+    ``crossed``: relative to the residual variance left once every term's share is taken out of
+    the OLS one, and a slope term's Psi weighted by its levels' information (module docstring).
     """
     beta, s2 = ols_moments(stats.XtX, stats.Xty, stats.yty, stats.N)
-    moments = [term_moments(t, beta) for t in stats.terms]
-    if crossed:
-        s2 = _residual_variance(moments, stats, s2)
-    return theta_from_moments(moments, s2, tmap, floor)
+    if not crossed:
+        return theta_from_moments([term_moments(t, beta) for t in stats.terms], s2, tmap, floor)
+    ee = s2 * max(stats.N - stats.XtX.shape[0], 1)  # e'e of the OLS fit
+    sums = [None if t.q >= 2 else term_moments(t, beta) for t in stats.terms]
+    first = [_crossed_psi(t, beta, ee, stats.N) if m is None else (m[0] - s2 * m[1]) / max(m[2], 1.0)
+             for t, m in zip(stats.terms, sums)]
+    s2e = _residual_variance(first, stats, s2)
+    # a scalar term's level means are well conditioned: their noise is taken as the residual
+    # variance left, as the theta are
+    psis = [p if m is None else (m[0] - s2e * m[1]) / max(m[2], 1.0) for p, m in zip(first, sums)]
+    return theta_from_psi(psis, s2e, tmap, floor)
 
 
-def _residual_variance(moments: list, stats: Statistics, s2: float) -> float:
-    """The OLS residual variance less each term's moment estimate of its share of it."""
+def _crossed_psi(t, beta: np.ndarray, ee: float, N: int) -> np.ndarray:
+    """One crossed term's Psi from ``sum_l e_l e_l' = sum_l A_l Psi A_l + sigma_w^2 sum_l A_l``
+    (``e_l = Z_l'(y - X beta)``; ``sigma_w^2`` the within-level residual variance, the other
+    terms' included).  No level's A is inverted, so nearly singular ones (a slope over a few
+    close x) weigh little instead of dominating as in :func:`term_moments`."""
+    if t.n_groups == 0:
+        return np.zeros((t.q, t.q))
+    _, _, _, eb, rank = level_sums(t, beta)
+    within = max(ee - eb, 0.0) / max(N - rank, 1.0)
+    e = t.c - np.einsum("gqp,p->gq", t.B, beta)
+    q = t.q
+    M = np.einsum("ga,gb->ab", e, e) - within * t.A.sum(axis=0)
+    K = np.einsum("gac,gbd->abcd", t.A, t.A).reshape(q * q, q * q)
+    psi = np.linalg.lstsq(K, M.reshape(-1), rcond=None)[0].reshape(q, q)
+    return 0.5 * (psi + psi.T)
+
+
+def _residual_variance(psis: list, stats: Statistics, s2: float) -> float:
+    """The OLS residual variance less each term's share of it, ``tr(Psi E[z z'])``."""
     held = 0.0
-    for (Sbb, SA, n), t in zip(moments, stats.terms):
-        psi = (Sbb - s2 * SA) / max(n, 1.0)
+    for psi, t in zip(psis, stats.terms):
         vals, vecs = np.linalg.eigh(0.5 * (psi + psi.T))
         psd = (vecs * np.maximum(vals, 0.0)) @ vecs.T
-        held += float(np.sum(psd * t.A.sum(axis=0))) / max(stats.N, 1)  # tr(Psi E[z z'])
+        held += float(np.sum(psd * t.A.sum(axis=0))) / max(stats.N, 1)
     return max(s2 - held, RESIDUAL_SHARE_MIN * s2)
 
 

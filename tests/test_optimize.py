@@ -281,8 +281,13 @@ def test_moment_sums_kernel_matches_numpy(q):
     Ainv = psd_pinv(A)
     b = np.einsum("gab,gb->ga", Ainv, c - np.einsum("gqp,p->gq", B, beta))
     w = n.astype(float)
+    e = c - np.einsum("gqp,p->gq", B, beta)
+    # q = 2: 287 full blocks, 10 rank-one, 2 empty, 1 tiny rank-one; q = 1: all but the 2 empty
+    rank = 2 * (G - 13) + 10 + 1 if q > 1 else G - 2
     for nchunks in (1, 7):
-        bb, ai, sn = _kernels.moment_sums(A, B, c, n, beta, _RCOND, nchunks)
+        bb, ai, sn, eb, rk = _kernels.moment_sums(A, B, c, n, beta, _RCOND, nchunks)
         np.testing.assert_allclose(bb.sum(axis=0), np.einsum("g,ga,gb->ab", w, b, b), rtol=1e-12)
         np.testing.assert_allclose(ai.sum(axis=0), np.einsum("g,gab->ab", w, Ainv), rtol=1e-12)
         assert sn.sum() == w.sum()
+        np.testing.assert_allclose(eb.sum(), np.sum(e * b), rtol=1e-12)
+        assert rk.sum() == rank

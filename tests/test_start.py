@@ -1,6 +1,7 @@
 """Moment starts of several terms (bigmixed.start): crossed terms take theta relative to the residual variance left."""
 
 import numpy as np
+import pytest
 
 import bigmixed as bm
 from bigmixed import start
@@ -36,8 +37,30 @@ def test_the_residual_variance_keeps_a_share_of_the_ols_one():
     RESIDUAL_SHARE_MIN of it, so theta stays finite."""
     _, be, tmap = _fit("y ~ x + (1|user) + (1|item)", simulate_crossed(3_000, 120, 30_000, seed=5))
     beta, s2 = start.ols_moments(be.stats.XtX, be.stats.Xty, be.stats.yty, be.stats.N)
-    moments = [start.term_moments(t, beta) for t in be.stats.terms]
-    inflated = [(Sbb * 100.0, SA, n) for Sbb, SA, n in moments]
-    assert start._residual_variance(inflated, be.stats, s2) == start.RESIDUAL_SHARE_MIN * s2
-    left = start._residual_variance(moments, be.stats, s2)
+    psis = [(Sbb - s2 * SA) / n for Sbb, SA, n in (start.term_moments(t, beta) for t in be.stats.terms)]
+    assert start._residual_variance([p * 100.0 for p in psis], be.stats, s2) == start.RESIDUAL_SHARE_MIN * s2
+    left = start._residual_variance(psis, be.stats, s2)
     assert start.RESIDUAL_SHARE_MIN * s2 < left < s2
+
+
+def _sparse_slopes(users=20_000, rows=60_000, slope_sd=0.3, seed=7):
+    """Users with 3 rows on average (many with 1 or 2), a slope each in uncentred x ~ U(0, 10)."""
+    df = simulate_crossed(users, 300, rows, seed=seed)
+    slope = np.random.default_rng(seed + 1).normal(0.0, slope_sd, users)
+    return df.with_columns(y=df["y"] + slope[df["user"].to_numpy() % users] * df["x"])
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (x | user) + (1|item)", "y ~ x + (x || user) + (1|item)"])
+def test_a_slope_term_with_few_rows_per_level_starts_near_the_optimum(formula):
+    """Per-level least squares of an intercept and a slope over 2-3 close x are nearly singular:
+    the moments of those effects (term_moments) swing negative and floor every entry at 0.01.
+    The crossed start weighs levels by A_l Psi A_l instead (no level's A inverted)."""
+    res, be, tmap = _fit(formula, _sparse_slopes())
+    beta, s2 = start.ols_moments(be.stats.XtX, be.stats.Xty, be.stats.yty, be.stats.N)
+    plain = start.theta_from_moments([start.term_moments(t, beta) for t in be.stats.terms], s2, tmap)
+    crossed = be.moment_start(tmap)
+    user = slice(0, tmap.terms[0].size)
+    diag = tmap.terms[0].is_diag
+    assert np.all(plain[user][diag] == 0.01)  # what the levels' own effects give
+    opt = res.objective_fn.map.rectify(res.optimizer.theta)
+    np.testing.assert_allclose(crossed[user][diag], opt[user][diag], rtol=0.15)

@@ -76,7 +76,8 @@ def transform_groups(A, B, c, Mz, Tx, a, b, xi, z_id, x_id, nchunks):
 
 @njit(parallel=True, **_JIT)
 def moment_sums(A, B, c, n, beta, rcond, nchunks):
-    """Per chunk ``(sum n b b', sum n A^+, sum n)`` with ``b = A^+ (c - B beta)``, for q = 1 or 2.
+    """Per chunk ``(sum n b b', sum n A^+, sum n, sum e'b, sum rank A)`` with ``e = c - B beta``
+    and ``b = A^+ e``, for q = 1 or 2 (``e'b`` is the sum of squares the level's own effects explain).
 
     ``A^+`` is the pseudo-inverse in closed form, as :func:`bigmixed.start.psd_pinv` computes
     it (its numpy twin): a 2 x 2 block is inverted when ``det / tr > rcond * tr``, else
@@ -88,6 +89,8 @@ def moment_sums(A, B, c, n, beta, rcond, nchunks):
     out_bb = np.zeros((nchunks, q, q))
     out_ai = np.zeros((nchunks, q, q))
     out_n = np.zeros(nchunks)
+    out_eb = np.zeros(nchunks)
+    out_rk = np.zeros(nchunks)
     for t in prange(nchunks):
         e = np.empty(q)
         bv = np.empty(q)
@@ -95,6 +98,8 @@ def moment_sums(A, B, c, n, beta, rcond, nchunks):
         bb = np.zeros((q, q))
         ai = np.zeros((q, q))
         sn = 0.0
+        seb = 0.0
+        srk = 0.0
         for i in range(t * G // nchunks, (t + 1) * G // nchunks):
             for a in range(q):
                 s = c[i, a]
@@ -104,6 +109,7 @@ def moment_sums(A, B, c, n, beta, rcond, nchunks):
             if q == 1:
                 a0 = A[i, 0, 0]
                 inv[0, 0] = 1.0 / a0 if a0 > 0.0 else 0.0
+                srk += 1.0 if a0 > 0.0 else 0.0
             else:
                 a0, b0, d0 = A[i, 0, 0], A[i, 0, 1], A[i, 1, 1]
                 tr = a0 + d0
@@ -112,7 +118,9 @@ def moment_sums(A, B, c, n, beta, rcond, nchunks):
                 if det / trs > rcond * tr:
                     r = 1.0 / det
                     inv[0, 0], inv[1, 1], inv[0, 1], inv[1, 0] = d0 * r, a0 * r, -b0 * r, -b0 * r
+                    srk += 2.0
                 else:
+                    srk += 1.0 if tr > 0.0 else 0.0
                     for a in range(2):
                         for b in range(2):
                             inv[a, b] = A[i, a, b] / trs / trs if tr > 0.0 else 0.0
@@ -121,6 +129,7 @@ def moment_sums(A, B, c, n, beta, rcond, nchunks):
                 for k in range(q):
                     s += inv[a, k] * e[k]
                 bv[a] = s
+                seb += e[a] * s
             w = float(n[i])
             for a in range(q):
                 for b in range(q):
@@ -132,4 +141,6 @@ def moment_sums(A, B, c, n, beta, rcond, nchunks):
                 out_bb[t, a, b] = bb[a, b]
                 out_ai[t, a, b] = ai[a, b]
         out_n[t] = sn
-    return out_bb, out_ai, out_n
+        out_eb[t] = seb
+        out_rk[t] = srk
+    return out_bb, out_ai, out_n, out_eb, out_rk
