@@ -33,7 +33,8 @@ from . import _kernels
 from .stats import Statistics
 from .terms import ThetaMap
 
-__all__ = ["moment_start", "ols_moments", "term_moments", "level_sums", "theta_from_moments", "theta_from_psi", "psd_pinv"]
+__all__ = ["moment_start", "ols_moments", "term_moments", "level_sums", "theta_from_moments", "theta_from_psi",
+           "psd_pinv"]
 
 # singular values below this share of the largest count as 0 (numpy's pinv default)
 _RCOND = 1e-15
@@ -144,15 +145,23 @@ def moment_start(stats: Statistics, tmap: ThetaMap, floor: float = 1e-2, crossed
     beta, s2 = ols_moments(stats.XtX, stats.Xty, stats.yty, stats.N)
     if not crossed:
         return theta_from_moments([term_moments(t, beta) for t in stats.terms], s2, tmap, floor)
+    return _crossed_start(stats, tmap, beta, s2, floor)
+
+
+def _crossed_start(stats: Statistics, tmap: ThetaMap, beta: np.ndarray, s2: float, floor: float) -> np.ndarray:
+    """:func:`moment_start` of crossed terms: slope terms by :func:`_crossed_psi`, scalar terms by
+    their level means (well conditioned), all relative to the residual variance they leave."""
     ee = s2 * max(stats.N - stats.XtX.shape[0], 1)  # e'e of the OLS fit
-    sums = [None if t.q >= 2 else term_moments(t, beta) for t in stats.terms]
-    first = [_crossed_psi(t, beta, ee, stats.N) if m is None else (m[0] - s2 * m[1]) / max(m[2], 1.0)
-             for t, m in zip(stats.terms, sums)]
-    s2e = _residual_variance(first, stats, s2)
-    # a scalar term's level means are well conditioned: their noise is taken as the residual
-    # variance left, as the theta are
-    psis = [p if m is None else (m[0] - s2e * m[1]) / max(m[2], 1.0) for p, m in zip(first, sums)]
-    return theta_from_psi(psis, s2e, tmap, floor)
+    means = [None if t.q >= 2 else term_moments(t, beta) for t in stats.terms]
+
+    def psi(k: int, noise: float) -> np.ndarray:
+        Sbb, SA, n = means[k]
+        return (Sbb - noise * SA) / max(n, 1.0)
+
+    first = [_crossed_psi(t, beta, ee, stats.N) if means[k] is None else psi(k, s2) for k, t in enumerate(stats.terms)]
+    left = _residual_variance(first, stats, s2)
+    # the noise in a scalar term's level means is taken as the residual variance left, as theta is
+    return theta_from_psi([p if means[k] is None else psi(k, left) for k, p in enumerate(first)], left, tmap, floor)
 
 
 def _crossed_psi(t, beta: np.ndarray, ee: float, N: int) -> np.ndarray:
