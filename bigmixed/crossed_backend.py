@@ -379,14 +379,13 @@ class CrossedBackend:
         for k in self.rest:
             rows = self._rows_of(k, np.arange(self.stats.terms[k].n_groups))
             OmDx[rows] = np.einsum("ba,nbk->nak", lams[k], ext[k])
-        scalar = V.shape[1] == V.shape[2] == 1
-        for a in range(self.Qr):  # bincount sums in pair order: the same bits every time
-            for c in range(K):
-                if scalar:  # (1 | a) + (1 | b): no einsum over the pairs
-                    w = V[:, 0, 0] * Px[self.plev, 0, c]
-                else:
+        if V.shape[1] == V.shape[2] == 1:  # (1 | a) + (1 | b): every column in one pass over the pairs
+            OmDx -= _kernels.pair_sums(self.pcol, self.plev, V[:, 0, 0], Px[:, 0, :], OmDx.shape[0])
+        else:
+            for a in range(self.Qr):  # bincount sums in pair order: the same bits every time
+                for c in range(K):
                     w = np.einsum("eb,eb->e", V[:, a, :], Px[self.plev, :, c])
-                OmDx[:, c] -= np.bincount(self.pcol + a, weights=w, minlength=OmDx.shape[0])
+                    OmDx[:, c] -= np.bincount(self.pcol + a, weights=w, minlength=OmDx.shape[0])
         with self._blas():
             Ex, info = lapack.dtrtrs(U, np.ascontiguousarray(OmDx[:self.m]), lower=0, trans=1)
         if info != 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _kernels
 from .stats import Statistics
 
 __all__ = ["average_information", "zz_times"]
@@ -41,10 +42,10 @@ def zz_times(stats: Statistics, j: int, k: int, v: np.ndarray) -> np.ndarray:
             codes, other, vals = pr.kcodes, pr.jcodes, np.swapaxes(pr.vals, 1, 2)
         else:
             continue
-        if vals.shape[1] == vals.shape[2] == 1:  # scalar terms (most crossed models): no einsum over pairs
-            part = (vals[:, 0, 0] * v[other, 0])[:, None]
-        else:
-            part = np.einsum("eab,eb->ea", vals, v[other])
+        if vals.shape[1] == vals.shape[2] == 1:  # scalar terms (most crossed models): one pass, no temporaries
+            out += _kernels.pair_sums(codes, other, vals[:, 0, 0], v, n)
+            continue
+        part = np.einsum("eab,eb->ea", vals, v[other])
         for a in range(q):  # bincount sums in pair order: the same bits every time
             out[:, a] += np.bincount(codes, weights=part[:, a], minlength=n)
     return out

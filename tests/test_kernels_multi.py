@@ -813,3 +813,18 @@ def test_merge_pairs_sums_equal_keys_in_row_order():
         sums[int(keys[i])] = sums[int(keys[i])] + vals[i] if int(keys[i]) in sums else vals[i].copy()
     np.testing.assert_array_equal(uk, sorted(sums))
     np.testing.assert_array_equal(out, np.stack([sums[k] for k in sorted(sums)]))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pair_sums_are_bincount_per_column(k):
+    """pair_sums against its numpy twin, np.bincount of the gathered products per column: the
+    same bits (both sum each entry's pairs in pair order), from strided views as the callers pass."""
+    rng = np.random.default_rng(4)
+    n, nrows, nlev = 50_000, 300, 2_000
+    rows = rng.integers(0, nrows, n)
+    lev = np.sort(rng.integers(0, nlev, n))  # pairs in level order, as the crossed layout holds them
+    vals = rng.normal(size=(n, 1, 1))[:, 0, 0]  # a strided view
+    X = rng.normal(size=(nlev, 1, k))[:, 0, :]
+    got = _kernels.pair_sums(rows, lev, vals, X, nrows + 5)
+    want = np.stack([np.bincount(rows, weights=vals * X[lev, c], minlength=nrows + 5) for c in range(k)], axis=1)
+    np.testing.assert_array_equal(got, want)

@@ -32,7 +32,7 @@ from ._common import LEVEL_MAX, LEVEL_MIN
 from ._groups import conditional_modes, objective_fused, objective_pass1, objective_pass2
 from ._moments import moment_sums, transform_groups
 from ._crossed import crossed_backward, crossed_forward, crossed_update, rest_fill, rest_pieces
-from ._crossed1 import crossed_backward1
+from ._crossed1 import crossed_backward1, pair_sums
 from ._nested import bucket_order, nested_evaluate, scatter_blocks
 from ._pass import accumulate_records, packed_layout, record_layout, record_maps, split_records, sum_records
 from ._nested2 import NESTED2_SIZES, nested2_evaluate
@@ -95,4 +95,5 @@ __all__ = [
     "crossed_backward1",
     "rest_fill",
     "rest_pieces",
+    "pair_sums",
 ]

@@ -114,3 +114,23 @@ def crossed_backward1(A0, D0, lam0, ptr, pcol, pterm, W, lamR, L, P, V, RR, SigR
                 out_TR[t, r, c] = TR[r, c]
             out_GR[t, r, 0] = GR[r, 0]
     return out_GA, out_S, out_GC, out_TR, out_GR, bhat, bcov
+
+
+@njit(**_JIT)
+def pair_sums(rows, lev, vals, X, nrows):
+    """``out[rows[e]] += vals[e] * X[lev[e]]`` for every pair ``e`` in order, all columns of X at once.
+
+    What ``np.bincount(rows, weights=vals * X[lev, c])`` gives per column ``c`` (its numpy twin,
+    the same bits: each entry sums its pairs in pair order), in one pass without the gathered
+    ``(pairs,)`` temporaries: the average information's ``Z_j'Z_k v`` and the Schur columns of
+    scalar crossed terms.  Serial: the order of the sums is the pairs'.
+    """
+    k = X.shape[1]
+    out = np.zeros((nrows, k))
+    for e in range(rows.shape[0]):
+        r = rows[e]
+        v = vals[e]
+        x = lev[e]
+        for c in range(k):
+            out[r, c] += v * X[x, c]
+    return out
