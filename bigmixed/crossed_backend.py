@@ -173,13 +173,15 @@ class CrossedBackend:
 
         lc = joined(keys, np.zeros(0, np.int64))
         pc = joined(cols, np.zeros(0, np.int64))
-        # rows ascending within a level (crossed_update writes below the diagonal); one int64 key
-        # (level, row) sorts faster than a two-key lexsort
-        order = np.argsort(lc.astype(np.int64) * (self.m + 1) + pc, kind="stable")
+        self.ptr = np.concatenate(([0], np.cumsum(np.bincount(lc, minlength=st.terms[lead].n_groups)))).astype(np.int64)
+        # rows ascending within a level (crossed_update writes below the diagonal)
+        if lc.size and bool(np.all(lc[1:] >= lc[:-1])):  # one merged pair list: in level order already
+            order = _kernels.order_within_runs(self.ptr, np.ascontiguousarray(pc, dtype=np.int64))
+        else:  # one int64 key (level, row) sorts faster than a two-key lexsort
+            order = np.argsort(lc.astype(np.int64) * (self.m + 1) + pc, kind="stable")
         self.pcol = np.ascontiguousarray(pc[order]).astype(np.int64, copy=False)
         self.pterm = np.ascontiguousarray(joined(terms_, np.zeros(0, np.int64))[order]).astype(np.int64, copy=False)
         self.W = np.ascontiguousarray(joined(vals, np.zeros((0, Qr, q0)))[order], dtype=float)
-        self.ptr = np.concatenate(([0], np.cumsum(np.bincount(lc, minlength=st.terms[lead].n_groups)))).astype(np.int64)
 
     def _row_chunks(self) -> np.ndarray:
         """Row ranges of the dense update, whole blocks each, balancing the (pairs in level)^2 work."""

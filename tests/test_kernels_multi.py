@@ -828,3 +828,16 @@ def test_pair_sums_are_bincount_per_column(k):
     got = _kernels.pair_sums(rows, lev, vals, X, nrows + 5)
     want = np.stack([np.bincount(rows, weights=vals * X[lev, c], minlength=nrows + 5) for c in range(k)], axis=1)
     np.testing.assert_array_equal(got, want)
+
+
+def test_order_within_runs_is_the_stable_sort_of_level_then_key():
+    """order_within_runs against its numpy twin, a stable argsort of ``level * K + key``, on pairs in
+    level order: short runs (insertion sort), a long one (merge sort), empty levels, tied keys."""
+    rng = np.random.default_rng(9)
+    sizes = rng.integers(0, 12, 4_000)
+    sizes[17] = 500  # a level with many pairs
+    level = np.repeat(np.arange(sizes.size), sizes)
+    keys = rng.integers(0, 40, level.size)  # many ties within a run
+    ptr = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    got = _kernels.order_within_runs(ptr, keys)
+    np.testing.assert_array_equal(got, np.argsort(level * 41 + keys, kind="stable"))

@@ -341,6 +341,31 @@ def pair_order(ck, cj, nk, nj):
 
 
 @njit(**_JIT)
+def order_within_runs(ptr, keys):
+    """Indices that sort ``keys`` stably within each run ``[ptr[i], ptr[i+1])``, the runs kept in
+    place: the order of a stable sort of ``run * K + keys`` when the pairs are in run order already.
+
+    A run is a few pairs (a user's items): insertion sort, linear in practice; a run longer than
+    ``32`` takes numba's stable merge sort.
+    """
+    order = np.arange(keys.shape[0])
+    for i in range(ptr.shape[0] - 1):
+        a, b = ptr[i], ptr[i + 1]
+        if b - a > 32:
+            order[a:b] = a + np.argsort(keys[a:b], kind="mergesort")
+            continue
+        for x in range(a + 1, b):
+            e = order[x]
+            kx = keys[e]
+            y = x - 1
+            while y >= a and keys[order[y]] > kx:
+                order[y + 1] = order[y]
+                y -= 1
+            order[y + 1] = e
+    return order
+
+
+@njit(**_JIT)
 def pair_products(ck, cj, nj, ZkT, ZjT, zks, zki, zjs, zji, w):
     """Pair keys ``c_k * nj + c_j`` and blocks ``z_j z_k'`` of the rows (``c_k >= 0``), summed per key.
 
