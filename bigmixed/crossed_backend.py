@@ -347,12 +347,12 @@ class CrossedBackend:
         uR = np.concatenate((uR, np.zeros(self.Qr)))  # padded: a pair's block rows past its q are zero
         t = P @ g  # (l0, q0)
         n0, q0 = t.shape
-        if V.shape[1] == q0 == 1:  # (1 | a) + (1 | b): no einsum over the pairs
-            vu = (V[:, 0, 0] * uR[self.pcol])[:, None]
+        if V.shape[1] == q0 == 1:  # (1 | a) + (1 | b): one pass over the pairs
+            t -= _kernels.pair_sums(self.plev, self.pcol, V[:, 0, 0], uR[:, None], n0)
         else:
             vu = np.einsum("eab,ea->eb", V, uR[self.pcol[:, None] + np.arange(self.Qr)])
-        for b in range(q0):  # bincount sums in pair order: the same bits every time
-            t[:, b] -= np.bincount(self.plev, weights=vu[:, b], minlength=n0)
+            for b in range(q0):  # bincount sums in pair order: the same bits every time
+                t[:, b] -= np.bincount(self.plev, weights=vu[:, b], minlength=n0)
         out = [None] * len(self.qs)
         out[self.lead] = t / L[:, 0, :1] if q0 == 1 else np.linalg.solve(np.swapaxes(L, 1, 2), t[:, :, None])[:, :, 0]
         for k in self.rest:

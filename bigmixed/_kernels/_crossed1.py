@@ -122,8 +122,8 @@ def pair_sums(rows, lev, vals, X, nrows):
 
     What ``np.bincount(rows, weights=vals * X[lev, c])`` gives per column ``c`` (its numpy twin,
     the same bits: each entry sums its pairs in pair order), in one pass without the gathered
-    ``(pairs,)`` temporaries: the average information's ``Z_j'Z_k v`` and the Schur columns of
-    scalar crossed terms.  Serial: the order of the sums is the pairs'.
+    ``(pairs,)`` temporaries: the average information's ``Z_j'Z_k v``, the Schur columns and the
+    spherical modes of scalar crossed terms.  Serial: the order of the sums is the pairs'.
     """
     k = X.shape[1]
     out = np.zeros((nrows, k))
