@@ -6,12 +6,25 @@ level dummies and their products) from these two readers, without a formula engi
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-__all__ = ["numeric_column", "level_codes"]
+__all__ = ["numeric_column", "level_codes", "is_pandas"]
+
+
+def is_pandas(obj: Any, kind: str = "DataFrame") -> bool:
+    """Whether ``obj`` is a pandas ``kind`` (``"DataFrame"`` or ``"Series"``), without importing pandas.
+
+    An object can be one only once pandas is loaded; a job on polars frames or parquet files
+    then never pays pandas' import (a large part of a small command-line job's start-up).  While
+    another thread imports pandas (the command line's prefetch) the module is in ``sys.modules``
+    before its classes are: no object is an instance of a class not defined yet.
+    """
+    cls = getattr(sys.modules.get("pandas"), kind, None)
+    return cls is not None and isinstance(obj, cls)
 
 
 def _copy_column(s: pl.Series, dest: np.ndarray) -> None:

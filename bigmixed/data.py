@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import polars as pl
 
+from .columns import is_pandas
 
 __all__ = ["Source", "open_source", "GROUP_COLUMN"]
 
@@ -229,7 +229,7 @@ def open_source(data, groups=None) -> Source:
         Optional array-like of group labels, one per row (statsmodels' ``groups=data["g"]``);
         only for in-memory data.  It becomes the column ``__group__``.
     """
-    if isinstance(data, pd.DataFrame):
+    if is_pandas(data):
         try:
             frame = pl.from_pandas(data.reset_index(drop=True), include_index=False)
         except Exception as exc:  # pyarrow conversion errors are long; keep one line
@@ -260,7 +260,8 @@ def open_source(data, groups=None) -> Source:
 
 def _in_memory(frame: pl.DataFrame, groups) -> Source:
     if groups is not None and not isinstance(groups, str):
-        values = groups.to_numpy() if isinstance(groups, (pd.Series, pl.Series)) else np.asarray(groups)
+        series = isinstance(groups, pl.Series) or is_pandas(groups, "Series")
+        values = groups.to_numpy() if series else np.asarray(groups)
         if len(values) != frame.height:
             raise ValueError(f"groups has {len(values)} values but the data has {frame.height} rows")
         frame = frame.with_columns(pl.Series(GROUP_COLUMN, values))

@@ -6,28 +6,31 @@ and categorical data columns and their interactions, one categorical column a te
 with numpy from the columns' values and level codes (the fast path: named as formulaic names them,
 and checked against formulaic's columns on the first rows); anything else goes through formulaic
 with a frozen model spec.
+
+formulaic and pandas are loaded only when a part needs them: a right-hand side of bare numeric
+columns (``y ~ x + x2``, ``(x | g)``) is parsed and filled without either (formulaic's import,
+and pandas' under it, is most of a small command-line job's start-up).
 """
 from __future__ import annotations
 
 import ast
 import difflib
+import keyword
 import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import formulaic
 import numpy as np
-import pandas as pd
 import polars as pl
-from formulaic.errors import DataMismatchWarning
-from formulaic.formula import SimpleFormula
-from formulaic.transforms import TRANSFORMS
 
-from .columns import level_codes, numeric_column
+from .columns import is_pandas, level_codes, numeric_column
 from .formula import ModelSpec
 from .terms import ReTerm
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["Design"]
 
@@ -42,8 +45,44 @@ def _one_line(exc: BaseException) -> str:
     return msg if len(msg) <= 240 else msg[:237] + "..."
 
 
-def _parse_rhs(text: str, what: str) -> SimpleFormula:
-    """Parse one formulaic right-hand side, hiding formulaic's exceptions behind a one-line ValueError."""
+@dataclass(frozen=True)
+class _Factor:
+    """One factor of a formula term: formulaic's evaluation method (``"literal"``, ``"lookup"``,
+    ``"python"``) and expression."""
+
+    kind: str
+    expr: str
+
+
+_INTERCEPT = (_Factor("literal", "1"),)
+_BARE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _bare_terms(text: str, columns: set) -> list[tuple[_Factor, ...]] | None:
+    """The terms of a right-hand side made of data columns' bare names, ``0`` and ``1`` joined by
+    ``+``, as formulaic orders them (the intercept first unless the last of ``0``/``1`` is ``0``,
+    then each column once, in order of appearance); None for anything else (formulaic parses it).
+    """
+    intercept, names = True, []
+    for tok in text.split("+"):
+        tok = tok.strip()
+        if tok in ("0", "1"):
+            intercept = tok == "1"
+        elif _BARE_NAME.fullmatch(tok) and not keyword.iskeyword(tok) and tok in columns:
+            names.append(tok)
+        else:
+            return None
+    return ([_INTERCEPT] if intercept else []) + [(_Factor("lookup", n),) for n in dict.fromkeys(names)]
+
+
+def _parse_rhs(text: str, what: str, columns: set) -> list[tuple[_Factor, ...]]:
+    """Parse one right-hand side into its terms, hiding formulaic's exceptions behind a one-line ValueError."""
+    bare = _bare_terms(text, columns)
+    if bare is not None:
+        return bare
+    import formulaic
+    from formulaic.formula import SimpleFormula
+
     try:
         f = formulaic.Formula(text)
     except Exception as e:  # formulaic raises many exception types; users get one clear line
@@ -53,7 +92,7 @@ def _parse_rhs(text: str, what: str) -> SimpleFormula:
         raise ValueError(f"cannot parse {what} {text!r}: {msg}") from None
     if not isinstance(f, SimpleFormula):
         raise ValueError(f"{what} {text!r} must be a plain right-hand side (no '~' or '|')")
-    return f
+    return [tuple(_Factor(fac.eval_method.value, fac.expr) for fac in term.factors) for term in f]
 
 
 def _inspect_python(expr: str) -> tuple[set[str], set[str], set[str]]:
@@ -98,14 +137,19 @@ def _missing(name: str, columns: list) -> str:
     return f"formula term {name!r} names no column of the data; {hint}"
 
 
-def _variables(f: SimpleFormula, columns: list) -> tuple[list[str], set[str]]:
+def _variables(f: list[tuple[_Factor, ...]], columns: list) -> tuple[list[str], set[str]]:
     """Data columns a parsed formula uses (ordered) and the columns it wraps in ``C(...)``."""
     colset, used, cwrapped = set(columns), [], set()
     for term in f:
-        for fac in term.factors:
-            kind = fac.eval_method.value
+        for fac in term:
+            kind = fac.kind
             if kind == "literal":
                 continue
+            if kind == "lookup" and fac.expr in colset:
+                used.append(fac.expr)
+                continue
+            from formulaic.transforms import TRANSFORMS
+
             names, funcs, cw = ({fac.expr}, set(), set()) if kind == "lookup" else _inspect_python(fac.expr)
             for fn in sorted(funcs):
                 root, *attrs = fn.split(".")
@@ -130,6 +174,8 @@ def _variables(f: SimpleFormula, columns: list) -> tuple[list[str], set[str]]:
 def _numeric(df: Any, col: str) -> bool:
     if isinstance(df, pl.DataFrame):
         return df.schema[col].is_numeric()
+    import pandas as pd  # df is a pandas frame: pandas is loaded
+
     dt = df[col].dtype
     return pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_bool_dtype(dt)
 
@@ -155,7 +201,7 @@ def _frame(data: Any) -> bool:
     """True for polars, False for pandas; anything else is a TypeError."""
     if isinstance(data, pl.DataFrame):
         return True
-    if isinstance(data, pd.DataFrame):
+    if is_pandas(data):
         return False
     raise TypeError(f"expected a pandas or polars DataFrame, got {type(data).__name__}")
 
@@ -165,7 +211,7 @@ class _Part:
     """One model-matrix block: plain columns copied with numpy, or a frozen formulaic spec."""
 
     text: str
-    formula: SimpleFormula
+    formula: list[tuple[_Factor, ...]]
     used: list[str]
     # None: the intercept; "c": numeric column c copied; a tuple of (column, level or None, "T." for
     # treatment coding): the product of those numeric columns and level dummies (an interaction)
@@ -194,20 +240,21 @@ class Design:
         is_pl = _frame(prototype)
         self.spec, self.response_name = spec, spec.response
         columns = list(prototype.columns)
-        resp_f = _parse_rhs(spec.response, "response")
-        resp_terms = [t for t in resp_f if str(t) != "1"]
-        if len(resp_terms) != 1 or len(resp_terms[0].factors) != 1:
+        colset = set(columns)
+        resp_f = _parse_rhs(spec.response, "response", colset)
+        resp_terms = [t for t in resp_f if t != _INTERCEPT]
+        if len(resp_terms) != 1 or len(resp_terms[0]) != 1:
             raise ValueError(f"response {spec.response!r} must be one column or expression, e.g. 'y' or 'np.log(y)'")
         parts = [_Part(f"0 + {spec.response}", resp_f, [])]
-        parts.append(_Part(spec.fixed, _parse_rhs(spec.fixed, "fixed effects"), []))
+        parts.append(_Part(spec.fixed, _parse_rhs(spec.fixed, "fixed effects", colset), []))
         bar_terms = []  # (term index, bar index) of each random part
         for k, term in enumerate(spec.terms):
             grp = ":".join(term.factors)
             for b, r in enumerate(term.exprs):
-                parts.append(_Part(r, _parse_rhs(r, f"random effects '({r} | {grp})'"), []))
+                parts.append(_Part(r, _parse_rhs(r, f"random effects '({r} | {grp})'", colset), []))
                 bar_terms.append((k, b))
         n_random = len(bar_terms)
-        parts += [_Part(f"0 + {o}", _parse_rhs(f"0 + {o}", f"offset '{o}'"), []) for o in spec.offset]
+        parts += [_Part(f"0 + {o}", _parse_rhs(f"0 + {o}", f"offset '{o}'", colset), []) for o in spec.offset]
         cwrapped: set[str] = set()
         for p in parts:
             p.used, cw = _variables(p.formula, columns)
@@ -237,7 +284,7 @@ class Design:
                     raise ValueError(f"categorical column {c!r} has no non-missing values, so its levels are "
                                      "unknown; pass them via levels=")
                 self.categorical[c] = lv
-        if resp_terms[0].factors[0].expr in self.categorical:
+        if resp_terms[0][0].expr in self.categorical:
             raise ValueError(f"response column {spec.response!r} is not numeric")
         for k, p in enumerate(parts):
             p.cats = tuple(c for c in p.used if c in self.categorical)
@@ -248,6 +295,8 @@ class Design:
                     p.plain, p.names = None, ()
         self._fml_cols = [c for c in self.columns if any(c in p.used for p in parts if p.plain is None)]
         if self._fml_cols:  # freeze formulaic's encoding/transform state on the whole prototype
+            import formulaic
+
             pdf, _ = self._pandas(prototype, is_pl)
             for p in parts:
                 if p.plain is None:
@@ -315,13 +364,12 @@ class Design:
         """
         seen: set[frozenset] = set()
         out: list = []
-        for t in terms:
-            f = t.factors
-            if len(f) == 1 and f[0].eval_method.value == "literal" and f[0].expr == "1":
+        for f in terms:
+            if f == _INTERCEPT:
                 out.append(None)
                 seen.add(frozenset())
                 continue
-            if not all(x.eval_method.value == "lookup" and x.expr in columns for x in f):
+            if not all(x.kind == "lookup" and x.expr in columns for x in f):
                 return None
             names = [x.expr for x in f]
             cats = [c for c in names if c in self.categorical]
@@ -346,6 +394,8 @@ class Design:
     def _formulaic_names(self, part: _Part, prototype: Any) -> tuple[str, ...]:
         """formulaic's column names for ``part`` on the first rows: the dummies above must be named
         (hence ordered and coded) as formulaic would, or the part goes through formulaic."""
+        import formulaic
+
         head = prototype.head(64) if _frame(prototype) else prototype.iloc[:64]
         pdf, _ = self._pandas(head, _frame(prototype), part.used)
         mm = self._formulaic(lambda: formulaic.model_matrix(part.text, pdf, na_action="ignore", context={},
@@ -354,6 +404,8 @@ class Design:
 
     @staticmethod
     def _formulaic(fn: Any, text: str) -> Any:
+        from formulaic.errors import DataMismatchWarning
+
         try:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 # missing categorical values trigger this; they are turned into NaN rows in _fill
@@ -365,6 +417,8 @@ class Design:
 
     def _pandas(self, chunk: Any, is_pl: bool, cols: list | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
         """The columns formulaic needs as pandas, categoricals cast to the stored levels, plus null masks."""
+        import pandas as pd
+
         cols = self._fml_cols if cols is None else cols
         pdf = chunk.select(cols).to_pandas() if is_pl else chunk[cols].copy(deep=False)
         nulls: dict[str, np.ndarray] = {}

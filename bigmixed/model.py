@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,10 +20,12 @@ from .objective import Objective
 from .optimize import minimize
 from .params import MixedLMParams, frame_from_arrays, structure_from_free
 from .pipeline import BuildResult, build_statistics
-from .results import MixedLMResults, theta_order, theta_to_scaled
 from .scaling import Scaling
 from .stats import one_blas_thread
 from .terms import ThetaMap
+
+if TYPE_CHECKING:
+    from .results import MixedLMResults
 
 __all__ = ["MixedLM", "MixedLMParams", "mixedlm", "lmer", "ConvergenceWarning", "SingularFitWarning"]
 
@@ -275,6 +277,8 @@ class MixedLM:
         # that a gradient method never leaves: start just off it instead.
         theta0 = np.where(tmap.is_diag & (theta0 == 0.0), 1e-3, theta0)
         state = minimize(obj, theta0, maxiter=maxiter, gtol=gtol, warm_start=start_params is None)
+        from .results import MixedLMResults  # pandas comes with the results, not with the model
+
         res = MixedLMResults(self, obj, state, scaling)
         if warn:
             _warn(res, state)
@@ -284,6 +288,8 @@ class MixedLM:
         if start_params is None:
             # several terms: lme4's Lambda = I can be far off (see bigmixed.start)
             return backend.moment_start(tmap) if len(self._built.terms) > 1 else tmap.start()
+        from .results import theta_order, theta_to_scaled
+
         terms = self._built.terms
         if isinstance(start_params, MixedLMParams):
             cov = start_params.cov_re
@@ -333,8 +339,9 @@ def _warn(res: MixedLMResults, state) -> None:
 
 def _array_columns(data: Any, weights: Any, offset: Any) -> tuple[Any, str | None, str | None]:
     """Arrays given as ``weights=`` / ``offset=`` become columns of in-memory data."""
-    import pandas as pd
     import polars as pl
+
+    from .columns import is_pandas
 
     cols = {}
     for name, val in (("__weights__", weights), ("__offset__", offset)):
@@ -342,7 +349,7 @@ def _array_columns(data: Any, weights: Any, offset: Any) -> tuple[Any, str | Non
             cols[name] = np.asarray(val.to_numpy() if hasattr(val, "to_numpy") else val, dtype=float)
     if not cols:
         return data, weights, offset
-    if isinstance(data, pd.DataFrame):
+    if is_pandas(data):
         data = pl.from_pandas(data.reset_index(drop=True))
     if not isinstance(data, pl.DataFrame):
         raise ValueError("weights/offset given as arrays need in-memory data; with files give column names")

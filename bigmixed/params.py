@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import polars as pl
+
+from .columns import is_pandas
 
 __all__ = ["MixedLMParams", "structure_from_free", "frame_from_arrays"]
 
@@ -115,11 +116,11 @@ def structure_from_free(free: MixedLMParams | None, start: MixedLMParams | None,
 
 
 def _names(obj: Any, prefix: str, k: int) -> list[str] | None:
-    if isinstance(obj, pd.DataFrame):
+    if is_pandas(obj):
         return [str(c) for c in obj.columns]
     if isinstance(obj, pl.DataFrame):
         return list(obj.columns)
-    if isinstance(obj, pd.Series) and obj.name is not None:
+    if is_pandas(obj, "Series") and obj.name is not None:
         return [str(obj.name)]
     return None
 
@@ -178,7 +179,8 @@ def frame_from_arrays(endog: Any, exog: Any, groups: Any, exog_re: Any = None) -
                 name = f"{name}_re"  # a different column under the same name
             data[name] = col
             re_names.append(name)
-    g = groups.to_numpy() if isinstance(groups, (pd.Series, pl.Series)) else np.asarray(groups)
+    series = isinstance(groups, pl.Series) or is_pandas(groups, "Series")
+    g = groups.to_numpy() if series else np.asarray(groups)
     if g.shape[0] != n:
         raise ValueError(f"groups has {g.shape[0]} values but endog has {n}")
     gname = "__group__"

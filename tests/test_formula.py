@@ -526,3 +526,42 @@ def test_random_text_only_raises_value_errors(dietox, formula):
 @given(well_formed)
 def test_formula_like_input_only_raises_value_errors(dietox, formula):
     _exercise(formula, dietox)
+
+
+# A right-hand side of bare column names, 0 and 1 is parsed without formulaic (its import is most
+# of a small job's start-up): the terms must be formulaic's, in formulaic's order.
+BARE_TOKENS = ["Time", "Feed", "Evit", "Cu", "Litter", "0", "1", "Wt", "x1", "lambda", "Time2", "C"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(BARE_TOKENS), min_size=1, max_size=7),
+       st.lists(st.sampled_from(["+", " + ", "+ ", "  +"]), min_size=6, max_size=6))
+def test_bare_names_parse_as_formulaic(tokens, seps):
+    from bigmixed.design import _bare_terms
+
+    columns = {"Time", "Feed", "Evit", "Cu", "Litter", "Time2", "C"}
+    text = tokens[0] + "".join(s + t for s, t in zip(seps, tokens[1:]))
+    ours = _bare_terms(text, columns)
+    if any(t not in columns and t not in ("0", "1") for t in tokens):
+        assert ours is None  # a name that is not a column ('Wt', 'x1') or a keyword: formulaic's job
+        return
+    theirs = [tuple((f.eval_method.value, f.expr) for f in term.factors) for term in formulaic.Formula(text)]
+    assert [tuple((f.kind, f.expr) for f in term) for term in ours] == theirs
+
+
+@pytest.mark.parametrize("rhs", ["x + -1", "x - 1", "x*z", "x:z", "C(x)", "np.log(x)", "x +", "", "`x`", "x.y"])
+def test_anything_but_bare_names_goes_to_formulaic(rhs):
+    from bigmixed.design import _bare_terms
+
+    assert _bare_terms(rhs, {"x", "z", "x.y"}) is None
+
+
+def test_plain_numeric_design_equals_formulaics(dietox):
+    """The bare-name path builds the same columns formulaic does (names, order, values)."""
+    d = Design(spec_from_lmer("Weight ~ Feed + Time + 0 + 1 + Time + (Time | Pig)"), dietox)
+    ref = _mm("Feed + Time + 0 + 1 + Time", dietox)
+    assert d.fe_names == list(ref.columns)
+    y, X, Z = d.matrices(dietox)
+    ok = np.isfinite(X).all(axis=1)
+    np.testing.assert_array_equal(X[ok], ref.to_numpy()[ok])
+    np.testing.assert_array_equal(Z, _mm("Time", dietox).to_numpy())

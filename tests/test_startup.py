@@ -29,3 +29,14 @@ def test_cli_help_loads_no_heavy_module():
 
 def test_first_use_loads_the_model():
     assert "numba" in _loaded("import bigmixed; bigmixed.lmer")
+
+
+def test_a_plain_model_on_polars_data_builds_without_pandas_or_formulaic():
+    """``y ~ x + (x | g)`` on a polars frame: neither pandas nor formulaic is needed until the results
+    (formulaic is loaded only for formulas beyond bare column names)."""
+    code = ("import numpy as np, polars as pl, bigmixed as bm\n"
+            "rng = np.random.default_rng(0); g = np.repeat(np.arange(40), 5); x = rng.uniform(0, 10, g.size)\n"
+            "df = pl.DataFrame({'g': g, 'x': x, 'y': x + rng.normal(size=40)[g] + rng.normal(size=g.size)})\n"
+            "m = bm.MixedLM('y ~ x', df, spec=bm.formula.spec_from_lmer('y ~ x + (x | g)'))")
+    loaded = _loaded(code)
+    assert "numba" in loaded and "pandas" not in loaded and "formulaic" not in loaded
