@@ -95,6 +95,22 @@ def _parse_rhs(text: str, what: str, columns: set) -> list[tuple[_Factor, ...]]:
     return [tuple(_Factor(fac.eval_method.value, fac.expr) for fac in term.factors) for term in f]
 
 
+def _term_text(term: tuple[_Factor, ...]) -> str:
+    """A formula term written back as formula text (``x``, ``x:f``, ``poly(x, 2)``, `` `a b` ``)."""
+    def one(f: _Factor) -> str:
+        bare = f.kind != "lookup" or (_BARE_NAME.fullmatch(f.expr) and not keyword.iskeyword(f.expr))
+        return f.expr if bare else f"`{f.expr}`"
+    return ":".join(one(f) for f in term)
+
+
+def _split_bar(f: list[tuple[_Factor, ...]], what: str, columns: set) -> list[tuple[str, list]]:
+    """lme4's reading of ``(expr || g)``: ``(1 | g)`` for the intercept and ``(0 + term | g)`` for
+    every other term of ``expr`` (lme4's ``expandDoubleVerts``).  The terms are independent of
+    each other; a term's own columns (a factor's dummies, ``poly(x, 2)``) form one block."""
+    return [("1", [_INTERCEPT]) if t == _INTERCEPT else
+            (f"0 + {_term_text(t)}", _parse_rhs(f"0 + {_term_text(t)}", what, columns)) for t in f]
+
+
 def _inspect_python(expr: str) -> tuple[set[str], set[str], set[str]]:
     """Variable names, called function names and ``C(column)`` columns of a Python factor."""
     quoted: dict[str, str] = {}
@@ -251,8 +267,11 @@ class Design:
         for k, term in enumerate(spec.terms):
             grp = ":".join(term.factors)
             for b, r in enumerate(term.exprs):
-                parts.append(_Part(r, _parse_rhs(r, f"random effects '({r} | {grp})'", colset), []))
-                bar_terms.append((k, b))
+                what = f"random effects '({r} {'||' if term.independent[b] else '|'} {grp})'"
+                f = _parse_rhs(r, what, colset)
+                for text, pf in _split_bar(f, what, colset) if term.independent[b] else [(r, f)]:
+                    parts.append(_Part(text, pf, []))  # one part a bar of lme4's
+                    bar_terms.append((k, b))
         n_random = len(bar_terms)
         parts += [_Part(f"0 + {o}", _parse_rhs(f"0 + {o}", f"offset '{o}'", colset), []) for o in spec.offset]
         cwrapped: set[str] = set()
@@ -319,18 +338,16 @@ class Design:
             names: list[str] = []
             blocks: list[tuple[int, ...]] = []
             bar_of: list[int] = []
-            for (kk, b), p in zip(bar_terms, self._random):
+            for (kk, _), p in zip(bar_terms, self._random):
                 if kk != k:
                     continue
                 if not p.names:
                     raise ValueError(f"random-effect term '({p.text} | {grp})' has no columns; use '1' for "
                                      "a random intercept")
-                idx = tuple(range(len(names), len(names) + len(p.names)))
-                blocks += [(i,) for i in idx] if term.independent[b] else [idx]
+                # each part is a bar of lme4's ((x || g) is (1 | g) + (0 + x | g)): one block
+                blocks.append(tuple(range(len(names), len(names) + len(p.names))))
                 names += p.names
-                # lme4 writes (x || g) as (1 | g) + (0 + x | g): one bar per column
-                nxt = max(bar_of) + 1 if bar_of else 0
-                bar_of += list(range(nxt, nxt + len(p.names))) if term.independent[b] else [nxt] * len(p.names)
+                bar_of += [max(bar_of) + 1 if bar_of else 0] * len(p.names)
             dup = [n for n, c in Counter(names).items() if c > 1]
             if dup:
                 raise ValueError(f"random-effect column(s) {dup} appear in more than one '(... | {grp})' term")

@@ -64,6 +64,12 @@ specs <- list(
   oats_composite_slope    = S(oats, "yield ~ nitro + (nitro | Block:Variety)", TRUE, c("Block", "Variety"),
                               note = "singular: the slope-variance direction is at the boundary (theta[3] ~ 2e-5; lme4 also warns of a negative Hessian eigenvalue)"),
   machines_worker         = S(mach, "score ~ Machine + (1 | Worker)", TRUE, c("Machine", "Worker")),
+  # lme4 splits '||' by the terms of its left-hand side, not by columns: a factor's dummies stay one
+  # correlated block ((0 + Machine || Worker) is (0 + Machine | Worker), six thetas)
+  machines_dblbar_factor  = S(mach, "score ~ Machine + (0 + Machine || Worker)", TRUE, c("Machine", "Worker")),
+  machines_dblbar_intercept = S(mach, "score ~ Machine + (Machine || Worker)", TRUE, c("Machine", "Worker"),
+                              extra = list(identified = FALSE),
+                              note = "(1 | Worker) + (0 + Machine | Worker): the intercept is the sum of the three dummies, so theta (and the BLUPs per column) are not identified; the criterion, fixed effects, their SEs and sigma are"),
   ergostool_type          = S(ergo, "effort ~ Type + (1 | Subject)", TRUE, c("Type", "Subject")),
   milk_diet_slope         = S(milk, "protein ~ Time + Diet + (Time | Cow)", TRUE, c("Diet", "Cow"), alt_optimizer = "bobyqa",
                               note = "lme4 warns max|grad| 0.005 > 0.002; bobyqa reaches the same optimum within 3e-7"),

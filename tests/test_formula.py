@@ -565,3 +565,19 @@ def test_plain_numeric_design_equals_formulaics(dietox):
     ok = np.isfinite(X).all(axis=1)
     np.testing.assert_array_equal(X[ok], ref.to_numpy()[ok])
     np.testing.assert_array_equal(Z, _mm("Time", dietox).to_numpy())
+
+
+@pytest.mark.parametrize("bar, names, blocks", [
+    ("(Time || Pig)", ["Intercept", "Time"], ((0,), (1,))),
+    ("(Time + Feed || Pig)", ["Intercept", "Time", "Feed"], ((0,), (1,), (2,))),
+    # lme4 splits '||' by terms: a factor's dummies (full coding without the intercept) are one block
+    ("(Cu || Pig)", ["Intercept", "Cu[Cu000]", "Cu[Cu035]", "Cu[Cu175]"], ((0,), (1, 2, 3))),
+    ("(0 + Cu || Pig)", ["Cu[Cu000]", "Cu[Cu035]", "Cu[Cu175]"], ((0, 1, 2),)),
+    ("(Time + Cu || Pig)", ["Intercept", "Time", "Cu[Cu000]", "Cu[Cu035]", "Cu[Cu175]"], ((0,), (1,), (2, 3, 4))),
+    ("(poly(Time, 2) || Pig)", ["Intercept", "poly(Time, 2)[1]", "poly(Time, 2)[2]"], ((0,), (1, 2))),
+])
+def test_double_bar_splits_terms_not_columns(dietox, bar, names, blocks):
+    d = Design(spec_from_lmer(f"Weight ~ Time + {bar}"), dietox)
+    assert d.terms[0].re_names == names
+    assert d.terms[0].blocks == blocks
+    assert d.terms[0].bar_of == tuple(b for b, blk in enumerate(blocks) for _ in blk)  # a bar per block

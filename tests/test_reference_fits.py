@@ -28,6 +28,10 @@ The claims tested (the README states the same):
   for values below 1), BLUPs and their conditional variances (``ranef(condVar = TRUE)``) within
   1e-4 of the random-effect scale;
 * "singular" exactly when lme4's optimum is singular.
+
+A record with ``"identified": false`` (a random intercept beside all the dummies of a factor, as
+lme4 reads ``(f || g)``) has a ridge of optima: there the criterion, fixed effects, their standard
+errors and sigma are compared, not theta, the variance components or the BLUPs.
 """
 
 from __future__ import annotations
@@ -111,7 +115,9 @@ def test_estimates_match_lme4(case):
         assert _close(fixef[name], v, 1e-5, floor=1e-3 * max(abs(x) for x in best["fixef"].values())), name
     theta = res.theta
     ref_theta = np.array(list(best["theta"].values()))
-    np.testing.assert_allclose(theta, ref_theta, rtol=1e-4, atol=1e-4)
+    assert theta.shape == ref_theta.shape
+    if rec.get("identified", True):  # else a ridge of optima: any theta on it gives the same fit
+        np.testing.assert_allclose(theta, ref_theta, rtol=1e-4, atol=1e-4)
     assert _close(res.sigma, best["sigma"], 1e-5)
     if best is rec:
         se = dict(zip(res.fixef.index, res.bse_fe))
@@ -119,7 +125,12 @@ def test_estimates_match_lme4(case):
             assert _close(se[name], v, 1e-5, floor=0.0), name
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] not in SHORT], ids=[k for _, k in CASES if k not in SHORT])
+# theta, and so the variance components and BLUPs, of a model whose random effects are not
+# identified (a random intercept beside all dummies of a factor) are any point of a ridge
+COMPARABLE = [c for c in CASES if c[1] not in SHORT and _ref(c).get("identified", True)]
+
+
+@pytest.mark.parametrize("case", COMPARABLE, ids=[c[1] for c in COMPARABLE])
 def test_variance_components_match_lme4(case):
     rec = _ref(case)
     res, _ = fitted(case)
@@ -135,7 +146,7 @@ def test_variance_components_match_lme4(case):
         assert _close(mine.sdcor.iloc[0], row["sdcor"], 1e-4, floor=floor), row
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] not in SHORT], ids=[k for _, k in CASES if k not in SHORT])
+@pytest.mark.parametrize("case", COMPARABLE, ids=[c[1] for c in COMPARABLE])
 def test_blups_and_conditional_variances_match_lme4(case):
     """Every level's conditional mode and ``ranef(condVar = TRUE)`` covariance, to 1e-4 of the term's SD."""
     rec = _ref(case)
