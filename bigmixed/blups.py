@@ -58,9 +58,7 @@ def ranef_frame(res, k: int) -> pd.DataFrame:
     """lme4's ``ranef(fit)[[term]]``: BLUPs indexed by level (``"a:b"`` labels for an interaction)."""
     term = res.model.built.terms[k]
     b = res._modes[k][0]
-    from .names import r_name
-
-    cols = [r_name(n, res._factor_vars) for n in term.re_names]
+    cols = res.lme4_names(k)
     idx = pd.Index(term.index.keys.to_list(), name=term.name)
     return pd.DataFrame(b, index=idx, columns=cols)
 

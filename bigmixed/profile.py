@@ -46,14 +46,13 @@ class _Par:
 
 def _params(res) -> list[_Par]:
     """lme4's profile parameters in its order: per bar, vech of its covariance; sigma; fixed effects."""
-    from .names import r_name
     from .results import _lme4_bars
 
     out = []
     for k, bar in _lme4_bars(res._terms):
         t, tt = res._terms[k], res.tmap.terms[k]
         cols = [j for j, bb in enumerate(t.bar_of) if bb == bar and j not in tt.zero]
-        names = [r_name(n, res._factor_vars) for n in t.re_names]
+        names = res.lme4_names(k)
         for i, c in enumerate(cols):
             out.append(_Par(f"sd_{names[c]}|{t.name}", "sd", k, c, c))
             for a in cols[i + 1:]:

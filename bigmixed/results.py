@@ -154,7 +154,15 @@ class MixedLMResults:
     @property
     def fixef(self) -> pd.Series:
         """lme4's name for the fixed effects (``(Intercept)`` spelled as in R)."""
-        return pd.Series(self._beta, index=[r_name(n, self._factor_vars) for n in self.exog_names], name="fixef")
+        return pd.Series(self._beta, index=self.lme4_names(), name="fixef")
+
+    def lme4_names(self, term: int | str | None = None) -> list[str]:
+        """lme4's spellings of the model-matrix columns: the fixed effects (``term=None``) or the
+        random effects of one term (``(Intercept)``, ``recipeB``, ``SexMale:age`` as R orders it)."""
+        if term is None:
+            return [r_name(n, self._factor_vars, self.model.spec.fixed) for n in self.exog_names]
+        t = self._terms[self._term_index(term)]
+        return [r_name(n, self._factor_vars, " + ".join(t.spec.exprs)) for n in t.re_names]
 
     @cached_property
     def _factor_vars(self) -> frozenset:
@@ -283,7 +291,7 @@ class MixedLMResults:
             t, cov = self._terms[k], self._covs[k]
             grp = t.bar_names()[b]
             cols = [j for j, bb in enumerate(t.bar_of) if bb == b]
-            names = [r_name(n, self._factor_vars) for n in t.re_names]
+            names = self.lme4_names(k)
             sd = np.sqrt(np.diag(cov))
             rows += [(grp, names[a], None, cov[a, a], sd[a]) for a in cols]
             for i, bcol in enumerate(cols):

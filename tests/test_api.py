@@ -325,3 +325,28 @@ def test_free_holds_a_variance_at_its_start_value():
     with pytest.raises(NotImplementedError, match="covaries"):
         md.fit(free=bm.MixedLMParams.from_components(np.ones(1), np.array([[1.0, 1.0], [1.0, 0.0]])),
                start_params=start)
+
+
+# lme4's names of interaction columns: R orders an interaction's factors by where their variables
+# first appear in the formula (terms()), formulaic by the term as written.  The expected names
+# are what lme4 1.1-31 prints for these fits of Orthodont (checked with Rscript).
+@pytest.mark.parametrize("fixed, names", [
+    ("Sex + age:Sex", ["(Intercept)", "SexMale", "SexFemale:age", "SexMale:age"]),
+    ("age:Sex + Sex", ["(Intercept)", "SexMale", "age:SexFemale", "age:SexMale"]),
+    ("Sex*age + I(age^2):Sex", ["(Intercept)", "SexMale", "age", "SexMale:age", "SexFemale:I(age^2)",
+                                "SexMale:I(age^2)"]),
+])
+def test_interaction_names_in_r_order(fixed, names):
+    df = pd.read_csv(DATA / "datasets" / "Orthodont.csv", dtype={"Subject": str})
+    res = bm.lmer(f"distance ~ {fixed} + (1 | Subject)", df)
+    assert res.fixef.index.tolist() == names
+    assert res.lme4_names() == names
+
+
+def test_r_order_splits_only_top_level_colons():
+    from bigmixed.names import r_order
+
+    assert r_order("a:b[T.x]", "b + a:b") == "b[T.x]:a"
+    assert r_order("poly(x, 2)[1]:f[T.B]", "f + poly(x, 2):f") == "f[T.B]:poly(x, 2)[1]"
+    assert r_order("x", "x") == "x"
+    assert r_order("u:v", "z") == "u:v"  # variables not found keep the written order
