@@ -61,6 +61,9 @@ class ModelSpec:
 
     ``terms`` holds one :class:`TermSpec` per grouping factor, in the order they first
     appear; ``offset`` the expressions of ``offset(...)`` terms; ``weights`` a column name.
+    ``group_re``: the first term is statsmodels' ``groups`` with its ``re_formula`` (what
+    ``cov_re``, ``random_effects`` and ``free`` describe); False for statsmodels' variance
+    components alone (``vc_formula`` without ``re_formula``: no random effect of the groups).
     """
 
     response: str
@@ -68,6 +71,7 @@ class ModelSpec:
     terms: tuple[TermSpec, ...]
     offset: tuple[str, ...] = ()
     weights: str | None = None
+    group_re: bool = True
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -373,8 +377,10 @@ def spec_from_statsmodels(formula: str, re_formula: str | None, group: str,
     formula : str
         Fixed-effects formula ``'y ~ x'`` (no bars).
     re_formula : str or None
-        Random-effects RHS, with or without the leading ``'~'``; None means a random intercept.
-        Like statsmodels, an intercept is included unless ``'0 +'`` / ``'- 1'`` removes it.
+        Random-effects RHS, with or without the leading ``'~'``; None means a random intercept,
+        or, as in statsmodels, no random effect of the groups when ``vc_formula`` is given
+        (``'0'`` says the same).  Like statsmodels, an intercept is included unless ``'0 +'`` /
+        ``'- 1'`` removes it.
     group : str
         Grouping column name.
     vc_formula : dict, optional
@@ -393,7 +399,8 @@ def spec_from_statsmodels(formula: str, re_formula: str | None, group: str,
     fixed, offsets = _split_offsets(fixed)
     if offset is not None:
         offsets = offsets + (offset,)
-    re_text = "1" if re_formula is None else re_formula
+    # statsmodels: without re_formula the groups get a random intercept, unless vc_formula is given
+    re_text = ("0" if vc_formula else "1") if re_formula is None else re_formula
     if not isinstance(re_text, str):
         raise TypeError(f"re_formula must be a string or None, not {type(re_formula).__name__}")
     re_text = _squash(re_text)
@@ -402,11 +409,15 @@ def spec_from_statsmodels(formula: str, re_formula: str | None, group: str,
         raise ValueError(f"re_formula {re_formula!r} must be a right-hand side such as '~Time' or '~0 + Time'")
     if not isinstance(group, str) or not group:
         raise ValueError("group must be the name of the grouping column")
-    terms = [TermSpec((group,), (r_spelling(re_text),), (False,), group)]
+    group_re = re_text not in ("0", "-1")  # '0': no random effect of the groups (statsmodels)
+    if not group_re and not vc_formula:
+        raise ValueError(f"re_formula {re_formula!r} leaves no random effects; give a random intercept ('1'), "
+                         "slopes ('~x') or variance components (vc_formula=)")
+    terms = [TermSpec((group,), (r_spelling(re_text),), (False,), group)] if group_re else []
     for name, text in (vc_formula or {}).items():
         terms.append(_vc_term(name, text, group))
     return ModelSpec(r_spelling(response), r_spelling(fixed), tuple(terms), tuple(r_spelling(o) for o in offsets),
-                     weights)
+                     weights, group_re)
 
 
 _VC = re.compile(r"(?:0\s*\+\s*)?C\((\w+)\)(?:\s*:\s*(.+))?|(?:0\s*\+\s*)?(.+?)\s*:\s*C\((\w+)\)")

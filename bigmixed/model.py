@@ -148,7 +148,8 @@ class MixedLM:
         self._timings["build"] = time.perf_counter() - t0
         d = self._built.design
         self.exog_names = [d.fe_names[j] for j in self._built.kept_fe]
-        self.exog_re_names = list(d.terms[0].re_names)
+        # statsmodels' exog_re: the groups' own random effects (none with variance components alone)
+        self.exog_re_names = list(d.terms[0].re_names) if self.spec.group_re else []
         self.endog_name = d.response_name
 
     @classmethod
@@ -179,8 +180,10 @@ class MixedLM:
 
     @property
     def n_groups(self) -> int:
-        """Levels of the first term (statsmodels' number of groups)."""
-        return int(self._built.terms[0].n_levels)
+        """Levels of the first term (statsmodels' number of groups; with variance components
+        alone, the groups their levels are nested in)."""
+        t = self._built.terms[0]
+        return int(t.n_levels if self.spec.group_re else t.index.parts[0].n_groups)
 
     @property
     def ngroups(self) -> dict[str, int]:
@@ -254,6 +257,9 @@ class MixedLM:
             raise ValueError(f"unknown method {method!r}; bigmixed uses 'lbfgs' (L-BFGS-B, analytic gradient)")
         b = self._built
         terms = b.terms
+        if not self.spec.group_re and (free is not None or isinstance(start_params, MixedLMParams)):
+            raise ValueError("free= and MixedLMParams start values describe cov_re, the groups' own random effects; "
+                             "this model has none (vc_formula without re_formula): give start_params as theta")
         blocks0, zero0, held0 = structure_from_free(free, start_params, terms[0].blocks, terms[0].re_names)
         scaling = b.scaling
         backend = self._backend()

@@ -248,9 +248,17 @@ class MixedLMResults:
 
     @property
     def cov_re(self) -> pd.DataFrame:
-        """Random-effects covariance Psi of the first term (statsmodels' ``cov_re``; intercept named ``Group``)."""
+        """Random-effects covariance Psi of the first term (statsmodels' ``cov_re``; intercept named ``Group``).
+
+        0 x 0 for statsmodels' variance components alone (``vc_formula`` without ``re_formula``).
+        """
         names = sm_names(self.exog_re_names)
-        return pd.DataFrame(self._covs[0], index=names, columns=names)
+        return pd.DataFrame(self._covs[0] if self._group_re else np.zeros((0, 0)), index=names, columns=names)
+
+    @property
+    def _group_re(self) -> bool:
+        """Whether the first term is statsmodels' groups with their own random effects."""
+        return self.model.spec.group_re
 
     @property
     def cov_re_terms(self) -> dict[str, pd.DataFrame]:
@@ -364,7 +372,7 @@ class MixedLMResults:
             if not self.structural(a, b, k) and a != b:
                 continue
             t = self._terms[k]
-            name = sm_var_name(t.re_names, a, b, None if k == 0 else t.name)
+            name = sm_var_name(t.re_names, a, b, None if k == 0 and self._group_re else t.name)
             rows.append((t.name, name, self._covs[k][a, b], se_all[r] if ok[r] else np.nan))
         return pd.DataFrame(rows, columns=["term", "name", "estimate", "se"])
 
@@ -411,17 +419,22 @@ class MixedLMResults:
     def random_effects(self) -> dict:
         """statsmodels' ``random_effects``: {group: Series of BLUPs} of the first term.
 
-        Several terms: the other terms' BLUPs are in :meth:`ranef` (one frame per term).
+        Several terms: the other terms' BLUPs are in :meth:`ranef` (one frame per term); with
+        variance components alone each group's Series is empty.
         """
-        b = self._modes[0][0]
         idx = pd.Index(sm_names(self.exog_re_names))
+        if not self._group_re:
+            return {k: pd.Series(np.zeros(0), index=idx) for k in self.group_labels}
+        b = self._modes[0][0]
         return {k: pd.Series(b[i], index=idx) for i, k in enumerate(self.group_labels)}
 
     @cached_property
     def random_effects_cov(self) -> dict:
         """{group: conditional covariance of its BLUPs} (statsmodels' ``random_effects_cov``), first term."""
-        K = blups.conditional_covariances(self, 0)
         names = sm_names(self.exog_re_names)
+        if not self._group_re:
+            return {k: pd.DataFrame(np.zeros((0, 0)), index=names, columns=names) for k in self.group_labels}
+        K = blups.conditional_covariances(self, 0)
         return {k: pd.DataFrame(K[i], index=names, columns=names) for i, k in enumerate(self.group_labels)}
 
     def conditional_variances(self, term: int | str = 0) -> np.ndarray:
@@ -430,7 +443,9 @@ class MixedLMResults:
 
     @property
     def group_labels(self) -> list:
-        return self.model.built.terms[0].index.to_list()
+        """statsmodels' groups: the first term's levels (variance components alone: the groups they are in)."""
+        index = self.model.built.terms[0].index
+        return index.to_list() if self._group_re else index.parts[0].keys.to_list()
 
     def ranef(self, term: int | str | None = None):
         """lme4's ``ranef(fit)``: BLUPs indexed by level; one term: a DataFrame, several: {term: DataFrame}."""
@@ -495,13 +510,20 @@ class MixedLMResults:
     def __repr__(self) -> str:
         return f"<bigmixed.MixedLMResults {self.method} objective={self.objective:.4f} converged={self.converged}>"
 
-    def group_sizes(self, term: int | str = 0) -> np.ndarray:
-        """Rows per level of a term."""
+    def group_sizes(self, term: int | str | None = None) -> np.ndarray:
+        """Rows per level of a term; by default per group of statsmodels' ``groups`` (the first
+        term's levels, or with variance components alone the groups their levels are in)."""
         b = self.model.built
-        k = self._term_index(term)
+        k = 0 if term is None else self._term_index(term)
         if b.stats is None and b.backend is not None:
-            return b.backend.group_sizes(k)  # resident on Dask workers (bigmixed.distributed)
-        return np.asarray(b.stats.terms[k].n)
+            n = np.asarray(b.backend.group_sizes(k))  # resident on Dask workers (bigmixed.distributed)
+        else:
+            n = np.asarray(b.stats.terms[k].n)
+        if term is not None or self._group_re:
+            return n
+        groups = b.terms[0].index.frame().get_column(b.terms[0].factors[0])
+        codes = np.unique(groups.to_numpy(), return_inverse=True)[1]
+        return np.bincount(codes, weights=n).astype(n.dtype)
 
     @property
     def n_dropped(self) -> int:
@@ -538,7 +560,7 @@ class MixedLMResults:
             "fe_params": _jsonable(self.fe_params.to_dict()),
             "bse_fe": _jsonable(self.bse_fe.to_dict()),
             "pvalues": _jsonable(self.pvalues.to_dict()),
-            "cov_re": self._covs[0].tolist(),
+            "cov_re": self.cov_re.to_numpy().tolist(),
             "re_names": self.exog_re_names,
             "bse_re": _jsonable(self.bse_re.to_dict()) if variance_se else None,
             "scale": self.scale,

@@ -451,6 +451,58 @@ def test_variance_components_equal_statsmodels(reml):
     assert list(res.variance_table(se=False).name) == ["Group Var", "cls Var"]
 
 
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+def test_variance_components_alone_equal_statsmodels(reml):
+    """vc_formula without re_formula: statsmodels gives the groups no random effect of their own
+    (neither does re_formula='0'), so the model is the components alone, lme4's (1 | school:cls)."""
+    import statsmodels.formula.api as smf
+
+    df = _pupils()
+    vcf = {"cls": "0 + C(cls)"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # statsmodels' convergence chatter
+        sm = smf.mixedlm("y ~ x", df, groups="school", vc_formula=vcf).fit(reml=reml)
+    assert sm.cov_re.shape == (0, 0)  # what statsmodels fits
+    for re in (None, "0", "~0"):
+        res = bm.mixedlm("y ~ x", df, groups="school", re_formula=re, vc_formula=vcf).fit(reml=reml)
+        assert res.converged and res.terms == ["cls"] and res.cov_re.shape == (0, 0)
+        assert res.llf >= sm.llf - 1e-8 * abs(sm.llf)
+        assert res.llf == pytest.approx(sm.llf, rel=1e-6)
+        np.testing.assert_allclose(res.fe_params.to_numpy(), sm.fe_params.to_numpy(), rtol=1e-4)
+        assert res.cov_re_terms["cls"].iloc[0, 0] == pytest.approx(sm.vcomp[0], rel=1e-3)
+        assert res.n_groups == 15 and sorted(res.random_effects) == sorted(sm.random_effects)
+        assert res.group_sizes().sum() == len(df) and res.group_sizes().size == 15
+        assert list(res.variance_table(se=False).name) == ["cls Var"]
+    lm = bm.lmer("y ~ x + (1 | school:cls)", df, REML=reml)
+    assert res.objective == pytest.approx(lm.objective, rel=RTOL)
+
+
+def test_crossed_variance_components_in_one_group_equal_statsmodels():
+    """statsmodels' spelling of crossed effects: one group holding everything, a variance component
+    per crossed factor (Penicillin: plate x sample), is lme4's (1 | plate) + (1 | sample)."""
+    import statsmodels.formula.api as smf
+
+    p = pd.read_csv(DATASETS / "Penicillin.csv", dtype={"plate": str, "sample": str}).assign(one="1")
+    vcf = {"plate": "0 + C(plate)", "sample": "0 + C(sample)"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = smf.mixedlm("diameter ~ 1", p, groups="one", re_formula="0", vc_formula=vcf).fit()
+    res = bm.mixedlm("diameter ~ 1", p, groups="one", re_formula="0", vc_formula=vcf).fit()
+    lm = bm.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", p)
+    assert res.model.built.layout == "crossed" and res.n_groups == 1
+    assert res.llf >= sm.llf - 1e-8 * abs(sm.llf)
+    assert res.objective == pytest.approx(lm.objective, rel=RTOL)
+
+
+def test_no_random_effects_at_all_is_a_clear_error():
+    df = _pupils()
+    with pytest.raises(ValueError, match="leaves no random effects"):
+        bm.mixedlm("y ~ x", df, groups="school", re_formula="0")
+    m = bm.mixedlm("y ~ x", df, groups="school", vc_formula={"cls": "0 + C(cls)"})
+    with pytest.raises(ValueError, match="has none"):
+        m.fit(free=bm.MixedLMParams.from_components(np.ones(1), np.eye(1)))
+
+
 def test_variance_components_equal_lmer_nested_term():
     df = _pupils()
     vc = bm.mixedlm("y ~ x", df, groups="school", re_formula="1", vc_formula={"cls": "0 + C(cls)"}).fit()
