@@ -61,21 +61,20 @@ def r_name(name: str, factor_vars: frozenset = frozenset(), order_text: str | No
     return out
 
 
-def sm_names(names: list[str]) -> list[str]:
-    """statsmodels' names of the random effects: the intercept is called ``Group``."""
-    return ["Group" if n == "Intercept" else n for n in names]
+def sm_names(names: list[str], group: str = "Group") -> list[str]:
+    """statsmodels' names of the random effects: the intercept is called by the groups' column
+    (``groups="Pig"``: ``Pig``), or ``Group`` when the groups were given as an array."""
+    return [group if n == "Intercept" else n for n in names]
 
 
-def sm_var_name(names: list[str], a: int, b: int, term: str | None = None) -> str:
-    """statsmodels' row names: 'Group Var', 'Group x Time Cov', 'Time Var' (other terms: '<term> Var')."""
+def sm_var_name(names: list[str], a: int, b: int, term: str | None = None, group: str = "Group") -> str:
+    """statsmodels' row names: 'Pig Var', 'Pig x Time Cov', 'Time Var' (other terms: '<term> Var')."""
     if term is not None:
         lab = ["" if n == "Intercept" else f" {n}" for n in names]
         if a == b:
             return f"{term}{lab[a]} Var"
         return f"{term}{lab[b]} x{lab[a] or ' Intercept'} Cov"
-    lab = sm_names(names)
-    if len(names) == 1:
-        return "Group Var"
+    lab = sm_names(names, group)
     if a == b:
         return f"{lab[a]} Var"
     return f"{lab[b]} x {lab[a]} Cov"

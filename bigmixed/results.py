@@ -24,6 +24,7 @@ import pandas as pd
 from scipy.special import ndtr, ndtri
 
 from . import blups
+from .data import GROUP_COLUMN
 from .objective import R2_FLOOR, NumericalError, Objective
 from .optimize import OptimizerState, hessian
 from .names import r_name, sm_names, sm_var_name
@@ -248,17 +249,24 @@ class MixedLMResults:
 
     @property
     def cov_re(self) -> pd.DataFrame:
-        """Random-effects covariance Psi of the first term (statsmodels' ``cov_re``; intercept named ``Group``).
+        """Random-effects covariance Psi of the first term (statsmodels' ``cov_re``; the intercept named
+        by the groups' column, as statsmodels: ``Pig``, or ``Group`` for groups given as an array).
 
         0 x 0 for statsmodels' variance components alone (``vc_formula`` without ``re_formula``).
         """
-        names = sm_names(self.exog_re_names)
+        names = sm_names(self.exog_re_names, self._sm_group)
         return pd.DataFrame(self._covs[0] if self._group_re else np.zeros((0, 0)), index=names, columns=names)
 
     @property
     def _group_re(self) -> bool:
         """Whether the first term is statsmodels' groups with their own random effects."""
         return self.model.spec.group_re
+
+    @property
+    def _sm_group(self) -> str:
+        """statsmodels' name of the groups' intercept: their column (``Group`` for an array)."""
+        factors = self._terms[0].factors
+        return factors[0] if len(factors) == 1 and factors[0] != GROUP_COLUMN else "Group"
 
     @property
     def cov_re_terms(self) -> dict[str, pd.DataFrame]:
@@ -356,7 +364,7 @@ class MixedLMResults:
     def variance_table(self, se: bool = True) -> pd.DataFrame:
         """One row per variance-component parameter: term, statsmodels' name, estimate, standard error.
 
-        Names as statsmodels prints them: ``Group Var``, ``Group x Time Cov``, ``Time Var`` for the
+        Names as statsmodels prints them: ``Pig Var``, ``Pig x Time Cov``, ``Time Var`` for the
         first term, ``<term> Var`` (``<term> <effect> Var`` ...) for the others.  The standard errors
         need the Hessian of the deviance (k + 1 gradient passes over the levels, k = len(theta) + 1);
         ``se=False`` leaves them NaN and costs nothing.
@@ -372,7 +380,7 @@ class MixedLMResults:
             if not self.structural(a, b, k) and a != b:
                 continue
             t = self._terms[k]
-            name = sm_var_name(t.re_names, a, b, None if k == 0 and self._group_re else t.name)
+            name = sm_var_name(t.re_names, a, b, None if k == 0 and self._group_re else t.name, self._sm_group)
             rows.append((t.name, name, self._covs[k][a, b], se_all[r] if ok[r] else np.nan))
         return pd.DataFrame(rows, columns=["term", "name", "estimate", "se"])
 
@@ -422,7 +430,7 @@ class MixedLMResults:
         Several terms: the other terms' BLUPs are in :meth:`ranef` (one frame per term); with
         variance components alone each group's Series is empty.
         """
-        idx = pd.Index(sm_names(self.exog_re_names))
+        idx = pd.Index(sm_names(self.exog_re_names, self._sm_group))
         if not self._group_re:
             return {k: pd.Series(np.zeros(0), index=idx) for k in self.group_labels}
         b = self._modes[0][0]
@@ -431,7 +439,7 @@ class MixedLMResults:
     @cached_property
     def random_effects_cov(self) -> dict:
         """{group: conditional covariance of its BLUPs} (statsmodels' ``random_effects_cov``), first term."""
-        names = sm_names(self.exog_re_names)
+        names = sm_names(self.exog_re_names, self._sm_group)
         if not self._group_re:
             return {k: pd.DataFrame(np.zeros((0, 0)), index=names, columns=names) for k in self.group_labels}
         K = blups.conditional_covariances(self, 0)

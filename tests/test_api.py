@@ -58,7 +58,9 @@ def test_random_intercept_matches_statsmodels(dietox):
     assert r.cov_re.iloc[0, 0] == pytest.approx(ref["cov_re"][0][0], rel=1e-5)
     assert r.scale == pytest.approx(ref["scale"], rel=1e-6)
     for g, d in ref["random_effects_first3"].items():
-        assert r.random_effects[g]["Group"] == pytest.approx(d["Group"], rel=1e-5)
+        # the reference passed groups=data["Pig"] (statsmodels' example), which statsmodels names
+        # Group; groups="Pig" names the intercept Pig, in statsmodels and here
+        assert r.random_effects[g]["Pig"] == pytest.approx(d["Group"], rel=1e-5)
     rml = bm.mixedlm("Weight ~ Time", dietox, groups="Pig").fit(reml=False)
     assert rml.llf == pytest.approx(SM["intercept_ml"]["llf"], rel=1e-8)
 
@@ -72,8 +74,8 @@ def test_summary_layout(slope):
                    "Min. group size:", "11", "Max. group size:", "12", "Mean group size:", "12.0",
                    "Coef.", "Std.Err.", "z", "P>|z|", "[0.025", "0.975]"]:
         assert needle in text, needle
-    assert any(line.startswith("Group Var") for line in lines)
-    assert any(line.startswith("Group x Time Cov") for line in lines)
+    assert any(line.startswith("Pig Var") for line in lines)  # statsmodels' names for groups="Pig"
+    assert any(line.startswith("Pig x Time Cov") for line in lines)
     assert any(line.startswith("Time Var") for line in lines)
     intercept = [line for line in lines if line.startswith("Intercept")][0].split()
     assert float(intercept[1]) == pytest.approx(15.739, abs=1e-3)
@@ -116,8 +118,8 @@ def test_results_attributes(dietox):
     assert m.aic == pytest.approx(ref["objective"] + 2 * 6, rel=1e-8)
     assert m.bic == pytest.approx(ref["objective"] + np.log(861) * 6, rel=1e-8)
     assert m.n_iter > 0 and m.converged
-    assert list(m.cov_re.index) == ["Group", "Time"]  # statsmodels' names
-    assert list(m.random_effects["4601"].index) == ["Group", "Time"]
+    assert list(m.cov_re.index) == ["Pig", "Time"]  # statsmodels' names (groups="Pig")
+    assert list(m.random_effects["4601"].index) == ["Pig", "Time"]
     # BLUP covariances: symmetric positive definite, one per group
     cov = m.random_effects_cov["4601"]
     assert np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)
@@ -192,7 +194,9 @@ def test_bar_spellings(dietox):
     assert a.objective == pytest.approx(LME4["dietox_slope_indep_reml"]["objective"], rel=1e-8)
     c = bm.lmer("Weight ~ Time + (0 + Time | Pig)", dietox)
     assert list(c.cov_re.index) == ["Time"] and c.converged
-    assert list(bm.lmer("Weight ~ Time + (1 | Pig)", dietox).cov_re.index) == ["Group"]
+    assert list(bm.lmer("Weight ~ Time + (1 | Pig)", dietox).cov_re.index) == ["Pig"]
+    by_array = bm.mixedlm("Weight ~ Time", dietox, groups=dietox["Pig"]).fit()
+    assert list(by_array.cov_re.index) == ["Group"]  # statsmodels' name when groups is an array
 
 
 def test_two_grouping_factors(dietox):
@@ -277,7 +281,7 @@ def test_variance_standard_errors_match_dense_hessian(dietox):
             H[i, j] = (reml_dev(*(x0 + ei + ej)) - reml_dev(*(x0 + ei - ej))
                        - reml_dev(*(x0 - ei + ej)) + reml_dev(*(x0 - ei - ej))) / (4 * h[i] * h[j])
     se = np.sqrt(np.diag(2 * np.linalg.inv(H)))
-    assert m.bse_re["Group Var"] == pytest.approx(se[0], rel=1e-3)
+    assert m.bse_re["Pig Var"] == pytest.approx(se[0], rel=1e-3)
     assert m.bse_scale == pytest.approx(se[1], rel=1e-3)
 
 

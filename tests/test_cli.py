@@ -69,7 +69,7 @@ def test_fit_end_to_end(parts, tmp_path, capsys, restore_threads):
         assert rec["fe_params"][k] == pytest.approx(v, rel=1e-9)
         assert rec["bse_fe"][k] == pytest.approx(ref.bse_fe[k], rel=1e-9)
     np.testing.assert_allclose(rec["cov_re"], ref.cov_re.to_numpy(), rtol=1e-9)
-    assert set(rec["bse_re"]) == {"Group Var", "Group x x Cov", "x Var"}
+    assert set(rec["bse_re"]) == {"subject Var", "subject x x Cov", "x Var"}
     for k, v in ref.bse_re.items():
         assert rec["bse_re"][k] == pytest.approx(v, rel=1e-6)
     assert rec["rows_dropped"] == 0 and rec["dropped_by_column"] == {}

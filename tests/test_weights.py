@@ -66,7 +66,7 @@ def test_offset_matches_lme4(dietox_w):
     assert alt.objective == pytest.approx(res.objective, rel=1e-12)
     # fitted values and predictions include the offset (read from new data too)
     manual = (res.fe_params["Intercept"] + res.fe_params["Time"] * dietox_w["Time"] + dietox_w["off"]
-              + np.array([res.random_effects[p]["Group"] + res.random_effects[p]["Time"] * t
+              + np.array([res.random_effects[p]["Pig"] + res.random_effects[p]["Time"] * t
                           for p, t in zip(dietox_w["Pig"], dietox_w["Time"])]))
     np.testing.assert_allclose(res.fittedvalues, manual, rtol=1e-12)
     np.testing.assert_allclose(res.resid, dietox_w["Weight"] - manual, rtol=1e-9, atol=1e-9)
