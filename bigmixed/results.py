@@ -180,7 +180,48 @@ class MixedLMResults:
 
     @property
     def bse(self) -> pd.Series:
+        """Standard errors of the fixed effects (those of the variance parameters: :attr:`bse_re`)."""
         return self.bse_fe
+
+    @property
+    def params(self) -> pd.Series:
+        """statsmodels' ``params``: the fixed effects, then every variance parameter relative to the
+        residual variance, in statsmodels' order and names (``Pig Var``, ``Pig x Time Cov``, ``Time
+        Var``, then ``<component> Var``): the entries of Psi / sigma^2."""
+        vt = self.variance_table(se=False)
+        rel = pd.Series(vt["estimate"].to_numpy() / self.scale, index=vt["name"].to_list())
+        return pd.concat([self.fe_params, rel]).rename("params")
+
+    @property
+    def k_fe(self) -> int:
+        """Fixed effects (statsmodels' ``k_fe``)."""
+        return len(self.exog_names)
+
+    @property
+    def k_re(self) -> int:
+        """Random effects of the groups (statsmodels' ``k_re``: the size of ``cov_re``)."""
+        return len(self.exog_re_names)
+
+    @property
+    def k_re2(self) -> int:
+        """Parameters of ``cov_re`` (statsmodels' ``k_re2``)."""
+        return sum(1 for t in self.variance_table(se=False).term if self._group_re and t == self._terms[0].name)
+
+    @property
+    def k_vc(self) -> int:
+        """Variance parameters beyond ``cov_re`` (statsmodels' variance components; other terms)."""
+        return len(self.variance_table(se=False)) - self.k_re2
+
+    @property
+    def vcomp(self) -> np.ndarray:
+        """statsmodels' ``vcomp``: the variance parameters beyond ``cov_re`` (the ``vc_formula``
+        components', in order), on the scale of the data as ``cov_re``."""
+        return self.variance_table(se=False)["estimate"].to_numpy()[self.k_re2:]
+
+    @property
+    def df_resid(self) -> int:
+        """Observations less fixed effects (statsmodels' ``df_resid``)."""
+        return int(self.nobs) - self.k_fe
 
     @property
     def tvalues(self) -> pd.Series:

@@ -354,3 +354,23 @@ def test_r_order_splits_only_top_level_colons():
     assert r_order("poly(x, 2)[1]:f[T.B]", "f + poly(x, 2):f") == "f[T.B]:poly(x, 2)[1]"
     assert r_order("x", "x") == "x"
     assert r_order("u:v", "z") == "u:v"  # variables not found keep the written order
+
+
+@pytest.mark.parametrize("kw", [dict(re_formula="~age"), dict(), dict(vc_formula={"age_f": "0 + C(age_f)"})],
+                         ids=["slope", "intercept", "variance-component"])
+def test_params_and_counts_as_statsmodels(kw):
+    """statsmodels' packed ``params`` (fixed effects, then Psi / sigma^2 by name) and its counts."""
+    import statsmodels.formula.api as smf
+
+    df = pd.read_csv(DATA / "datasets" / "Orthodont.csv", dtype={"Subject": str}).assign(
+        age_f=lambda d: np.where(d["age"] > 10, "late", "early"))  # two visits a level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = smf.mixedlm("distance ~ age", df, groups="Subject", **kw).fit()
+    res = bm.mixedlm("distance ~ age", df, groups="Subject", **kw).fit()
+    assert res.llf >= sm.llf - 1e-8 * abs(sm.llf)
+    assert list(res.params.index) == list(sm.params.index)
+    np.testing.assert_allclose(res.params.to_numpy(), sm.params.to_numpy(), rtol=1e-4, atol=1e-5)
+    assert (res.k_fe, res.k_re, res.k_re2, res.k_vc, res.df_resid) == \
+        (sm.k_fe, sm.k_re, sm.k_re2, sm.k_vc, int(sm.df_resid))
+    np.testing.assert_allclose(res.vcomp, sm.vcomp, rtol=1e-3)
