@@ -195,12 +195,12 @@ class MixedLMResults:
     @property
     def k_fe(self) -> int:
         """Fixed effects (statsmodels' ``k_fe``)."""
-        return len(self.exog_names)
+        return self.model.k_fe
 
     @property
     def k_re(self) -> int:
         """Random effects of the groups (statsmodels' ``k_re``: the size of ``cov_re``)."""
-        return len(self.exog_re_names)
+        return self.model.k_re
 
     @property
     def k_re2(self) -> int:
