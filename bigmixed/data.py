@@ -53,6 +53,11 @@ def expand_paths(data) -> list[Path]:
             files.append(Path(s))
         else:
             raise ValueError(f"data file '{s}' does not exist")
+    seen: dict[Path, Path] = {}
+    for f in files:  # a glob and a path naming one file would read its rows twice
+        first = seen.setdefault(f.resolve(), f)
+        if first is not f:
+            raise ValueError(f"file '{f}' is given twice (also as '{first}'); give each file once")
     return files
 
 
@@ -268,6 +273,13 @@ def _in_memory(frame: pl.DataFrame, groups) -> Source:
     return Source([("data", frame.lazy())], dict(frame.schema), in_memory=True, frame=frame)
 
 
+def _wider(a: pl.DataType, b: pl.DataType) -> pl.DataType:
+    """A numeric type holding the values of both: Float64 if either is a float, else a 64-bit integer."""
+    if a.is_float() or b.is_float():
+        return pl.Float64
+    return pl.UInt64 if pl.UInt64 in (a, b) else pl.Int64
+
+
 def _from_files(files: list[Path]) -> Source:
     """Validate every file's footer and schema up front, then scan them lazily.
 
@@ -290,6 +302,8 @@ def _from_files(files: list[Path]) -> Source:
                 if dt != ref and not (dt.is_numeric() and ref.is_numeric()):
                     raise ValueError(f"column '{c}' is {dt} in file '{f}' but {ref} in '{where[c]}'; "
                                      "all files need one type per column")
+                if dt != ref:  # numeric widths differ: one type that holds both (an Int8 key, then Int64)
+                    schema[c] = _wider(ref, dt)
             else:
                 schema[c], where[c] = dt, f
                 if k:

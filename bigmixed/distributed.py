@@ -55,7 +55,7 @@ from .design import Design
 from .formula import ModelSpec
 from .keys import TermIndex
 from .pipeline import (DEFAULT_CHUNK_ROWS, SCALING_SAMPLE_ROWS, BuildResult, DroppedRowsWarning, _sample_scaling,
-                       _stateful)
+                       _stateful, complete_rows_design)
 from .scaling import Scaling
 from .stats import Statistics, aliased_columns
 from .dist_backend import DistributedBackend, DistributedGroups, DistributedTermIndex, _local_chain, _orient, merge_owned
@@ -247,13 +247,15 @@ def build_distributed(
             for c in cols:
                 found[c].update(d[c])
         design = Design(spec, proto, {c: sorted(v, key=lambda v: (str(type(v)), v)) for c, v in found.items()})
-    if not in_memory and _stateful(design):
-        # scale(x), poly(x, 2), ...: their state comes from every row, as in R and on one machine; the
-        # columns of the design come to the driver once (the single-machine path reads them too)
-        cols = list(design.columns)
-        proto = pl.concat(client.gather(client.compute([dask.delayed(_part_columns)(part, cols) for part in parts])),
-                          how="diagonal_relaxed")
-        design = Design(spec, proto, design.categorical)
+    if _stateful(design):
+        # scale(x), poly(x, 2), C(round(x)): their state comes from every complete row, as in R and on
+        # one machine; the columns of the design come to the driver once (the single-machine path
+        # reads them too)
+        if not in_memory:
+            cols = list(design.columns)
+            proto = pl.concat(client.gather(client.compute([dask.delayed(_part_columns)(part, cols)
+                                                            for part in parts])), how="diagonal_relaxed")
+        design = complete_rows_design(spec, proto, design)
     dtypes = {c: key_dtype(schema[c]) for c in design.key_columns}
     layout, chain = _choose_layout(client, parts, design, dtypes)
     if layout == "crossed" and mode == "resident":

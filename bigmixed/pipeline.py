@@ -21,6 +21,7 @@ Memory is the statistics (O(levels)) plus one chunk, whatever the number of rows
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,7 @@ from .stats import PairStats, Statistics, aliased_columns, default_threads
 from .terms import ReTerm, check_crossed_memory
 
 __all__ = ["BuildResult", "Plan", "prepare", "Reducer", "finalise", "build_statistics", "DEFAULT_CHUNK_ROWS",
-           "DroppedRowsWarning"]
+           "DroppedRowsWarning", "complete_rows_design"]
 
 DEFAULT_CHUNK_ROWS = 1_000_000
 # Data already in memory are sliced (no copy) into smaller chunks: the design arrays of a
@@ -114,15 +115,21 @@ def _prototype(source: Source, columns, rows: int | None = 50_000) -> pl.DataFra
         except pl.exceptions.PolarsError as exc:
             where = failing_part(source, list(columns))
             raise ValueError(f"cannot read the data{where}: {str(exc).splitlines()[0]}") from None
-    lf = source.parts[0][1]
-    try:
-        have = set(lf.collect_schema())
-        # A column only later files have is a typed null column here: the design can be built,
-        # and check_columns names the file that lacks it if the model uses it.
-        exprs = [pl.col(c) if c in have else pl.lit(None, dtype=source.schema[c]).alias(c) for c in columns]
-        return lf.select(exprs).head(rows).collect()
-    except pl.exceptions.PolarsError as exc:
-        raise ValueError(f"cannot read {source.parts[0][0]}: {str(exc).splitlines()[0]}") from None
+    heads, got = [], 0
+    for label, lf in source.parts:  # the first rows of the data, past empty files
+        try:
+            have = set(lf.collect_schema())
+            # A column only later files have is a typed null column here: the design can be built,
+            # and check_columns names the file that lacks it if the model uses it.
+            exprs = [(pl.col(c) if c in have else pl.lit(None, dtype=source.schema[c]).alias(c)).cast(source.schema[c])
+                     for c in columns]
+            heads.append(lf.select(exprs).head(rows - got).collect())
+        except pl.exceptions.PolarsError as exc:
+            raise ValueError(f"cannot read {label}: {str(exc).splitlines()[0]}") from None
+        got += heads[-1].height
+        if got:  # the first file with rows (earlier ones are empty)
+            break
+    return heads[0] if len(heads) == 1 else pl.concat(heads)
 
 
 def _check_finite(stats: Statistics, design: Design) -> None:
@@ -210,9 +217,9 @@ def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, miss
     """
     if missing not in ("drop", "raise"):
         raise ValueError(f"missing must be 'drop' or 'raise', not {missing!r}")
+    if chunk_rows is not None and not chunk_rows >= 1:
+        raise ValueError(f"chunk_rows must be a positive number of rows, not {chunk_rows!r}")
     chunk_rows = int(chunk_rows or (IN_MEMORY_CHUNK_ROWS if source.in_memory else DEFAULT_CHUNK_ROWS))
-    if chunk_rows < 1:
-        raise ValueError("chunk_rows must be a positive number of rows")
     t0 = time.perf_counter()
     proto = _prototype(source, list(source.schema))
     design = Design(spec, proto, levels)
@@ -222,11 +229,12 @@ def prepare(source: Source, spec: ModelSpec, *, levels: dict | None = None, miss
         found = blocking(progress, f"finding the levels of {', '.join(design.categorical)} in {what}",
                          lambda: _discover_levels(source, design))
         design = Design(spec, proto, found)
-    if not source.in_memory and _stateful(design):
-        # scale(x), poly(x, 2), ...: their state must come from every row, as in R
-        proto = blocking(progress, f"reading the columns of the stateful transforms in {what}",
-                         lambda: _prototype(source, design.columns, rows=None))
-        design = Design(spec, proto, design.categorical)
+    if _stateful(design):
+        # scale(x), poly(x, 2), C(round(x)): their state must come from every complete row, as in R
+        if not source.in_memory:
+            proto = blocking(progress, f"reading the columns of the stateful transforms in {what}",
+                             lambda: _prototype(source, design.columns, rows=None))
+        design = complete_rows_design(spec, proto, design)
     terms = design.terms
     coder = _single_term_levels(source, terms, allow_coder=one_pass and not keep_xx)
     for t in terms if coder is None else ():
@@ -280,8 +288,36 @@ def _single_term_levels(source: Source, terms: list[ReTerm], allow_coder: bool) 
 
 
 def _stateful(design: Design) -> bool:
+    """Whether a part's encoding is learnt from the data beyond a column's levels: a stateful
+    transform, or a categorical made from an expression (``C(round(x))``: its levels)."""
     texts = [design.spec.fixed] + [e for t in design.spec.terms for e in t.exprs]
-    return any(f in t.replace(" ", "") for t in texts for f in _STATEFUL)
+    return any(f in t.replace(" ", "") for t in texts for f in _STATEFUL) or any(map(_expression_factor, texts))
+
+
+def _expression_factor(text: str) -> bool:
+    """``C(...)`` (lme4's ``factor(...)``) of anything but a bare column name."""
+    for m in re.finditer(r"(?<![\w.])C\(", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        first = text[m.end():i - 1].split(",")[0].strip()
+        if not re.fullmatch(r"[A-Za-z_]\w*|`[^`]*`", first):
+            return True
+    return False
+
+
+def complete_rows_design(spec: ModelSpec, proto: pl.DataFrame, design: Design) -> Design:
+    """The design rebuilt on the rows of ``proto`` complete in every column the model uses.
+
+    A stateful transform's state (the mean and SD of ``scale(x)``, ``poly``'s coefficients, the
+    levels of ``C(round(x))``) comes from the rows the fit uses, as R's model frame drops
+    incomplete rows before evaluating the formula.
+    """
+    schema = dict(proto.schema)
+    missing = _missing_exprs([c for c in design.columns if c in schema], schema).values()
+    complete = proto.filter(~pl.any_horizontal(list(missing))) if missing else proto
+    return Design(spec, complete, design.categorical)
 
 
 def reduce_source(source: Source, plan: Plan, *, nthreads: int | None = None,

@@ -607,6 +607,7 @@ class MixedLMResults:
             "singular": self.is_singular,
             "n_iter": self.n_iter,
             "fe_params": _jsonable(self.fe_params.to_dict()),
+            "fixef": _jsonable(self.fixef.to_dict()),  # the same, by lme4's names
             "bse_fe": _jsonable(self.bse_fe.to_dict()),
             "pvalues": _jsonable(self.pvalues.to_dict()),
             "cov_re": self.cov_re.to_numpy().tolist(),
