@@ -138,12 +138,38 @@ def predict_chunk(res, chunk: pl.DataFrame, include_random: bool) -> np.ndarray:
         for k, term in enumerate(built.terms):
             if not all(c in sub.columns for c in term.factors):
                 continue  # no keys: the population level for this term
-            codes = term.index.codes(sub)
+            codes = term.index.codes(_keys_as_fitted(term, sub))
             Zk = np.ascontiguousarray(Z[:, term.offset:term.offset + term.q])
             pred = pred + _kernels.linear_predictor(np.zeros((sub.height, 0)), Zk, np.zeros(0), res._modes[k][0],
                                                     codes, 1)
     out[okmask] = pred
     return out
+
+
+def _keys_as_fitted(term, chunk: pl.DataFrame) -> pl.DataFrame:
+    """``chunk`` with the term's key columns cast to the fitted keys' type where one is a string and
+    the other not (keys read as strings in the fit, integers in the new data, or the reverse):
+    level 308 is level "308", as R matches a factor's levels."""
+    parts = getattr(term.index, "parts", None)  # on a Dask cluster: the keys' frame
+    fitted = [p.keys.dtype for p in parts] if parts is not None else list(term.index.frame().schema.values())
+    casts = []
+    for col, want in zip(term.factors, fitted):
+        have = chunk.schema[col]
+        if (want != have and pl.String in (want, have)) or isinstance(have, (pl.Categorical, pl.Enum)):
+            casts.append(pl.col(col).cast(pl.String).cast(want, strict=False))
+    return chunk.with_columns(casts) if casts else chunk
+
+
+def used_rows(res) -> np.ndarray:
+    """Which rows of the fitted data the fit used: none of the model's columns missing."""
+    from .pipeline import _missing_exprs
+
+    design = res.model.built.design
+    masks = []
+    for _, chunk in res.model.data.batches(design.columns, 1_000_000):
+        miss = list(_missing_exprs(list(design.columns), dict(chunk.schema)).values())
+        masks.append(~chunk.select(pl.any_horizontal(miss)).to_series().to_numpy())
+    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
 def response(res) -> np.ndarray:

@@ -510,7 +510,9 @@ class MixedLMResults:
         """Predictions for ``newdata`` (default: the fitted data), one per row.
 
         ``X beta + offset + sum_k Z_k b_k``, with each term's BLUPs for levels seen in the fit;
-        a level not seen (and ``include_random=False``) contributes 0 for that term.  Rows with
+        a level not seen, a term whose grouping columns ``newdata`` lacks (lme4 would need
+        ``re.form``), and ``include_random=False`` contribute 0 for that term.  Keys match the
+        fitted levels by value across integer and string types (308 is level "308").  Rows with
         missing values in a used column give NaN.
         """
         return blups.predict(self, newdata, include_random)
@@ -533,7 +535,9 @@ class MixedLMResults:
     @cached_property
     def fittedvalues(self) -> np.ndarray:
         """Fitted values X beta + offset + Z b for the rows of the fitted data (NaN for dropped rows)."""
-        return self.predict()
+        fitted = self.predict()
+        fitted[~blups.used_rows(self)] = np.nan  # a missing response or key: not a row of the fit
+        return fitted
 
     @cached_property
     def resid(self) -> np.ndarray:

@@ -374,3 +374,30 @@ def test_params_and_counts_as_statsmodels(kw):
     assert (res.k_fe, res.k_re, res.k_re2, res.k_vc, res.df_resid) == \
         (sm.k_fe, sm.k_re, sm.k_re2, sm.k_vc, int(sm.df_resid))
     np.testing.assert_allclose(res.vcomp, sm.vcomp, rtol=1e-3)
+
+
+def test_fitted_values_are_nan_for_rows_the_fit_dropped():
+    """A missing response or grouping key: the row is not in the fit, so no fitted value or residual
+    (R's na.exclude); the other rows are unchanged."""
+    sl = pd.read_csv(DATA / "datasets" / "sleepstudy.csv", dtype={"Subject": str})
+    sl.loc[4, "Reaction"] = np.nan
+    sl.loc[120, "Subject"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bm.DroppedRowsWarning)
+        res = bm.lmer("Reaction ~ Days + (Days | Subject)", sl)
+    fitted, resid = res.fittedvalues, res.resid
+    assert res.nobs == 178 and np.isnan(fitted).sum() == 2 and np.isnan(resid).sum() == 2
+    assert np.isnan(fitted[[4, 120]]).all() and np.isnan(resid[[4, 120]]).all()
+    ok = np.isfinite(fitted)
+    np.testing.assert_allclose(fitted[ok], res.predict(sl)[ok], rtol=1e-14)
+
+
+def test_predict_matches_keys_across_types():
+    """Keys fitted as strings match integer keys in new data (as R matches factor levels)."""
+    res = bm.lmer("Reaction ~ Days + (Days | Subject)",
+                  pd.read_csv(DATA / "datasets" / "sleepstudy.csv", dtype={"Subject": str}))
+    as_str = res.predict(pd.DataFrame({"Days": [0, 1], "Subject": ["308", "309"]}))
+    np.testing.assert_array_equal(res.predict(pd.DataFrame({"Days": [0, 1], "Subject": [308, 309]})), as_str)
+    np.testing.assert_allclose(as_str, [253.66367, 212.85411], rtol=1e-6)  # lme4's predict()
+    pop = res.predict(pd.DataFrame({"Days": [0, 1]}), include_random=False)
+    np.testing.assert_allclose(pop, res.fe_params["Intercept"] + res.fe_params["Days"] * np.array([0, 1]))
