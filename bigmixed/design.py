@@ -13,10 +13,6 @@ and pandas' under it, is most of a small command-line job's start-up).
 """
 from __future__ import annotations
 
-import ast
-import difflib
-import keyword
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -27,164 +23,13 @@ import polars as pl
 
 from .columns import is_pandas, level_codes, numeric_column
 from .formula import ModelSpec
+from .rhs import INTERCEPT, Factor, missing_column, one_line, parse_rhs, split_bar, variables
 from .terms import ReTerm
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["Design"]
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m|[⧛⧚]")
-# Builtins worth allowing inside I(...) etc.; anything else called by name must be a formulaic transform.
-_BUILTIN_FUNCS = frozenset({"abs", "round", "min", "max", "pow", "float", "int"})
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = _ANSI.sub("", str(exc)).strip().splitlines()
-    msg = lines[0].strip() if lines else type(exc).__name__
-    return msg if len(msg) <= 240 else msg[:237] + "..."
-
-
-@dataclass(frozen=True)
-class _Factor:
-    """One factor of a formula term: formulaic's evaluation method (``"literal"``, ``"lookup"``,
-    ``"python"``) and expression."""
-
-    kind: str
-    expr: str
-
-
-_INTERCEPT = (_Factor("literal", "1"),)
-_BARE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _bare_terms(text: str, columns: set) -> list[tuple[_Factor, ...]] | None:
-    """The terms of a right-hand side made of data columns' bare names, ``0`` and ``1`` joined by
-    ``+``, as formulaic orders them (the intercept first unless the last of ``0``/``1`` is ``0``,
-    then each column once, in order of appearance); None for anything else (formulaic parses it).
-    """
-    intercept, names = True, []
-    for tok in text.split("+"):
-        tok = tok.strip()
-        if tok in ("0", "1"):
-            intercept = tok == "1"
-        elif _BARE_NAME.fullmatch(tok) and not keyword.iskeyword(tok) and tok in columns:
-            names.append(tok)
-        else:
-            return None
-    return ([_INTERCEPT] if intercept else []) + [(_Factor("lookup", n),) for n in dict.fromkeys(names)]
-
-
-def _parse_rhs(text: str, what: str, columns: set) -> list[tuple[_Factor, ...]]:
-    """Parse one right-hand side into its terms, hiding formulaic's exceptions behind a one-line ValueError."""
-    bare = _bare_terms(text, columns)
-    if bare is not None:
-        return bare
-    import formulaic
-    from formulaic.formula import SimpleFormula
-
-    try:
-        f = formulaic.Formula(text)
-    except Exception as e:  # formulaic raises many exception types; users get one clear line
-        msg = _one_line(e)
-        if "`.` operator" in msg:
-            msg = "the '.' (all columns) shorthand is not supported; list the columns explicitly"
-        raise ValueError(f"cannot parse {what} {text!r}: {msg}") from None
-    if not isinstance(f, SimpleFormula):
-        raise ValueError(f"{what} {text!r} must be a plain right-hand side (no '~' or '|')")
-    return [tuple(_Factor(fac.eval_method.value, fac.expr) for fac in term.factors) for term in f]
-
-
-def _term_text(term: tuple[_Factor, ...]) -> str:
-    """A formula term written back as formula text (``x``, ``x:f``, ``poly(x, 2)``, `` `a b` ``)."""
-    def one(f: _Factor) -> str:
-        bare = f.kind != "lookup" or (_BARE_NAME.fullmatch(f.expr) and not keyword.iskeyword(f.expr))
-        return f.expr if bare else f"`{f.expr}`"
-    return ":".join(one(f) for f in term)
-
-
-def _split_bar(f: list[tuple[_Factor, ...]], what: str, columns: set) -> list[tuple[str, list]]:
-    """lme4's reading of ``(expr || g)``: ``(1 | g)`` for the intercept and ``(0 + term | g)`` for
-    every other term of ``expr`` (lme4's ``expandDoubleVerts``).  The terms are independent of
-    each other; a term's own columns (a factor's dummies, ``poly(x, 2)``) form one block."""
-    return [("1", [_INTERCEPT]) if t == _INTERCEPT else
-            (f"0 + {_term_text(t)}", _parse_rhs(f"0 + {_term_text(t)}", what, columns)) for t in f]
-
-
-def _inspect_python(expr: str) -> tuple[set[str], set[str], set[str]]:
-    """Variable names, called function names and ``C(column)`` columns of a Python factor."""
-    quoted: dict[str, str] = {}
-
-    def _sub(m: re.Match) -> str:  # backtick names are not Python identifiers
-        quoted[f"_bm_q{len(quoted)}_"] = m.group(1)
-        return f"_bm_q{len(quoted) - 1}_"
-
-    try:
-        tree = ast.parse(re.sub(r"`([^`]*)`", _sub, expr), mode="eval")
-    except SyntaxError:
-        raise ValueError(f"formula term {expr!r} is not a valid Python expression") from None
-    names, funcs, cwrapped, callees = set(), set(), set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            fn, parts = node.func, []
-            while isinstance(fn, ast.Attribute):
-                parts.append(fn.attr)
-                fn = fn.value
-            if isinstance(fn, ast.Name):
-                funcs.add(".".join([quoted.get(fn.id, fn.id)] + parts[::-1]))
-                if not parts:
-                    callees.add(id(fn))
-                    arg = node.args[0] if node.args else None
-                    if fn.id == "C" and isinstance(arg, ast.Name):
-                        cwrapped.add(quoted.get(arg.id, arg.id))
-                    elif fn.id == "Q" and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                        names.add(arg.value)  # Q('name') looks a column up by string
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and id(node) not in callees:
-            names.add(quoted.get(node.id, node.id))
-    return names, funcs, cwrapped
-
-
-def _missing(name: str, columns: list) -> str:
-    cols = [str(c) for c in columns]
-    close = difflib.get_close_matches(name, cols, n=3)
-    hint = ("close matches: " + ", ".join(map(repr, close)) if close else
-            "the data has columns: " + ", ".join(map(repr, cols[:20])) + (", ..." if len(cols) > 20 else ""))
-    return f"formula term {name!r} names no column of the data; {hint}"
-
-
-def _variables(f: list[tuple[_Factor, ...]], columns: list) -> tuple[list[str], set[str]]:
-    """Data columns a parsed formula uses (ordered) and the columns it wraps in ``C(...)``."""
-    colset, used, cwrapped = set(columns), [], set()
-    for term in f:
-        for fac in term:
-            kind = fac.kind
-            if kind == "literal":
-                continue
-            if kind == "lookup" and fac.expr in colset:
-                used.append(fac.expr)
-                continue
-            from formulaic.transforms import TRANSFORMS
-
-            names, funcs, cw = ({fac.expr}, set(), set()) if kind == "lookup" else _inspect_python(fac.expr)
-            for fn in sorted(funcs):
-                root, *attrs = fn.split(".")
-                if root in colset or (not attrs and fn in _BUILTIN_FUNCS):
-                    continue
-                obj = TRANSFORMS.get(root)
-                for a in attrs:
-                    obj = getattr(obj, a, None)
-                if obj is None or not callable(obj):
-                    raise ValueError(f"formula term {fac.expr!r} calls unknown function {fn!r}; available are "
-                                     "formulaic transforms (C, I, log, exp, center, scale, poly, bs, ...), "
-                                     "np.* functions and abs/round/min/max/pow")
-            for name in sorted(names):
-                if name in colset:
-                    used.append(name)
-                elif name not in TRANSFORMS:
-                    raise ValueError(_missing(name, columns))
-            cwrapped |= cw & colset
-    return list(dict.fromkeys(used)), cwrapped
 
 
 def _numeric(df: Any, col: str) -> bool:
@@ -227,7 +72,7 @@ class _Part:
     """One model-matrix block: plain columns copied with numpy, or a frozen formulaic spec."""
 
     text: str
-    formula: list[tuple[_Factor, ...]]
+    formula: list[tuple[Factor, ...]]
     used: list[str]
     # None: the intercept; "c": numeric column c copied; a tuple of (column, level or None, "T." for
     # treatment coding): the product of those numeric columns and level dummies (an interaction)
@@ -257,34 +102,34 @@ class Design:
         self.spec, self.response_name = spec, spec.response
         columns = list(prototype.columns)
         colset = set(columns)
-        resp_f = _parse_rhs(spec.response, "response", colset)
-        resp_terms = [t for t in resp_f if t != _INTERCEPT]
+        resp_f = parse_rhs(spec.response, "response", colset)
+        resp_terms = [t for t in resp_f if t != INTERCEPT]
         if len(resp_terms) != 1 or len(resp_terms[0]) != 1:
             raise ValueError(f"response {spec.response!r} must be one column or expression, e.g. 'y' or 'np.log(y)'")
         parts = [_Part(f"0 + {spec.response}", resp_f, [])]
-        parts.append(_Part(spec.fixed, _parse_rhs(spec.fixed, "fixed effects", colset), []))
+        parts.append(_Part(spec.fixed, parse_rhs(spec.fixed, "fixed effects", colset), []))
         bar_terms = []  # (term index, bar index) of each random part
         for k, term in enumerate(spec.terms):
             grp = ":".join(term.factors)
             for b, r in enumerate(term.exprs):
                 what = f"random effects '({r} {'||' if term.independent[b] else '|'} {grp})'"
-                f = _parse_rhs(r, what, colset)
-                for text, pf in _split_bar(f, what, colset) if term.independent[b] else [(r, f)]:
+                f = parse_rhs(r, what, colset)
+                for text, pf in split_bar(f, what, colset) if term.independent[b] else [(r, f)]:
                     parts.append(_Part(text, pf, []))  # one part a bar of lme4's
                     bar_terms.append((k, b))
         n_random = len(bar_terms)
-        parts += [_Part(f"0 + {o}", _parse_rhs(f"0 + {o}", f"offset '{o}'", colset), []) for o in spec.offset]
+        parts += [_Part(f"0 + {o}", parse_rhs(f"0 + {o}", f"offset '{o}'", colset), []) for o in spec.offset]
         cwrapped: set[str] = set()
         for p in parts:
-            p.used, cw = _variables(p.formula, columns)
+            p.used, cw = variables(p.formula, columns)
             cwrapped |= cw
         for key in spec.key_columns:
             if key not in set(columns):
-                raise ValueError(_missing(key, columns).replace("formula term", "grouping column", 1))
+                raise ValueError(missing_column(key, columns).replace("formula term", "grouping column", 1))
         extra = [spec.weights] if spec.weights else []
         for w in extra:
             if w not in set(columns):
-                raise ValueError(_missing(w, columns).replace("formula term", "weights column", 1))
+                raise ValueError(missing_column(w, columns).replace("formula term", "weights column", 1))
         used = list(dict.fromkeys(c for p in parts for c in p.used))
         self.columns: tuple[str, ...] = tuple(dict.fromkeys(used + list(spec.key_columns) + extra))
         nested = [f"{c!r} ({prototype.schema[c]})" for c in self.columns
@@ -382,7 +227,7 @@ class Design:
         seen: set[frozenset] = set()
         out: list = []
         for f in terms:
-            if f == _INTERCEPT:
+            if f == INTERCEPT:
                 out.append(None)
                 seen.add(frozenset())
                 continue
@@ -430,7 +275,7 @@ class Design:
                 # e.g. np.log(0): the non-finite rows are counted and reported by the pipeline
                 return fn()
         except Exception as e:  # never leak a deep formulaic traceback
-            raise ValueError(f"cannot evaluate formula {text!r}: {_one_line(e)}") from None
+            raise ValueError(f"cannot evaluate formula {text!r}: {one_line(e)}") from None
 
     def _pandas(self, chunk: Any, is_pl: bool, cols: list | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
         """The columns formulaic needs as pandas, categoricals cast to the stored levels, plus null masks."""

@@ -12,7 +12,6 @@ Conditional modes, predictions and their output live in :mod:`bigmixed.blups`; t
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cached_property
 from typing import Any
@@ -25,9 +24,9 @@ from scipy.special import ndtr, ndtri
 
 from . import blups
 from .data import GROUP_COLUMN
-from .objective import R2_FLOOR, NumericalError, Objective
-from .optimize import OptimizerState, hessian
-from .names import r_name, sm_names, sm_var_name
+from .names import r_name, sm_names
+from .objective import R2_FLOOR, Objective
+from .optimize import OptimizerState
 from .terms import TermTheta, lme4_bar_order
 
 __all__ = ["MixedLMResults", "theta_to_scaled", "safe_cholesky", "theta_order"]
@@ -366,41 +365,10 @@ class MixedLMResults:
 
     @cached_property
     def _var_cov(self) -> np.ndarray:
-        """Covariance of (vech Psi_k for every k, sigma^2) from the Hessian of the deviance (delta method).
+        """Covariance of (vech Psi_k for every k, sigma^2) (:func:`bigmixed.variance.parameter_cov`)."""
+        from .variance import parameter_cov
 
-        The Hessian is taken in the transformed problem's (theta, sigma^2) by forward
-        differences of the analytic gradient, then mapped to Psi.
-        """
-        obj = self.objective_fn
-        th = self._sol.theta
-        x0 = np.append(th, self._sol.sigma2)
-        try:
-            with np.errstate(all="ignore"):  # degenerate fits (sigma^2 ~ 0) give NaN, reported as NaN
-                H = hessian(lambda x: obj.unprofiled(x[:-1], x[-1]), x0)
-                cov_phi = 2.0 * np.linalg.inv(H)
-        except (np.linalg.LinAlgError, NumericalError):
-            cov_phi = np.full((x0.size, x0.size), np.nan)
-        if np.any(np.diag(cov_phi) < 0):
-            cov_phi = np.full_like(cov_phi, np.nan)
-        sy2 = self.scaling.y_scale**2
-        s2 = self._sol.sigma2
-        pairs = self._pairs()
-        J = np.zeros((len(pairs) + 1, x0.size))
-        for i in range(self.tmap.size):
-            k = int(self.tmap.term_of[i])
-            tt, S, lam = self.tmap.terms[k], self._S[k], self._sol.lams[k]
-            local = i - int(self.tmap.offsets[k])
-            E = np.zeros((tt.q, tt.q))
-            E[tt.rows[local], tt.cols[local]] = 1.0
-            dPsi = sy2 * s2 * S @ (E @ lam.T + lam @ E.T) @ S.T
-            for r, (kk, a, b) in enumerate(pairs):
-                if kk == k:
-                    J[r, i] = dPsi[a, b]
-        for r, (k, a, b) in enumerate(pairs):
-            S, lam = self._S[k], self._sol.lams[k]
-            J[r, -1] = (sy2 * S @ lam @ lam.T @ S.T)[a, b]
-        J[-1, -1] = sy2
-        return J @ cov_phi @ J.T
+        return parameter_cov(self)
 
     def variance_table(self, se: bool = True) -> pd.DataFrame:
         """One row per variance-component parameter: term, statsmodels' name, estimate, standard error.
@@ -410,20 +378,9 @@ class MixedLMResults:
         need the Hessian of the deviance (k + 1 gradient passes over the levels, k = len(theta) + 1);
         ``se=False`` leaves them NaN and costs nothing.
         """
-        if se:
-            C = self._var_cov
-            se_all = np.sqrt(np.clip(np.diag(C)[:-1], 0.0, None))
-            ok = np.isfinite(np.diag(C)[:-1])
-        else:
-            se_all, ok = np.full(len(self._pairs()), np.nan), np.zeros(len(self._pairs()), dtype=bool)
-        rows = []
-        for r, (k, a, b) in enumerate(self._pairs()):
-            if not self.structural(a, b, k) and a != b:
-                continue
-            t = self._terms[k]
-            name = sm_var_name(t.re_names, a, b, None if k == 0 and self._group_re else t.name, self._sm_group)
-            rows.append((t.name, name, self._covs[k][a, b], se_all[r] if ok[r] else np.nan))
-        return pd.DataFrame(rows, columns=["term", "name", "estimate", "se"])
+        from .variance import variance_table
+
+        return variance_table(self, se)
 
     @property
     def bse_re(self) -> pd.Series:
@@ -588,46 +545,9 @@ class MixedLMResults:
 
     def to_dict(self, variance_se: bool = True) -> dict:
         """Everything estimated, as plain JSON-able types (``variance_se=False``: no Hessian, bse_re null)."""
-        b = self.model.built
-        vc = self.VarCorr
-        one = len(self._terms) == 1
-        return {
-            "formula": self.model.formula if isinstance(self.model.formula, str) else self.model.spec.lmer_formula(),
-            "method": self.method,
-            "weights": self.model.spec.weights,  # the column of precision weights (or None)
-            "offset": list(self.model.spec.offset),
-            "nobs": self.nobs,
-            "n_groups": self.n_groups,
-            "ngroups": self.ngroups,
-            "group": self.model.spec.group if one and len(self._terms[0].factors) == 1 else None,
-            "terms": [{"name": t.name, "factors": list(t.factors), "levels": int(t.n_levels), "re_names": t.re_names,
-                       "cov_re": c.tolist()} for t, c in zip(self._terms, self._covs)],
-            "layout": b.layout,
-            "objective": self.objective,
-            "llf": self.llf,
-            "aic": self.aic,
-            "bic": self.bic,
-            "converged": self.converged,
-            "singular": self.is_singular,
-            "n_iter": self.n_iter,
-            "fe_params": _jsonable(self.fe_params.to_dict()),
-            "fixef": _jsonable(self.fixef.to_dict()),  # the same, by lme4's names
-            "bse_fe": _jsonable(self.bse_fe.to_dict()),
-            "pvalues": _jsonable(self.pvalues.to_dict()),
-            "cov_re": self.cov_re.to_numpy().tolist(),
-            "re_names": self.exog_re_names,
-            "bse_re": _jsonable(self.bse_re.to_dict()) if variance_se else None,
-            "scale": self.scale,
-            "sigma": self.sigma,
-            "theta": self.theta.tolist(),
-            "varcorr": json.loads(vc.to_json(orient="records")),
-            "rows_read": int(b.n_rows_read),
-            "rows_dropped": int(b.n_dropped),
-            "dropped_by_column": {k: int(v) for k, v in b.dropped_by_column.items()},
-            "aliased_columns": list(b.aliased),
-            "optimizer": self.optimizer.to_dict(),
-            "timings": dict(self.model._timings, optimize=self.optimizer.seconds),
-        }
+        from .record import fit_record
+
+        return fit_record(self, variance_se)
 
     # -- inference (bigmixed.inference, profile, bootstrap, plots) --------------------------------
 
@@ -668,7 +588,3 @@ class MixedLMResults:
 
         return plot_residuals(self, path, **kwargs)
 
-
-def _jsonable(d: dict) -> dict:
-    return {str(k): (None if v is None or (isinstance(v, float) and not np.isfinite(v)) else float(v))
-            for k, v in d.items()}

@@ -277,11 +277,11 @@ def test_killed_while_writing_predictions(big, tmp_path, sig):
 
 def test_variance_standard_errors_only_when_asked(parts, tmp_path, capsys, monkeypatch):
     """Without --variance-se the fit computes no Hessian (no extra pass over the groups)."""
-    from bigmixed import results
+    from bigmixed import variance
 
     calls = []
-    real = results.hessian
-    monkeypatch.setattr(results, "hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = variance.hessian
+    monkeypatch.setattr(variance, "hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = tmp_path / "r"
     rc, stdout, err = _run(capsys, "fit", parts / "*.parquet", "-f", FORMULA, "--out", out)
     assert rc == 0, err

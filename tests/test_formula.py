@@ -537,7 +537,7 @@ BARE_TOKENS = ["Time", "Feed", "Evit", "Cu", "Litter", "0", "1", "Wt", "x1", "la
 @given(st.lists(st.sampled_from(BARE_TOKENS), min_size=1, max_size=7),
        st.lists(st.sampled_from(["+", " + ", "+ ", "  +"]), min_size=6, max_size=6))
 def test_bare_names_parse_as_formulaic(tokens, seps):
-    from bigmixed.design import _bare_terms
+    from bigmixed.rhs import bare_terms as _bare_terms
 
     columns = {"Time", "Feed", "Evit", "Cu", "Litter", "Time2", "C"}
     text = tokens[0] + "".join(s + t for s, t in zip(seps, tokens[1:]))
@@ -551,7 +551,7 @@ def test_bare_names_parse_as_formulaic(tokens, seps):
 
 @pytest.mark.parametrize("rhs", ["x + -1", "x - 1", "x*z", "x:z", "C(x)", "np.log(x)", "x +", "", "`x`", "x.y"])
 def test_anything_but_bare_names_goes_to_formulaic(rhs):
-    from bigmixed.design import _bare_terms
+    from bigmixed.rhs import bare_terms as _bare_terms
 
     assert _bare_terms(rhs, {"x", "z", "x.y"}) is None
 
