@@ -122,7 +122,8 @@ class MixedLM:
             spec = spec_from_statsmodels(formula, re_formula, gname, vc_formula, weights, offset)
         elif weights is not None or offset is not None:
             spec = ModelSpec(spec.response, spec.fixed, spec.terms,
-                             spec.offset + ((offset,) if offset is not None else ()), weights or spec.weights)
+                             spec.offset + ((offset,) if offset is not None else ()), weights or spec.weights,
+                             spec.group_re)
         self.formula = formula
         self.spec = spec
         self.missing = missing
