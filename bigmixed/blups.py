@@ -96,8 +96,12 @@ def _needed(design, source) -> list[str]:
     return cols
 
 
-def predict(res, newdata: Any = None, include_random: bool = True) -> np.ndarray:
-    """Predictions for ``newdata`` (default: the fitted data), one per row (see ``MixedLMResults.predict``)."""
+def predict(res, newdata: Any = None, include_random: bool = True, fitted: bool = False) -> np.ndarray:
+    """Predictions for ``newdata`` (default: the fitted data), one per row (see ``MixedLMResults.predict``).
+
+    ``fitted``: NaN also for the rows the fit dropped (a missing response, key or weight), in the
+    same pass: the fitted values of the fitted data.
+    """
     from .data import open_source
 
     if newdata is None:
@@ -110,19 +114,25 @@ def predict(res, newdata: Any = None, include_random: bool = True) -> np.ndarray
     missing = [c for c in design.predictor_columns if c not in source.schema]
     if missing:
         raise ValueError(f"the data to predict lack column(s) {missing} used by the model")
-    out = [predict_chunk(res, chunk, include_random) for _, chunk in source.batches(_needed(design, source), 1_000_000)]
+    cols = list(design.columns) if fitted else _needed(design, source)
+    out = [predict_chunk(res, chunk, include_random, fitted) for _, chunk in source.batches(cols, 1_000_000)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def predict_chunk(res, chunk: pl.DataFrame, include_random: bool) -> np.ndarray:
-    """``X beta + offset + sum_k Z_k b_k`` for the rows of one chunk; NaN where a predictor is missing."""
+def predict_chunk(res, chunk: pl.DataFrame, include_random: bool, fitted: bool = False) -> np.ndarray:
+    """``X beta + offset + sum_k Z_k b_k`` for the rows of one chunk; NaN where a predictor is missing
+    (``fitted``: where any column of the model is, as for the rows the fit dropped)."""
+    from .pipeline import _missing_exprs
+
     built = res.model.built
     design = built.design
+    okmask = np.ones(chunk.height, dtype=bool)  # an intercept-only model: no predictor can be missing
     cols = [c for c in design.predictor_columns if c in chunk.columns]
     if cols:
         okmask = ~chunk.select(pl.any_horizontal([pl.col(c).is_null() for c in cols])).to_series().to_numpy()
-    else:  # an intercept-only model: no predictor can be missing
-        okmask = np.ones(chunk.height, dtype=bool)
+    if fitted:
+        miss = list(_missing_exprs(list(design.columns), dict(chunk.schema)).values())
+        okmask &= ~chunk.select(pl.any_horizontal(miss)).to_series().to_numpy()
     out = np.full(chunk.height, np.nan)
     if not okmask.any():
         return out
@@ -158,18 +168,6 @@ def _keys_as_fitted(term, chunk: pl.DataFrame) -> pl.DataFrame:
         if (want != have and pl.String in (want, have)) or isinstance(have, (pl.Categorical, pl.Enum)):
             casts.append(pl.col(col).cast(pl.String).cast(want, strict=False))
     return chunk.with_columns(casts) if casts else chunk
-
-
-def used_rows(res) -> np.ndarray:
-    """Which rows of the fitted data the fit used: none of the model's columns missing."""
-    from .pipeline import _missing_exprs
-
-    design = res.model.built.design
-    masks = []
-    for _, chunk in res.model.data.batches(design.columns, 1_000_000):
-        miss = list(_missing_exprs(list(design.columns), dict(chunk.schema)).values())
-        masks.append(~chunk.select(pl.any_horizontal(miss)).to_series().to_numpy())
-    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
 def response(res) -> np.ndarray:

@@ -492,9 +492,7 @@ class MixedLMResults:
     @cached_property
     def fittedvalues(self) -> np.ndarray:
         """Fitted values X beta + offset + Z b for the rows of the fitted data (NaN for dropped rows)."""
-        fitted = self.predict()
-        fitted[~blups.used_rows(self)] = np.nan  # a missing response or key: not a row of the fit
-        return fitted
+        return blups.predict(self, None, True, fitted=True)  # NaN for the rows the fit dropped
 
     @cached_property
     def resid(self) -> np.ndarray:
