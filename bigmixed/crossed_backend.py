@@ -9,7 +9,7 @@ reused ``m x m`` buffers.  It answers the calls of :class:`bigmixed.backends.Sta
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
 
 from . import _kernels
 from .backends import N_CHUNKS, Evaluation, NumericalError, _chunks, _lower_factor, _split
@@ -46,8 +46,8 @@ class CrossedBackend:
         self.rest = [k for k in range(K) if k != self.lead]
         self._layout()
         self._cache = None
-        self._om = self._sig = None
-        self._sig_key = None  # the forward key whose Sigma_R the second buffer holds
+        self._om = None
+        self._inverted = False  # the buffer holds Sigma_R, not the factor, of the cached forward
 
     def _layout(self) -> None:
         st = self.stats
@@ -214,29 +214,31 @@ class CrossedBackend:
             out[r, :q, :q] = lams[k]
         return out
 
-    def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
-        """The dense block and its inverse: two ``(m, m)`` C-ordered arrays reused by every evaluation.
+    def _buffer(self) -> np.ndarray:
+        """The dense block: one ``(m, m)`` C-ordered array reused by every evaluation.
 
-        LAPACK works on their transposes (Fortran-ordered views, upper triangle), so nothing is
-        copied and no fresh memory is touched per evaluation.
+        It holds Omega's lower triangle, then its factor, then (for the gradient) its inverse:
+        LAPACK works on the transpose (a Fortran-ordered view, upper triangle) in place, so
+        nothing is copied, no fresh memory is touched per evaluation, and one matrix is all the
+        block ever takes (:func:`bigmixed.terms.dense_bytes`).
         """
         if self._om is None:
             self._om = np.zeros((self.m, self.m))
-            self._sig = np.zeros((self.m, self.m))
-        return self._om, self._sig
+        return self._om
 
     def _forward(self, lams):
         key = tuple(np.asarray(L).tobytes() for L in lams)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         self._cache = None  # the buffer is about to change
+        self._inverted = False
         lam0 = np.ascontiguousarray(lams[self.lead], dtype=float)
         lamR = self._lamR(lams)
         ld, SFD, L, P, V, ok = _kernels.crossed_forward(self.A0, self.D0, lam0, self.ptr, self.pterm, self.W, lamR,
                                                         self.qR, self.chunks)
         if not ok.all():
             raise NumericalError("a block of Lambda' Z'Z Lambda + I is not positive definite")
-        Om, _ = self._buffers()
+        Om = self._buffer()
         OmD = np.empty((self.m, self.p + 1))
         _kernels.rest_fill(Om, OmD, self.arptr, self.arcol, self.arval, self.DR, self.bstart, self.bq, self.bterm,
                            lamR, self.border, self.rchunks)
@@ -250,34 +252,44 @@ class CrossedBackend:
             E, info = lapack.dtrtrs(U, OmD, lower=0, trans=1)
         logdet = float(ld.sum()) + 2.0 * float(np.sum(np.log(np.diag(U))))
         SFD = SFD.sum(axis=0) + E.T @ E
-        res = (logdet, SFD, L, P, V, U, E, lam0, lamR)
+        res = (logdet, SFD, L, P, V, U, E, OmD, lam0, lamR)
         self._cache = (key, res)
         return res
 
     def _inverse(self, U: np.ndarray) -> np.ndarray:
-        """Sigma_R = Omega^-1 from its factor, C-ordered with the lower triangle set (dpotri's upper, transposed).
+        """Sigma_R = Omega^-1 in place of its factor, C-ordered with the lower triangle set (dpotri's upper).
 
-        Kept for the theta of the factor: the gradient, the conditional modes and the final check
-        at one theta share one inversion (the costliest step of an evaluation).
+        Kept for the theta of the factor: the gradient, the conditional modes and the average
+        information at one theta share one inversion (the costliest step of an evaluation); the
+        solves that follow at that theta use it (:meth:`_solve`) instead of the factor.
         """
-        _, sig = self._buffers()
-        key = self._cache[0] if self._cache is not None else None
-        if key is not None and self._sig_key == key:
-            return sig
-        self._sig_key = None
-        np.copyto(sig.T, U)  # the factor stays for later solves at this theta
+        if self._inverted:
+            return self._om
         with self._blas():
-            inv, info = lapack.dpotri(sig.T, lower=0, overwrite_c=1)
+            inv, info = lapack.dpotri(U, lower=0, overwrite_c=1)
         if info != 0:
             raise NumericalError("the dense block of the crossed terms is singular")
-        self._sig_key = key
+        self._inverted = True
         return inv.T
 
-    def _backward(self, lams, grad, modes, g, cf, kappa, reml):
-        logdet, SFD, L, P, V, U, E, lam0, lamR = self._forward(lams)
+    def _solve(self, U: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """``Omega^-1 B`` at the cached theta: by the factor, or by Sigma_R once it replaced the factor."""
+        B = np.ascontiguousarray(B, dtype=float)
+        vec = B.ndim == 1
+        B2 = B[:, None] if vec else B
         with self._blas():
-            RR, info = lapack.dtrtrs(U, E, lower=0, trans=0)
-        RR = np.ascontiguousarray(RR)
+            if self._inverted:  # U's memory holds Sigma_R's upper triangle (Fortran order)
+                X = blas.dsymm(1.0, U, B2, side=0, lower=0)
+                info = 0
+            else:
+                X, info = lapack.dpotrs(U, B2, lower=0)
+        if info != 0:
+            raise NumericalError("the dense block of the crossed terms is singular")
+        return X[:, 0] if vec else X
+
+    def _backward(self, lams, grad, modes, g, cf, kappa, reml):
+        logdet, SFD, L, P, V, U, E, OmD, lam0, lamR = self._forward(lams)
+        RR = np.ascontiguousarray(self._solve(U, OmD))  # U^-1 E = Omega^-1 OmD
         Sig = self._inverse(U)
         if self.scalar and not self.generic:
             GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward1(
@@ -338,13 +350,9 @@ class CrossedBackend:
         need the inverse of the dense block): the rest's ``u_R = U^-1 E g``, the leading levels'
         ``u_i = L_i^-T (P_i g - sum_e V_e' u_R)``.
         """
-        logdet, SFD, L, P, V, U, E, lam0, lamR = self._forward(lams)
+        logdet, SFD, L, P, V, U, E, OmD, lam0, lamR = self._forward(lams)
         g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
-        with self._blas():
-            uR, info = lapack.dtrtrs(U, E @ g, lower=0, trans=0)
-        if info != 0:
-            raise NumericalError("the dense block of the crossed terms is singular")
-        uR = np.concatenate((uR, np.zeros(self.Qr)))  # padded: a pair's block rows past its q are zero
+        uR = np.concatenate((self._solve(U, OmD @ g), np.zeros(self.Qr)))  # U^-1 E g  # padded: a pair's block rows past its q are zero
         t = P @ g  # (l0, q0)
         n0, q0 = t.shape
         if V.shape[1] == q0 == 1:  # (1 | a) + (1 | b): one pass over the pairs
@@ -368,7 +376,7 @@ class CrossedBackend:
         not recomputed: the leading levels' pieces are ``L_i^-1 Lambda_0' Z_0'W``, the rest's
         ``Lambda_R' Z_R'W - sum_i V_i (...)``, solved with the dense factor.
         """
-        logdet, SFD, L, P, V, U, E, lam0, lamR = self._forward(lams)
+        logdet, SFD, L, P, V, U, E, OmD, lam0, lamR = self._forward(lams)
         Px = np.einsum("ba,gbk->gak", lam0, ext[self.lead])
         if Px.shape[1] == 1:
             Px /= L[:, :1, :1]
@@ -388,11 +396,10 @@ class CrossedBackend:
                 for c in range(K):
                     w = np.einsum("eb,eb->e", V[:, a, :], Px[self.plev, :, c])
                     OmDx[:, c] -= np.bincount(self.pcol + a, weights=w, minlength=OmDx.shape[0])
-        with self._blas():
-            Ex, info = lapack.dtrtrs(U, np.ascontiguousarray(OmDx[:self.m]), lower=0, trans=1)
-        if info != 0:
-            raise NumericalError("the dense block of the crossed terms is singular")
-        return SWW + Ex.T @ Ex, SWD + Ex.T @ E
+        OmDx = OmDx[:self.m]
+        T = self._solve(U, OmDx)  # with Ex = U^-T OmDx: Ex'Ex = OmDx' T and Ex'E = T' OmD
+        W = OmDx.T @ T
+        return SWW + 0.5 * (W + W.T), SWD + T.T @ OmD
 
     def subsample(self, level: int) -> None:
         return None  # crossed levels cannot be sampled independently

@@ -134,6 +134,15 @@ class GroupIndex:
             dense = cls._dense_index(source.frame.get_column(column))
             if dense is not None:
                 return dense
+        if source.frame is not None and source.frame.height <= SMALL_FRAME_ROWS and KeyCoder.handles(dtype) \
+                and not dtype.is_integer():
+            # a small frame in memory: sorting the packed keys beats a polars query's start-up
+            # (InstEval's key columns, 73,421 rows: ~1.7 ms against ~4 ms each)
+            s = source.frame.get_column(column)
+            pv, ok = _pack_arrow(s)
+            if int(ok.sum()) == s.len() - s.null_count() and ok.any():
+                u = np.unique(pv[ok])
+                return cls(_unpack(u), sorted_unique=True, _packed=u)
         expr = pl.col(column)
         if dtype in (pl.Categorical,) or isinstance(dtype, pl.Enum):
             expr = expr.cast(pl.String)
@@ -233,6 +242,10 @@ def group_levels(keys: pl.Series) -> np.ndarray:
 # Fibonacci hashing: an odd multiplier is a bijection of the 64-bit integers and
 # mixes the low bits of consecutive ids into the top bits used as the bucket.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+# Up to this many rows an in-memory frame's string keys are indexed by numpy (a polars query's
+# fixed cost is more than the sort below it; above, polars' parallel hash is the faster).
+SMALL_FRAME_ROWS = 1 << 17
 
 # The footer-statistics index of integer keys is used when the key range holds at most one
 # integer per this many rows (dense ids: one group has ~10 rows in a typical panel).

@@ -24,6 +24,7 @@ import polars as pl
 from . import _kernels
 from ._kernels._pass import record_layout
 from .keys import TermIndex
+from .terms import check_crossed_memory
 from .scaling import scaling_from_sample
 from .stats import (NO_ANCESTORS, NO_RANK, PairStats, SampleSums, Statistics, TermStats, default_threads,
                     faulted_zeros)
@@ -276,13 +277,27 @@ class Reducer:
     """Adds chunks of rows to the statistics of a :class:`~bigmixed.pipeline.Plan`.
 
     ``add`` may raise :class:`NotNested` (terms assumed nested are not): the caller starts
-    again with ``layout="crossed"``.
+    again with ``layout="crossed"``.  With ``relayout`` the reducer does that itself when the
+    first chunk it reduces shows it (nothing summed yet): ``plan`` is then the crossed plan.
     """
 
-    def __init__(self, plan, nthreads: int | None = None, mapped: bool = False) -> None:
-        self.plan = plan
+    def __init__(self, plan, nthreads: int | None = None, mapped: bool = False, relayout: bool = False) -> None:
         self.mapped = mapped  # records in their own mapping, handed back by finish()
         self.nthreads = int(nthreads or default_threads())
+        self.relayout = relayout
+        self._setup(plan)
+        self.dropped = dict.fromkeys(plan.design.columns, 0)
+        self.dropped[NON_FINITE] = 0
+        self.n_read = 0
+        self.n_dropped = 0
+        self.t_reduce = 0.0
+        self.scaling = plan.scaling
+        self._buffers: dict = {}  # the design's arrays, reused from chunk to chunk of one size
+
+    def _setup(self, plan) -> None:
+        """The records, pair lists and global sums of ``plan``'s layout, all empty."""
+        self.plan = plan
+        self._reduced = False  # whether any chunk went into the statistics
         d, terms = plan.design, plan.terms
         ch = plan.chain
         anc = {k: () for k in range(len(terms))}
@@ -302,7 +317,7 @@ class Reducer:
             # the finest term keeps only the parent codes of the terms summed from its records
             self._cols = _columns_in_finest(plan)
             self._rec = [_Records(t.n_levels, t.q, d.p, tuple(0 if k == ch[0] and j in self._cols else terms[j].q
-                                                              for j in anc[k]), mapped=mapped, packed=packed)
+                                                              for j in anc[k]), mapped=self.mapped, packed=packed)
                          for k, t in enumerate(terms)]
             self._levels = [t.index.sampling_levels() if k == plan.sample_term else None for k, t in enumerate(terms)]
             self._sums = {j: _sum_plan(self._rec[ch[0]], anc[ch[0]], self._rec[j], j, anc[j], self._cols)
@@ -322,13 +337,18 @@ class Reducer:
             if plan.layout in ("nested", "crossed") else []
         self._lists: dict = {pr: [] for pr in self._pairs}
         self._stats: Statistics | None = None
-        self.dropped = dict.fromkeys(d.columns, 0)
-        self.dropped[NON_FINITE] = 0
-        self.n_read = 0
-        self.n_dropped = 0
-        self.t_reduce = 0.0
-        self.scaling = plan.scaling
-        self._buffers: dict = {}  # the design's arrays, reused from chunk to chunk of one size
+
+    def _become_crossed(self) -> None:
+        """Terms assumed nested are crossed, seen before anything was summed: start the crossed layout.
+
+        Saves reading the first chunk again (all of in-memory data), which is what the caller's
+        fallback on :class:`NotNested` would do.
+        """
+        from dataclasses import replace
+
+        terms = self.plan.terms
+        check_crossed_memory([(t.n_levels, t.q) for t in terms], [t.name for t in terms])
+        self._setup(replace(self.plan, layout="crossed", sample_term=None))
 
     # -- the statistics -------------------------------------------------------------
 
@@ -434,7 +454,14 @@ class Reducer:
         if warm is not None:  # the first chunk was read while the kernels loaded
             warm.wait_statistics()
         t0 = time.perf_counter()
-        skipped = self._reduce(codes, y, X, Z, w)
+        try:
+            skipped = self._reduce(codes, y, X, Z, w)
+        except NotNested:
+            if self._reduced or not self.relayout or plan.layout != "nested":
+                raise
+            self._become_crossed()  # what this chunk added so far is dropped with the old layout
+            skipped = self._reduce(codes, y, X, Z, w)
+        self._reduced = True
         self.t_reduce += time.perf_counter() - t0
         if skipped:
             self._count(chunk, label, skipped, y, X, Z)

@@ -241,10 +241,10 @@ def crossed_lead(levels_q: list[tuple[int, int]]) -> int:
 
 
 def dense_bytes(levels_q: list[tuple[int, int]]) -> int:
-    """Bytes the dense block of the other crossed terms needs: two m x m matrices (the factor and the
-    inverse the gradient needs), m = sum of levels x q."""
+    """Bytes the dense block of the other crossed terms needs: one m x m matrix (the factor, then in
+    its place the inverse the gradient needs), m = sum of levels x q."""
     m = sum(int(lv) * int(q) for lv, q in levels_q)
-    return 2 * 8 * m * m
+    return 8 * m * m
 
 
 def memory_limit() -> int:
@@ -271,8 +271,8 @@ def check_crossed_memory(levels_q: list[tuple[int, int]], names: list[str], limi
     desc = ", ".join(f"'{names[k]}' ({levels_q[k][0]:,} levels x {levels_q[k][1]})" for k in rest)
     m = sum(levels_q[k][0] * levels_q[k][1] for k in rest)
     raise MemoryError(
-        f"crossed random effects: the terms {desc} form a dense block of ({m:,})^2 x 8 bytes, and the fit "
-        f"needs two such matrices ({_size(need)}), more than this machine's memory allows "
+        f"crossed random effects: the terms {desc} form a dense block of ({m:,})^2 x 8 bytes "
+        f"({_size(need)}), more than this machine's memory allows "
         f"({_size(limit)}); fit fewer levels (e.g. drop or merge rare ones), or make the "
         "term with the most levels the only crossed one")
 

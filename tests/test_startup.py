@@ -40,3 +40,23 @@ def test_a_plain_model_on_polars_data_builds_without_pandas_or_formulaic():
             "m = bm.MixedLM('y ~ x', df, spec=bm.formula.spec_from_lmer('y ~ x + (x | g)'))")
     loaded = _loaded(code)
     assert "numba" in loaded and "pandas" not in loaded and "formulaic" not in loaded
+
+
+def _env_after_import(env: dict) -> list[str]:
+    import os
+
+    code = ("import os, bigmixed\n"
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), os.environ.get('GOMP_SPINCOUNT'))")
+    full = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT",
+                                                             "OMP_WAIT_POLICY")}
+    full.update(env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=full)
+    return out.stdout.split()
+
+
+def test_thread_spinning_defaults_are_set_on_import_and_yield_to_the_user():
+    """BLAS and OpenMP threads sleep soon after their work (crossed fits alternate the two), unless the
+    user chose otherwise."""
+    assert _env_after_import({}) == ["17", "10000"]
+    assert _env_after_import({"OPENBLAS_THREAD_TIMEOUT": "28", "GOMP_SPINCOUNT": "5"}) == ["28", "5"]
+    assert _env_after_import({"OMP_WAIT_POLICY": "PASSIVE"}) == ["17", "None"]

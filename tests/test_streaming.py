@@ -404,6 +404,29 @@ def test_group_index_packed_string_keys(tmp_path):
         keys.index("a-much-longer-key"), keys.index("a"), -1]
 
 
+
+@pytest.mark.parametrize("values", [
+    ["b", "a", None, "", "zz", "a", "12345678", "~"],  # packable, with a null and the empty string
+    ["b", "a", "a-much-longer-key", None],  # one key too long to pack: the polars query
+    ["é", "e", "e"],  # non-ASCII: the polars query
+    [None, None],  # no key at all
+], ids=["packed", "long", "non-ascii", "all-null"])
+@pytest.mark.parametrize("dtype", [pl.String, pl.Categorical], ids=["string", "categorical"])
+def test_group_index_of_a_small_frame_equals_the_query(monkeypatch, values, dtype):
+    """Small in-memory frames index string keys by numpy; the keys, their order and the codes are
+    those of the polars query that indexes larger frames and files."""
+    from bigmixed import keys as keys_mod
+    from bigmixed.data import open_source
+
+    df = pl.DataFrame({"g": pl.Series(values, dtype=pl.String).cast(dtype)})
+    small = GroupIndex.from_source(open_source(df), "g")
+    monkeypatch.setattr(keys_mod, "SMALL_FRAME_ROWS", 0)
+    query = GroupIndex.from_source(open_source(df), "g")
+    assert small.keys.to_list() == query.keys.to_list()
+    assert small.keys.dtype == query.keys.dtype
+    probe = pl.Series(values + ["x", None], dtype=pl.String)
+    assert small.codes(probe).tolist() == query.codes(probe).tolist()
+
 # ---------------------------------------------------------------------------
 # canonical transform
 # ---------------------------------------------------------------------------
