@@ -48,6 +48,7 @@ class CrossedBackend:
         self._cache = None
         self._om = None
         self._inverted = False  # the buffer holds Sigma_R, not the factor, of the cached forward
+        self._rr = None  # Omega^-1 OmD of the cached forward, once the back-substitution needed it
 
     def _layout(self) -> None:
         st = self.stats
@@ -177,8 +178,9 @@ class CrossedBackend:
         # rows ascending within a level (crossed_update writes below the diagonal)
         if lc.size and bool(np.all(lc[1:] >= lc[:-1])):  # one merged pair list: in level order already
             order = _kernels.order_within_runs(self.ptr, np.ascontiguousarray(pc, dtype=np.int64))
-        else:  # one int64 key (level, row) sorts faster than a two-key lexsort
-            order = np.argsort(lc.astype(np.int64) * (self.m + 1) + pc, kind="stable")
+        else:  # two counting passes (rows, then levels): linear, the order of a stable sort by (level, row)
+            order = _kernels.pair_order(np.ascontiguousarray(lc, dtype=np.int64), np.ascontiguousarray(pc, dtype=np.int64),
+                                        st.terms[lead].n_groups, self.m)
         self.pcol = np.ascontiguousarray(pc[order]).astype(np.int64, copy=False)
         self.pterm = np.ascontiguousarray(joined(terms_, np.zeros(0, np.int64))[order]).astype(np.int64, copy=False)
         self.W = np.ascontiguousarray(joined(vals, np.zeros((0, Qr, q0)))[order], dtype=float)
@@ -232,6 +234,7 @@ class CrossedBackend:
             return self._cache[1]
         self._cache = None  # the buffer is about to change
         self._inverted = False
+        self._rr = None
         lam0 = np.ascontiguousarray(lams[self.lead], dtype=float)
         lamR = self._lamR(lams)
         ld, SFD, L, P, V, ok = _kernels.crossed_forward(self.A0, self.D0, lam0, self.ptr, self.pterm, self.W, lamR,
@@ -272,6 +275,20 @@ class CrossedBackend:
         self._inverted = True
         return inv.T
 
+    def _rest_solution(self, U: np.ndarray, E: np.ndarray, OmD: np.ndarray) -> np.ndarray:
+        """``U^-1 E = Omega^-1 OmD`` at the cached theta, kept: the back-substitution and the
+        spherical modes of the average information both start from it."""
+        if self._rr is None:
+            if self._inverted:
+                rr = self._solve(U, OmD)
+            else:
+                with self._blas():
+                    rr, info = lapack.dtrtrs(U, E, lower=0, trans=0)
+                if info != 0:
+                    raise NumericalError("the dense block of the crossed terms is singular")
+            self._rr = np.ascontiguousarray(rr)
+        return self._rr
+
     def _solve(self, U: np.ndarray, B: np.ndarray) -> np.ndarray:
         """``Omega^-1 B`` at the cached theta: by the factor, or by Sigma_R once it replaced the factor."""
         B = np.ascontiguousarray(B, dtype=float)
@@ -289,7 +306,7 @@ class CrossedBackend:
 
     def _backward(self, lams, grad, modes, g, cf, kappa, reml):
         logdet, SFD, L, P, V, U, E, OmD, lam0, lamR = self._forward(lams)
-        RR = np.ascontiguousarray(self._solve(U, OmD))  # U^-1 E = Omega^-1 OmD
+        RR = self._rest_solution(U, E, OmD)  # first: one triangular solve while the factor is there
         Sig = self._inverse(U)
         if self.scalar and not self.generic:
             GA0, S0, GC0, TR, GR, bh0, bc0 = _kernels.crossed_backward1(
@@ -352,7 +369,7 @@ class CrossedBackend:
         """
         logdet, SFD, L, P, V, U, E, OmD, lam0, lamR = self._forward(lams)
         g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
-        uR = np.concatenate((self._solve(U, OmD @ g), np.zeros(self.Qr)))  # U^-1 E g  # padded: a pair's block rows past its q are zero
+        uR = np.concatenate((self._rest_solution(U, E, OmD) @ g, np.zeros(self.Qr)))  # U^-1 E g  # padded: a pair's block rows past its q are zero
         t = P @ g  # (l0, q0)
         n0, q0 = t.shape
         if V.shape[1] == q0 == 1:  # (1 | a) + (1 | b): one pass over the pairs
