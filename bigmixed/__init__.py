@@ -29,9 +29,10 @@ if "OMP_WAIT_POLICY" not in _os.environ:
 # (~0.1 s) before sleeping.  Crossed terms alternate LAPACK on the dense block with numba
 # kernels, which then share the two cores with a spinning BLAS thread: the kernels ran 2-5x
 # slower in sequence than alone.  2^17 cycles still bridges the gaps between the BLAS calls
-# inside one LAPACK routine (InstEval's fit: 0.23-0.29 s against 0.30-0.41 s at the default,
-# processes alternating).  OpenBLAS reads it when it loads, so it takes effect when bigmixed
-# is imported before scipy.linalg (numpy's own OpenBLAS does no dense work here).
+# inside one LAPACK routine (InstEval's fit, medians of 7 fits in a process, three processes each
+# way, alternating: 0.22-0.23 s against 0.36-0.42 s at the default).  OpenBLAS reads it when it
+# loads, so it takes effect when bigmixed is imported before scipy.linalg (numpy's own OpenBLAS
+# does no dense work here).
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "17")
 
 __version__ = "0.2.0"

@@ -2,8 +2,8 @@
 
 DESIGN.md section 8 and :mod:`bigmixed._kernels._crossed` give the algebra; this class lays the
 statistics out for the kernels (the dense positions, the sparse ``A_R`` block rows, the leading
-level's pairs and the threads' row ranges) and runs the factorisation per theta with LAPACK on two
-reused ``m x m`` buffers.  It answers the calls of :class:`bigmixed.backends.StatsBackend`.
+level's pairs and the threads' row ranges) and runs the factorisation per theta with LAPACK on one
+reused ``m x m`` buffer (the factor, then the inverse in its place).  It answers the calls of :class:`bigmixed.backends.StatsBackend`.
 """
 
 from __future__ import annotations
@@ -369,7 +369,8 @@ class CrossedBackend:
         """
         logdet, SFD, L, P, V, U, E, OmD, lam0, lamR = self._forward(lams)
         g = np.concatenate(([1.0], -np.asarray(beta, dtype=float)))
-        uR = np.concatenate((self._rest_solution(U, E, OmD) @ g, np.zeros(self.Qr)))  # U^-1 E g  # padded: a pair's block rows past its q are zero
+        # U^-1 E g, padded: a pair's block rows past its q are zero
+        uR = np.concatenate((self._rest_solution(U, E, OmD) @ g, np.zeros(self.Qr)))
         t = P @ g  # (l0, q0)
         n0, q0 = t.shape
         if V.shape[1] == q0 == 1:  # (1 | a) + (1 | b): one pass over the pairs
@@ -391,7 +392,7 @@ class CrossedBackend:
         SWD (K, p + 1))`` with ``W'H^-1W = W'W - SWW`` and ``W'H^-1[y X] = W'[y X] - SWD``, as
         the evaluation's ``SFD`` is for ``[y X]`` (:mod:`bigmixed.information`).  The factor is
         not recomputed: the leading levels' pieces are ``L_i^-1 Lambda_0' Z_0'W``, the rest's
-        ``Lambda_R' Z_R'W - sum_i V_i (...)``, solved with the dense factor.
+        ``Lambda_R' Z_R'W - sum_i V_i (...)``, solved with the dense block's factor (or its inverse).
         """
         logdet, SFD, L, P, V, U, E, OmD, lam0, lamR = self._forward(lams)
         Px = np.einsum("ba,gbk->gak", lam0, ext[self.lead])

@@ -136,8 +136,8 @@ class GroupIndex:
                 return dense
         if source.frame is not None and source.frame.height <= SMALL_FRAME_ROWS and KeyCoder.handles(dtype) \
                 and not dtype.is_integer():
-            # a small frame in memory: sorting the packed keys beats a polars query's start-up
-            # (InstEval's key columns, 73,421 rows: ~1.7 ms against ~4 ms each)
+            # a small frame in memory: the packed keys' unique values by numpy cost less than a
+            # polars query's start-up (InstEval's key columns, 73,421 rows: about half the time)
             s = source.frame.get_column(column)
             pv, ok = _pack_arrow(s)
             if int(ok.sum()) == s.len() - s.null_count() and ok.any():
