@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import time
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -353,8 +354,6 @@ class Reducer:
         Saves reading the first chunk again (all of in-memory data), which is what the caller's
         fallback on :class:`NotNested` would do.
         """
-        from dataclasses import replace
-
         terms = self.plan.terms
         check_crossed_memory([(t.n_levels, t.q) for t in terms], [t.name for t in terms])
         self._setup(replace(self.plan, layout="crossed", sample_term=None))
